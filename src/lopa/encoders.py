@@ -1,0 +1,113 @@
+"""Frozen instance encoders for the instance-dependent methods (S-IDPG, LoPA), and their feature cache.
+
+The encoder never trains, so a text's features are the same at every step: each distinct text is
+encoded once per run and served from the cache afterwards (``Encoder.stats`` counts hits and misses).
+
+Example::
+
+    >>> from lopa.encoders import load_encoder
+    >>> enc = load_encoder("tiny-random-bert")
+    >>> enc.encode(["a film", "a film"]).shape, enc.stats["encoded"]
+    (torch.Size([2, 32]), 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import load_encoder_model
+
+
+class Encoder(nn.Module):
+    """Texts → pooled features (B × dim), frozen, cached by text.
+
+    Subclasses implement ``_encode_batch``. The cache holds float32 CPU tensors; ``max_cache`` bounds
+    it (oldest entries go first) so a long-running client does not grow without end.
+    """
+
+    dim: int
+    name: str
+
+    def __init__(self, batch_size: int = 64, max_cache: int = 200_000):
+        super().__init__()
+        self.batch_size = batch_size
+        self.max_cache = max_cache
+        self._cache: dict[str, torch.Tensor] = {}
+        self.stats = {"encoded": 0, "hits": 0}
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Features of each text, in order, computing only the texts not seen before."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        self.stats["hits"] += len(texts) - len(missing)
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i:i + self.batch_size]
+            feats = self._encode_batch(chunk).float().cpu()
+            self._cache.update(zip(chunk, feats))
+            self.stats["encoded"] += len(chunk)
+        while len(self._cache) > self.max_cache:
+            self._cache.pop(next(iter(self._cache)))
+        return torch.stack([self._cache[t] for t in texts]).to(self._device())
+
+    def _device(self) -> torch.device:
+        return next(iter(self.parameters()), torch.empty(0)).device
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+class HFEncoder(Encoder):
+    """A Hugging Face encoder (BERT-like) with mean or CLS pooling of its last hidden states."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str, pooling: str = "mean", max_length: int = 256,
+                 **kw: Any):
+        super().__init__(**kw)
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name, self.pooling, self.max_length = name, pooling, max_length
+        self.dim = model.config.hidden_size
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self._device())
+        hidden = self.model(**batch).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class SelfEncoder(Encoder):
+    """``self``: the mean of the base model's own input embeddings of the text (no second model)."""
+
+    def __init__(self, embeddings: nn.Embedding, tokenizer: Any, max_length: int = 512, **kw: Any):
+        super().__init__(**kw)
+        self.embeddings = embeddings  # shared with the base model, frozen there
+        self.tokenizer, self.max_length, self.name = tokenizer, max_length, "self"
+        self.dim = embeddings.weight.shape[1]
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for t in texts:
+            ids = self.tokenizer(t, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
+            ids = ids or [self.tokenizer.eos_token_id]
+            out.append(self.embeddings.weight[torch.tensor(ids, device=self.embeddings.weight.device)].float().mean(0))
+        return torch.stack(out)
+
+
+def load_encoder(name: str, pooling: str = "mean", base: nn.Module | None = None, tokenizer: Any = None) -> Encoder:
+    """An encoder by name: a short name, hub id or path, or ``self`` (needs ``base`` and ``tokenizer``)."""
+    if name == "self":
+        if base is None or tokenizer is None:
+            raise ValueError("encoder 'self' needs the base model and its tokenizer")
+        return SelfEncoder(base.get_input_embeddings(), tokenizer)
+    model, tok = load_encoder_model(name)
+    return HFEncoder(model, tok, name=name, pooling=pooling)

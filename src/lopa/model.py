@@ -1,0 +1,147 @@
+"""``SoftPromptModel``: a frozen causal LM plus one soft-prompt generator.
+
+The wrapper never asks which method it holds. It asks the generator only whether it needs instance
+features, computes them with the frozen (cached) encoder if so, and puts Z in front of the tokens
+through :mod:`lopa.prefix`. The base model's weights never change and never get gradients.
+
+Example::
+
+    >>> import lopa
+    >>> base, tok = lopa.load_base("tiny-random-llama")
+    >>> config = lopa.make_config("lopa", num_virtual_tokens=4, rank=2, hidden_size=16, encoder="tiny-random-bert")
+    >>> model = lopa.SoftPromptModel(base, tok, config)
+    >>> model.classify(["Review: fine\\nSentiment:"], [" negative", " positive"]).shape
+    torch.Size([1, 2])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import prefix
+from .encoders import Encoder, load_encoder
+from .methods import InitContext, SoftPromptConfig, build_generator
+
+
+class SoftPromptModel(nn.Module):
+    """A frozen base model and a trainable soft-prompt generator.
+
+    Args:
+        base: a Hugging Face causal LM (frozen here, whatever its state).
+        tokenizer: its tokenizer.
+        config: a method config from :func:`lopa.make_config`.
+        encoder: a ready :class:`~lopa.encoders.Encoder`; loaded from ``config.encoder`` when omitted.
+        task: the task's settings (template, label words, ...) to record in saved artifacts.
+    """
+
+    def __init__(self, base: nn.Module, tokenizer: Any, config: SoftPromptConfig, encoder: Encoder | None = None,
+                 task: dict[str, Any] | None = None):
+        super().__init__()
+        self.base = base.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.task = dict(task or {})
+        if config.instance_dependent and encoder is None:
+            encoder = load_encoder(config.encoder, config.pooling, base=base, tokenizer=tokenizer)
+        self.encoder = encoder if config.instance_dependent else None
+        ctx = InitContext(base.get_input_embeddings().weight, tokenizer,
+                          encoder.dim if self.encoder is not None else None)
+        self.generator = build_generator(config, ctx)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.get_input_embeddings().weight.shape[1]
+
+    @property
+    def base_name(self) -> str:
+        return str(getattr(self.base.config, "name_or_path", "") or "")
+
+    def train(self, mode: bool = True) -> "SoftPromptModel":
+        super().train(mode)
+        self.base.eval()  # dropout in the frozen model would make its output depend on training mode
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
+    # -- the soft prompt -------------------------------------------------------------------------
+    def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Z for each text: B × n × d (n = the generator's number of output tokens)."""
+        feats = self.encoder.encode(list(texts)) if self.generator.needs_features else None
+        return self.generator(feats, len(texts))
+
+    def _batch(self, texts: Sequence[str], suffix_ids: Sequence[Sequence[int]] | None = None) -> prefix.PrefixBatch:
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if suffix_ids is not None:
+            ids = [a + list(b) for a, b in zip(ids, suffix_ids)]
+        z = self.soft_prompts(texts)
+        return prefix.assemble(self.base, z, ids)
+
+    # -- training --------------------------------------------------------------------------------
+    def forward(self, texts: Sequence[str], label_ids: torch.Tensor | None = None,
+                targets: Sequence[str] | None = None) -> torch.Tensor:
+        """The training loss.
+
+        Classification: ``label_ids`` holds each row's answer token id (B); the loss is cross-entropy
+        over the vocabulary at the answer position. Generation: ``targets`` are the completions; the
+        loss covers the target tokens only.
+        """
+        if (label_ids is None) == (targets is None):
+            raise ValueError("pass exactly one of label_ids (classification) or targets (generation)")
+        if label_ids is not None:
+            return prefix.classification_loss(self.base, self._batch(texts), label_ids)
+        tgt = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+        tgt = [t + [self.tokenizer.eos_token_id] for t in tgt]  # learn to stop
+        batch = self._batch(texts, tgt)
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + s for t, s in zip(texts, tgt)]
+        return prefix.generation_loss(self.base, batch, ids, [len(t) for t in tgt])
+
+    # -- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, texts: Sequence[str], label_words: Sequence[str]) -> torch.Tensor:
+        """Log-probabilities of each label word's first token at the answer position: B × C."""
+        label_ids = prefix.label_token_ids(self.tokenizer, label_words)
+        return prefix.classify(self.base, self._batch(texts), label_ids)
+
+    @torch.no_grad()
+    def generate(self, texts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+                 seed: int | None = None) -> list[str]:
+        """Greedy (default) or sampled completions, batched, each row with its own soft prompt."""
+        return prefix.generate(self.base, self.tokenizer, self._batch(texts), max_new_tokens=max_new_tokens,
+                               do_sample=do_sample, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.generator.parameters() if p.requires_grad)
+
+    def num_all_parameters(self) -> int:
+        seen = {id(p): p for p in self.parameters()}  # the self encoder shares the base's embeddings
+        return sum(p.numel() for p in seen.values())
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
+        t, a = self.num_trainable_parameters(), self.num_all_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``soft_prompt_config.json`` and ``soft_prompt.safetensors`` (see :mod:`lopa.artifact`)."""
+        from .artifact import save_artifact
+        return save_artifact(directory, self.generator, base_name=self.base_name, hidden_size=self.hidden_size,
+                             encoder_dim=self.encoder.dim if self.encoder is not None else None, task=self.task)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base: nn.Module, tokenizer: Any,
+                        encoder: Encoder | None = None) -> "SoftPromptModel":
+        """Load an artifact onto ``base``; errors name a width mismatch, a corrupt or foreign file."""
+        from .artifact import load_artifact
+        art = load_artifact(directory, expected_hidden_size=base.get_input_embeddings().weight.shape[1])
+        model = cls(base, tokenizer, art.config, encoder=encoder, task=art.task)
+        if model.encoder is not None and model.encoder.dim != art.encoder_dim:
+            raise ValueError(f"artifact {directory} was trained with encoder features of width {art.encoder_dim}, "
+                             f"but encoder {art.config.encoder!r} gives {model.encoder.dim}")
+        model.generator.load_state_dict(art.generator.state_dict())
+        return model

@@ -1,0 +1,157 @@
+"""Running a frozen causal LM on ``[soft prompt ; tokens]``: the one piece the client-side wrapper
+(:mod:`lopa.model`) and the server (:mod:`lopa.serve`) share. It knows nothing of methods: a soft
+prompt here is just an ``n × d`` tensor, and every row of a batch may carry its own, of its own length.
+
+Layout of a batch (DESIGN.md, "Placement"): each row is ``[padding][soft prompt][tokens]``, padded
+on the left, so every row ends at the last position. The attention mask is 0 on padding, and position
+ids count from 0 at the first real position, so a row gives the same result alone or in any batch.
+
+Example::
+
+    >>> import torch, lopa
+    >>> from lopa import prefix
+    >>> base, tok = lopa.load_base("tiny-random-llama")
+    >>> batch = prefix.assemble(base, [torch.zeros(3, 64), torch.zeros(5, 64)], [[1, 2], [7]])
+    >>> batch.inputs_embeds.shape, batch.attention_mask.tolist()[0]
+    (torch.Size([2, 6, 64]), [0, 1, 1, 1, 1, 1])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefixBatch:
+    inputs_embeds: torch.Tensor   # B × L × d
+    attention_mask: torch.Tensor  # B × L (long)
+    position_ids: torch.Tensor    # B × L
+
+    def __repr__(self) -> str:  # keeps doctest output short
+        return f"PrefixBatch{tuple(self.inputs_embeds.shape)}"
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], token_ids: Sequence[Sequence[int]],
+             ) -> PrefixBatch:
+    """Build the left-padded ``[pad][soft][tokens]`` inputs for a batch.
+
+    ``soft_prompts`` is a B × n × d tensor or a list of ``n_i × d`` tensors (rows may differ in n).
+    Gradients flow into the soft prompts; the token embeddings come from the frozen table.
+    """
+    emb_layer = base.get_input_embeddings()
+    dtype, device = emb_layer.weight.dtype, emb_layer.weight.device
+    bsz = len(token_ids)
+    if len(soft_prompts) != bsz:
+        raise ValueError(f"{len(soft_prompts)} soft prompts for {bsz} rows")
+    lens_t = [len(t) for t in token_ids]
+    lens_s = [int(s.shape[0]) for s in soft_prompts]
+    total = max(a + b for a, b in zip(lens_s, lens_t))
+    t_max = max(lens_t) if lens_t else 0
+    pad_id = 0
+    ids = torch.full((bsz, max(t_max, 1)), pad_id, dtype=torch.long, device=device)
+    for i, t in enumerate(token_ids):
+        if t:
+            ids[i, :len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+    tok_emb = emb_layer(ids)
+    d = tok_emb.shape[-1]
+    rows, masks = [], torch.zeros(bsz, total, dtype=torch.long, device=device)
+    for i in range(bsz):
+        soft = soft_prompts[i].to(device=device, dtype=dtype)
+        if soft.dim() != 2 or soft.shape[1] != d:
+            raise ValueError(f"soft prompt {i} has shape {tuple(soft.shape)}, expected (n, {d})")
+        pad = total - lens_s[i] - lens_t[i]
+        rows.append(torch.cat([tok_emb.new_zeros(pad, d), soft, tok_emb[i, :lens_t[i]]], 0))
+        masks[i, pad:] = 1
+    embeds = torch.stack(rows)
+    positions = (masks.cumsum(-1) - 1).clamp_min(0)
+    return PrefixBatch(embeds, masks, positions)
+
+
+def last_logits(base: Any, batch: PrefixBatch) -> torch.Tensor:
+    """Logits at the last position only (B × V): the LM head is never applied anywhere else."""
+    out = base(**batch.model_inputs(), logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1]
+
+
+def label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:
+    """The first token of each label word (leading space kept); errors if two classes share it."""
+    if len(label_words) < 2:
+        raise ValueError(f"need at least two label words, got {list(label_words)}")
+    ids = []
+    for w in label_words:
+        toks = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise ValueError(f"label word {w!r} tokenizes to nothing")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        clash = [w for w, i in zip(label_words, ids) if ids.count(i) > 1]
+        raise ValueError(f"label words {clash} start with the same token; choose words whose first tokens differ")
+    return ids
+
+
+def classify(base: Any, batch: PrefixBatch, label_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (over the whole vocabulary) of each label word's first token: B × C."""
+    logp = torch.log_softmax(last_logits(base, batch).float(), dim=-1)
+    if isinstance(label_ids, torch.Tensor) and label_ids.dim() == 2:  # per-row label sets
+        return logp.gather(1, label_ids.to(logp.device))
+    return logp[:, torch.as_tensor(list(label_ids), device=logp.device)]
+
+
+def classification_loss(base: Any, batch: PrefixBatch, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the vocabulary at the answer position; ``targets`` are token ids (B)."""
+    return F.cross_entropy(last_logits(base, batch).float(), targets.to(batch.inputs_embeds.device))
+
+
+def generation_loss(base: Any, batch: PrefixBatch, token_ids: Sequence[Sequence[int]],
+                    target_lens: Sequence[int]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens only: row i's last ``target_lens[i]`` tokens.
+
+    Rows end at the last position (left padding), so the targets all sit at the end and the LM head
+    is computed for the last max(target_lens)+1 positions alone.
+    """
+    k = max(target_lens) + 1
+    out = base(**batch.model_inputs(), logits_to_keep=k, use_cache=False)
+    logits = out.logits[:, -k:-1].float()  # position p predicts token p+1
+    labels = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
+    for i, (ids, t) in enumerate(zip(token_ids, target_lens)):
+        if t:
+            labels[i, k - 1 - t:] = torch.as_tensor(list(ids[-t:]), device=logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def generate(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int = 32, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+             seed: int | None = None) -> list[str]:
+    """Greedy or sampled decoding with the KV cache; each row's text, cut at EOS and the first stop string."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:  # the model's generation_config may carry sampling defaults; greedy means greedy
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    with torch.no_grad():
+        out = base.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+    texts = []
+    for row in out:
+        ids = row.tolist()
+        if tokenizer.eos_token_id in ids:
+            ids = ids[:ids.index(tokenizer.eos_token_id)]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for s in stop or ():
+            j = text.find(s)
+            if j != -1:
+                text = text[:j]
+        texts.append(text)
+    return texts
