@@ -51,9 +51,10 @@ class Encoder(nn.Module):
             feats = self._encode_batch(chunk).float().cpu()
             self._cache.update(zip(chunk, feats))
             self.stats["encoded"] += len(chunk)
+        out = torch.stack([self._cache[t] for t in texts])  # before eviction: this batch may exceed max_cache
         while len(self._cache) > self.max_cache:
             self._cache.pop(next(iter(self._cache)))
-        return torch.stack([self._cache[t] for t in texts]).to(self._device())
+        return out.to(self._device())
 
     def _device(self) -> torch.device:
         return next(iter(self.parameters()), torch.empty(0)).device

@@ -114,6 +114,17 @@ class SoftPromptModel(nn.Module):
         return prefix.generate(self.base, self.tokenizer, self._batch(texts), max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
 
+    # -- what the trainer needs ------------------------------------------------------------------
+    def trainable_param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups, each with an ``lr_scale`` (the generator decides; one group by default)."""
+        return self.generator.param_groups()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.generator.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.load_state_dict(state)
+
     # -- bookkeeping -----------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.generator.parameters() if p.requires_grad)

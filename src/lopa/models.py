@@ -200,7 +200,7 @@ def load_base(name: str = DEFAULT_BASE, dtype: torch.dtype | str = torch.float32
         path = _checked(resolve(name))
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # transformers 5 raises ValueError for a directory without a model
             raise ModelNotFoundError(f"could not load causal LM {name!r}: {e}") from e
         tok = load_tokenizer(name)
     if tok.pad_token is None:
@@ -218,7 +218,7 @@ def load_encoder_model(name: str = DEFAULT_ENCODER) -> tuple[PreTrainedModel, Pr
         path = _checked(resolve(name))
         try:
             model = AutoModel.from_pretrained(path)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # transformers 5 raises ValueError for a directory without a model
             raise ModelNotFoundError(f"could not load encoder {name!r}: {e}") from e
         tok = AutoTokenizer.from_pretrained(path)
     model.eval().requires_grad_(False)

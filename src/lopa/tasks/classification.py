@@ -43,7 +43,7 @@ Example::
     >>> task.label_words, {k: len(v) for k, v in task.splits().items()}
     ([' terrible', ' great'], {'train': 16, 'dev': 2, 'test': 2})
     >>> task.split("test")[0].prompt
-    'film 3 It was'
+    'film 14 It was'
 """
 
 from __future__ import annotations
@@ -117,7 +117,15 @@ def template_slots(template: str) -> list[str]:
 
 
 def check_template(template: str, columns: Iterable[str], where: str) -> list[str]:
-    """Raise a TaskError unless every slot of ``template`` names one of ``columns``."""
+    """Raise a TaskError unless every slot of ``template`` names one of ``columns``; return the slots.
+
+    >>> check_template("{text} It was", ["text", "label"], "reviews.csv")
+    ['text']
+    >>> check_template("{review} It was", ["text", "label"], "reviews.csv")
+    Traceback (most recent call last):
+    ...
+    lopa.tasks.base.TaskError: template slot {review} names no column of reviews.csv; its columns are: text, label
+    """
     cols = list(columns)
     slots = template_slots(template)
     if not slots:

@@ -1,0 +1,118 @@
+"""Baselines with the wrapper's interface: LoRA and full fine-tuning (they need server-side weights,
+so they are here for comparison only), and the bare model zero-shot.
+
+They reuse :class:`~lopa.model.SoftPromptModel`'s forward, classify and generate with an empty soft
+prompt, so every method is trained and scored by exactly the same code.
+
+Example::
+
+    >>> import lopa
+    >>> from lopa.baselines import BaselineModel
+    >>> base, tok = lopa.load_base("tiny-random-llama")
+    >>> BaselineModel(base, tok, "lora", lora_r=2).num_trainable_parameters()
+    896
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .model import SoftPromptModel
+
+KINDS = ("lora", "full", "zero-shot")
+BASELINE_CONFIG = "baseline_config.json"
+
+
+class BaselineModel(SoftPromptModel):
+    """``lora`` (PEFT LoRA on the attention projections), ``full`` (every weight trains) or
+    ``zero-shot`` (nothing trains)."""
+
+    def __init__(self, base: nn.Module, tokenizer: Any, kind: str, lora_r: int = 8, lora_alpha: int = 16,
+                 lora_dropout: float = 0.05, target_modules: Sequence[str] | None = None,
+                 task: dict[str, Any] | None = None, peft_model: nn.Module | None = None):
+        nn.Module.__init__(self)  # no generator: the soft prompt is empty
+        if kind not in KINDS:
+            raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
+        self.kind, self.tokenizer, self.task, self.encoder = kind, tokenizer, dict(task or {}), None
+        self.settings = {"kind": kind}
+        self.peft = None
+        if kind == "lora":
+            if peft_model is None:
+                from peft import LoraConfig, get_peft_model
+                modules = list(target_modules or ["q_proj", "v_proj"])
+                self.settings.update(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                     target_modules=modules)
+                peft_model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                             target_modules=modules, task_type="CAUSAL_LM"))
+            self.peft = peft_model
+            self.base = peft_model.base_model.model  # the HF model with LoRA layers injected in place
+        elif kind == "full":
+            self.base = base.requires_grad_(True)
+        else:
+            self.base = base.eval().requires_grad_(False)
+
+    @property
+    def base_name(self) -> str:
+        return str(getattr(self.base.config, "name_or_path", "") or "")
+
+    def train(self, mode: bool = True) -> "BaselineModel":
+        nn.Module.train(self, mode)
+        return self
+
+    def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
+        w = self.base.get_input_embeddings().weight
+        return w.new_zeros(len(texts), 0, w.shape[1])
+
+    def trainable_param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.base.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.base.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.base.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.base.parameters() if p.requires_grad)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """LoRA: PEFT's adapter files; full: the whole model; both with ``baseline_config.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.kind == "lora":
+            self.peft.save_pretrained(str(directory))
+        elif self.kind == "full":
+            self.base.save_pretrained(str(directory))
+            self.tokenizer.save_pretrained(str(directory))
+        (directory / BASELINE_CONFIG).write_text(json.dumps(
+            {**self.settings, "base_model": self.base_name, "task": self.task}, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base: nn.Module | None = None, tokenizer: Any = None,
+                        **_: Any) -> "BaselineModel":
+        """Reload a saved baseline (``base`` is needed for LoRA; full loads its own weights)."""
+        from .models import load_base
+        directory = Path(directory)
+        meta = json.loads((directory / BASELINE_CONFIG).read_text())
+        if meta["kind"] == "full":
+            base, tokenizer = load_base(str(directory))
+            base.config.name_or_path = meta.get("base_model", str(directory))
+            model = cls(base, tokenizer, "zero-shot", task=meta.get("task"))
+            model.kind = "full"
+            return model
+        if base is None:
+            base, tokenizer = load_base(meta["base_model"])
+        if meta["kind"] == "lora":
+            from peft import PeftModel
+            peft_model = PeftModel.from_pretrained(base, str(directory))
+            return cls(base, tokenizer, "lora", task=meta.get("task"), peft_model=peft_model)
+        return cls(base, tokenizer, meta["kind"], task=meta.get("task"))

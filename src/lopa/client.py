@@ -1,0 +1,360 @@
+"""The client side: an artifact's generator turns texts into soft prompts here, next to the user.
+
+With a server URL the client needs no base-model weights at all, only the artifact (its generator and
+recorded width) and, for instance-dependent methods, its frozen encoder; it checks the width against
+the server's ``/health`` before sending anything. Without a URL it loads the base model and runs the
+same backend code as the server (:mod:`lopa.serve.backends`), so both give the same numbers.
+
+Texts are the model's whole prompt (the task's template already filled in, as in training);
+:meth:`Client.format` fills the artifact's recorded template.
+
+Example (in-process; pass ``url="http://127.0.0.1:8000"`` to use a ``lopa serve`` instead)::
+
+    >>> import tempfile, lopa
+    >>> base, tok = lopa.load_base("tiny-random-llama")
+    >>> task = {"template": "Review: {text}\\nSentiment:", "label_words": [" negative", " positive"]}
+    >>> d = lopa.SoftPromptModel(base, tok, lopa.make_config("prompt-tuning", num_virtual_tokens=4),
+    ...                          task=task).save_pretrained(tempfile.mkdtemp())
+    >>> client = Client(d)
+    >>> out = client.classify([client.format(text="a fine film")])
+    >>> sorted(out[0]), out[0]["label_word"] in task["label_words"]
+    (['label', 'label_word', 'logprobs'], True)
+    >>> client.soft_prompt(["x"]).shape
+    torch.Size([1, 4, 64])
+
+Command line::
+
+    $ lopa classify --artifact runs/sst2-lopa --url http://127.0.0.1:8000 --text "Review: fine\\nSentiment:"
+    $ lopa generate --artifact runs/mbpp-lopa --input prompts.jsonl --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .artifact import Artifact, ArtifactError, load_artifact
+from .encoders import Encoder, load_encoder
+from .serve.backends import ClassifyRow, GenerateRow, classification_result
+from .serve.wire import encode_soft_prompt
+
+
+class ClientError(RuntimeError):
+    """The client cannot do what was asked (width mismatch, missing encoder, unreachable server, ...)."""
+
+
+class ServerError(ClientError):
+    """The server answered with an error; ``status`` and the server's message are kept."""
+
+    def __init__(self, status: int, message: str, type: str | None = None):
+        super().__init__(f"server answered {status}: {message}")
+        self.status, self.message, self.type = status, message, type
+
+
+class Client:
+    """Soft prompts from an artifact, run on a ``lopa serve`` server or in-process.
+
+    Args:
+        artifact_dir: a directory written by :meth:`lopa.SoftPromptModel.save_pretrained`.
+        url: the server (``http://host:port``); ``None`` runs the base model in this process.
+        api_key: the server's key (default ``$LOPA_API_KEY``).
+        model: in-process only: the base model (default: the one recorded in the artifact).
+        dtype: in-process only: the base model's dtype (float32 by default, for exact numbers).
+        wire_dtype: how soft prompts travel: ``float32`` (exact, default), ``bfloat16`` or ``float16``.
+        timeout: seconds per HTTP request.
+        concurrency: requests in flight at once (the server batches them together).
+        batch_size: in-process only: rows per forward pass.
+    """
+
+    def __init__(self, artifact_dir: str | Path, url: str | None = None, api_key: str | None = None,
+                 model: str | None = None, *, dtype: str = "float32", wire_dtype: str = "float32",
+                 timeout: float = 120.0, concurrency: int = 16, batch_size: int = 32):
+        self.artifact: Artifact = load_artifact(artifact_dir)
+        self.config = self.artifact.config
+        self.url = url.rstrip("/") if url else None
+        self.wire_dtype = wire_dtype
+        self.concurrency = max(1, concurrency)
+        self.batch_size = max(1, batch_size)
+        self._http: Any = None
+        self._backend: Any = None
+        self.health: dict[str, Any] = {}
+        if self.url is None:
+            self._start_in_process(model, dtype)
+        else:
+            if model is not None:
+                warnings.warn("model= is ignored with a server url: the server's model answers", stacklevel=2)
+            self._connect(api_key if api_key is not None else os.environ.get("LOPA_API_KEY"), timeout)
+        self.encoder = self._load_encoder()
+        self.artifact.generator.eval()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _start_in_process(self, model: str | None, dtype: str) -> None:
+        from .serve.backends import TransformersBackend
+        name = model or self.artifact.base_model
+        if not name:
+            raise ClientError("the artifact records no base model; pass model= (a short name, hub id or path)")
+        self._backend = TransformersBackend(name, dtype=dtype)
+        if self._backend.hidden_size != self.artifact.hidden_size:
+            raise ClientError(f"the artifact was trained for width {self.artifact.hidden_size} "
+                              f"({self.artifact.base_model!r}), but {name!r} has width {self._backend.hidden_size}")
+
+    def _connect(self, api_key: str | None, timeout: float) -> None:
+        import httpx
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
+        self.health = self._request("GET", "/health")
+        width = self.health.get("hidden_size")
+        if width != self.artifact.hidden_size:
+            raise ClientError(f"the artifact was trained for a base model of width {self.artifact.hidden_size} "
+                              f"({self.artifact.base_model!r}), but the server at {self.url} serves "
+                              f"{self.health.get('model')!r} of width {width}")
+        if self.artifact.num_output_tokens > int(self.health.get("max_soft_tokens", 1 << 30)):
+            raise ClientError(f"the artifact's soft prompts have {self.artifact.num_output_tokens} tokens; the server "
+                              f"accepts at most {self.health['max_soft_tokens']} (lopa serve --max-soft-tokens)")
+        served = str(self.health.get("model", ""))
+        if self.artifact.base_model and served and served != self.artifact.base_model:
+            warnings.warn(f"the artifact was trained on {self.artifact.base_model!r}, the server serves {served!r} "
+                          f"(same width {width}): check that this is the same model", stacklevel=3)
+
+    def _load_encoder(self) -> Encoder | None:
+        if not self.config.instance_dependent:
+            return None
+        name = self.config.encoder  # type: ignore[attr-defined]
+        if name == "self":
+            if self._backend is None:
+                raise ClientError("this artifact's encoder is 'self' (the base model's own embeddings), so it "
+                                  "needs the base model's weights: run it in-process (url=None)")
+            enc = load_encoder("self", base=self._backend.base, tokenizer=self._backend.tokenizer)
+        else:
+            enc = load_encoder(name, self.config.pooling)  # type: ignore[attr-defined]
+        if self.artifact.encoder_dim is not None and enc.dim != self.artifact.encoder_dim:
+            raise ClientError(f"the artifact was trained on encoder features of width {self.artifact.encoder_dim}, "
+                              f"but encoder {name!r} gives {enc.dim}")
+        return enc
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- soft prompts ----------------------------------------------------------------------------
+    @property
+    def task(self) -> dict[str, Any]:
+        return self.artifact.task
+
+    def format(self, **fields: str) -> str:
+        """The artifact's recorded template filled with ``fields`` (e.g. ``text="a fine film"``)."""
+        template = self.task.get("template")
+        if not template:
+            raise ClientError("the artifact records no template; pass whole prompts")
+        try:
+            return template.format(**fields)
+        except KeyError as e:
+            raise ClientError(f"the template {template!r} needs the field {e.args[0]!r}") from None
+
+    @torch.no_grad()
+    def soft_prompt(self, texts: Sequence[str]) -> torch.Tensor:
+        """Z for each text (B × m × d, float32, CPU): the generator reads the encoder's features of the
+        text when its method is instance-dependent, and ignores the text otherwise."""
+        texts = list(texts)
+        feats = self.encoder.encode(texts) if self.encoder is not None else None
+        return self.artifact.generator(feats, len(texts)).float().cpu()
+
+    def _chunks(self, texts: Sequence[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+        texts = list(texts)
+        for i in range(0, len(texts), self.batch_size):
+            chunk = texts[i:i + self.batch_size]
+            yield chunk, self.soft_prompt(chunk)
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        import httpx
+        try:
+            r = self._http.request(method, path, json=body)
+        except httpx.HTTPError as e:
+            raise ClientError(f"cannot reach the server at {self.url}: {e}") from None
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        if r.status_code >= 400:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise ServerError(r.status_code, err.get("message") or r.text[:500], err.get("type"))
+        if not isinstance(data, dict):
+            raise ClientError(f"the server at {self.url} answered {path} with something other than a JSON object")
+        return data
+
+    def _post_all(self, path: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if len(bodies) == 1:
+            return [self._request("POST", path, bodies[0])]
+        with ThreadPoolExecutor(self.concurrency) as pool:  # the server batches what arrives together
+            return list(pool.map(lambda b: self._request("POST", path, b), bodies))
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def classify(self, texts: Sequence[str], label_words: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """One ``{"logprobs", "label", "label_word"}`` per text, as the server's ``/v1/classify`` answers.
+
+        ``label_words`` default to the artifact's task.
+        """
+        words = list(label_words if label_words is not None else self.task.get("label_words") or [])
+        if len(words) < 2:
+            raise ClientError("pass label_words: the artifact records none for its task")
+        out: list[dict[str, Any]] = []
+        if self._backend is not None:
+            ids = self._backend.label_token_ids(words)
+            for chunk, z in self._chunks(texts):
+                rows = [ClassifyRow(self._backend.tokenize(t), zi, ids) for t, zi in zip(chunk, z)]
+                out += [classification_result(lp, words) for lp in self._backend.classify(rows)]
+            return out
+        for chunk, z in self._chunks(texts):
+            bodies = [{"text": t, "soft_prompt": encode_soft_prompt(zi, self.wire_dtype), "label_words": words}
+                      for t, zi in zip(chunk, z)]
+            out += self._post_all("/v1/classify", bodies)
+        return out
+
+    def generate(self, texts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] | None = None, seed: int | None = None) -> list[str]:
+        """One completion per text: greedy at ``temperature=0`` (default), else sampled."""
+        stop_t = tuple(stop or ())
+        out: list[str] = []
+        if self._backend is not None:
+            for chunk, z in self._chunks(texts):
+                rows = [GenerateRow(self._backend.tokenize(t), zi, max_new_tokens, temperature, top_p, stop_t, seed)
+                        for t, zi in zip(chunk, z)]
+                out += [c.text for c in self._backend.generate(rows)]
+            return out
+        for chunk, z in self._chunks(texts):
+            bodies = [{"text": t, "soft_prompt": encode_soft_prompt(zi, self.wire_dtype),
+                       "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                       "stop": list(stop_t), "seed": seed} for t, zi in zip(chunk, z)]
+            out += [r["text"] for r in self._post_all("/v1/generate", bodies)]
+        return out
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+@dataclass
+class _ClientArgs:
+    artifact: str = ""
+    """the artifact directory (soft_prompt_config.json + soft_prompt.safetensors)"""
+    url: str | None = None
+    """a lopa server, e.g. http://127.0.0.1:8000; omitted: run the base model in this process"""
+    api_key: str | None = field(default=None, repr=False)
+    """the server's API key (default: $LOPA_API_KEY)"""
+    model: str | None = None
+    """in-process only: the base model (default: the one recorded in the artifact)"""
+    text: list[str] | None = None
+    """input texts, each the model's whole prompt (or the template's {text} with --apply-template)"""
+    input: str | None = None
+    """a JSONL file of inputs: one object per line with "text" (or the template's fields with --apply-template); an "id" is echoed"""
+    apply_template: bool = False
+    """fill the artifact's recorded template with each input instead of sending it as is"""
+
+    def __post_init__(self) -> None:
+        if not self.artifact:
+            raise ValueError("--artifact is required: the directory of a trained soft-prompt generator")
+        if not self.text and not self.input:
+            raise ValueError("give inputs with --text or --input FILE.jsonl")
+        if self.text and self.input:
+            raise ValueError("give --text or --input, not both")
+        if self.input and not Path(self.input).is_file():
+            raise ValueError(f"--input {self.input}: no such file")
+
+
+@dataclass
+class ClassifyArgs(_ClientArgs):
+    """Classify texts with a trained artifact; prints one JSON line per input:
+    {"logprobs": [...], "label": i, "label_word": w} (plus "id" when the input has one)."""
+
+    label_words: list[str] | None = None
+    """one word per class, leading spaces kept (default: the artifact's task)"""
+
+
+@dataclass
+class GenerateArgs(_ClientArgs):
+    """Generate completions with a trained artifact; prints one JSON line per input: {"text": completion}
+    (plus "id" when the input has one)."""
+
+    max_new_tokens: int = 64
+    """the most tokens to generate per input"""
+    temperature: float = 0.0
+    """sampling temperature; 0 = greedy"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (with temperature > 0)"""
+    stop: list[str] | None = None
+    """strings that end a completion (cut before them)"""
+    seed: int | None = None
+    """seed for sampling"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
+def _inputs(args: _ClientArgs, client: Client) -> tuple[list[str], list[Any]]:
+    """(prompts, ids) from --text or a JSONL file."""
+    if args.text:
+        records: list[dict[str, Any]] = [{"text": t} for t in args.text]
+    else:
+        records = []
+        with open(args.input, encoding="utf-8") as f:  # type: ignore[arg-type]
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ClientError(f"{args.input}:{n}: not valid JSON ({e})") from None
+                if not isinstance(rec, dict):
+                    raise ClientError(f"{args.input}:{n}: each line must be a JSON object")
+                records.append(rec)
+    prompts = []
+    for n, rec in enumerate(records, 1):
+        if args.apply_template:
+            prompts.append(client.format(**{k: str(v) for k, v in rec.items() if k != "id"}))
+        elif isinstance(rec.get("text"), str):
+            prompts.append(rec["text"])
+        else:
+            raise ClientError(f"input {n} has no \"text\" string (or use --apply-template with the template's fields)")
+    return prompts, [rec.get("id") for rec in records]
+
+
+def _run_cli(args: _ClientArgs, run: Any) -> int:
+    try:
+        with Client(args.artifact, url=args.url, api_key=args.api_key, model=args.model) as client:
+            prompts, ids = _inputs(args, client)
+            for rid, result in zip(ids, run(client, prompts)):
+                print(json.dumps({**({"id": rid} if rid is not None else {}), **result}), flush=True)
+    except (ClientError, ArtifactError) as e:
+        print(f"lopa: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def classify_cli(args: ClassifyArgs) -> int:
+    """``lopa classify``: one JSON line per input."""
+    return _run_cli(args, lambda c, texts: c.classify(texts, args.label_words))
+
+
+def generate_cli(args: GenerateArgs) -> int:
+    """``lopa generate``: one JSON line per input."""
+    return _run_cli(args, lambda c, texts: ({"text": t} for t in c.generate(
+        texts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        stop=args.stop, seed=args.seed)))

@@ -1,0 +1,247 @@
+"""Scoring a model on a task: label-word classification, or generation checked in the sandbox.
+
+``lopa eval RUN_DIR`` reloads the run's artifact and task settings (template, label words, data dir);
+``lopa eval --zero-shot --model M --task T`` scores the bare model with the same template.
+
+Example::
+
+    $ lopa eval runs/rotten-tomatoes-lopa --split test
+    {"task": "rotten-tomatoes", "split": "test", "n": 1000, "accuracy": 0.85, "macro_f1": 0.85, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import Example, Task, get_task
+from .tasks.metrics import accuracy, macro_f1, pass_at_k, proportion_ci95
+
+RUN_CONFIG = "run_config.json"
+
+
+def autocast(precision: str) -> Any:
+    """bf16 autocast on CPU or GPU, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _batches_by_length(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
+    # similar lengths together waste less compute on padding; results are put back in input order
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def evaluate_classification(model: Any, examples: Sequence[Example], label_words: Sequence[str],
+                            batch_size: int = 32, precision: str = "fp32", progress: bool = False,
+                            desc: str = "eval") -> dict[str, Any]:
+    """Accuracy and macro-F1 of ``model.classify`` (argmax over the label words)."""
+    was_training = model.training
+    model.eval()
+    preds = [0] * len(examples)
+    batches = _batches_by_length(examples, batch_size)
+    with autocast(precision):
+        for idx in tqdm(batches, desc=desc, disable=not progress, leave=False, file=sys.stderr):
+            logp = model.classify([examples[i].prompt for i in idx], label_words)
+            for i, p in zip(idx, logp.argmax(-1).tolist()):
+                preds[i] = p
+    model.train(was_training)
+    labels = [e.label for e in examples]
+    correct = sum(p == y for p, y in zip(preds, labels))
+    _, lo, hi = proportion_ci95(correct, len(examples))
+    return {"n": len(examples), "accuracy": accuracy(preds, labels),
+            "accuracy_ci95": [lo, hi], "macro_f1": macro_f1(preds, labels),
+            "predictions": preds}
+
+
+@torch.no_grad()
+def generation_dev_loss(model: Any, examples: Sequence[Example], batch_size: int = 8,
+                        precision: str = "fp32") -> float:
+    """Mean target-token loss: the cheap dev metric for generation tasks during training."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with autocast(precision):
+        for idx in _batches_by_length(examples, batch_size):
+            total += float(model([examples[i].prompt for i in idx], targets=[examples[i].target for i in idx])) * len(idx)
+    model.train(was_training)
+    return total / max(len(examples), 1)
+
+
+@torch.no_grad()
+def evaluate_generation(model: Any, task: Task, examples: Sequence[Example], *, n_samples: int = 1,
+                        temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 128,
+                        batch_size: int = 8, ks: Sequence[int] = (1,), timeout_s: float = 10.0,
+                        memory_mb: int = 512, precision: str = "fp32", seed: int = 0, progress: bool = False,
+                        results_path: str | Path | None = None) -> dict[str, Any]:
+    """Decode (greedy when temperature is 0), run each program in the sandbox, report pass@k."""
+    from .sandbox import run_many
+    model.eval()
+    do_sample = temperature > 0
+    completions: list[list[str]] = [[] for _ in examples]
+    started = time.time()
+    batches = _batches_by_length(examples, batch_size)
+    with autocast(precision):
+        for s in range(n_samples):
+            for idx in tqdm(batches, desc=f"generate {s + 1}/{n_samples}", disable=not progress, leave=False,
+                            file=sys.stderr):
+                outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=max_new_tokens,
+                                      do_sample=do_sample, temperature=temperature or 1.0, top_p=top_p,
+                                      stop=task.stop or None, seed=seed + s * 100_003 + idx[0])
+                for i, o in zip(idx, outs):
+                    completions[i].append(task.postprocess(o))
+    gen_s = time.time() - started
+    programs = [task.program(e, c) for e, cs in zip(examples, completions) for c in cs]
+    results = run_many(programs, timeout_s=timeout_s, memory_mb=memory_mb)
+    run_s = time.time() - started - gen_s
+    rows, passed = [], []
+    for j, (e, cs) in enumerate(zip(examples, completions)):
+        rs = results[j * n_samples:(j + 1) * n_samples]
+        c = sum(r.passed for r in rs)
+        passed.append(c)
+        rows.append({"id": e.meta.get("id", e.meta.get("task_id", j)), "completions": cs,
+                     "status": [r.status for r in rs], "passed": c, "n": len(rs)})
+    if results_path is not None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(results_path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    out: dict[str, Any] = {"n": len(examples), "samples_per_problem": n_samples,
+                           "generate_s_per_problem": gen_s / max(len(examples), 1),
+                           "sandbox_s_per_problem": run_s / max(len(examples), 1)}
+    for k in ks:
+        if k <= n_samples:
+            out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in passed) / max(len(passed), 1)
+    return out
+
+
+def load_run_model(run_dir: str | Path, base: Any = None, tokenizer: Any = None) -> Any:
+    """The best model of a run (or an artifact / saved baseline directory), loaded for evaluation."""
+    from .artifact import CONFIG_NAME, load_artifact
+    from .baselines import BASELINE_CONFIG, BaselineModel
+    from .model import SoftPromptModel
+    from .models import load_base
+    run_dir = Path(run_dir)
+    d = run_dir / "best" if (run_dir / "best").is_dir() else run_dir
+    if (d / BASELINE_CONFIG).exists():
+        return BaselineModel.from_pretrained(d, base, tokenizer)
+    if not (d / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{run_dir} holds neither a finished run (best/) nor an artifact ({CONFIG_NAME})")
+    if base is None:
+        base, tokenizer = load_base(load_artifact(d).base_model)
+    return SoftPromptModel.from_pretrained(d, base, tokenizer)
+
+
+def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch_size: int = 32,
+          precision: str = "fp32", progress: bool = True, **gen: Any) -> dict[str, Any]:
+    """Evaluate on one split of a task; the dict is what ``lopa eval`` prints."""
+    examples = task.split(split)[:limit] if limit else task.split(split)
+    started = time.time()
+    if task.kind == "classification":
+        res = evaluate_classification(model, examples, task.label_words, batch_size, precision, progress)
+        res.pop("predictions")
+    else:
+        res = evaluate_generation(model, task, examples, precision=precision, progress=progress, **gen)
+    return {"task": task.name, "split": split, **res, "eval_s": round(time.time() - started, 2)}
+
+
+@dataclass
+class EvalArgs:
+    """Evaluate a run directory or artifact on a task split, or the bare model zero-shot.
+
+    A run's task settings (task, template, label words, data dir) are reused unless given here.
+    Prints one JSON line.
+    """
+
+    run_dir: str | None = field(default=None, metadata={"positional": True})
+    """a run directory (uses its best/ artifact) or an artifact directory; omit with --zero-shot"""
+    task: str | None = None
+    """task name or .jsonl/.csv file (default: the run's task)"""
+    split: str = "test"
+    """which split to score: train, dev or test"""
+    zero_shot: bool = False
+    """score the bare model (no soft prompt) with the task's template, instead of a run"""
+    model: str | None = None
+    """base model for --zero-shot, or to override the run's recorded base model"""
+    template: str | None = None
+    """template override, e.g. '{text} It was'"""
+    label_words: str | None = None
+    """comma-separated label words, leading spaces kept, e.g. ' terrible, great'"""
+    data_dir: str | None = None
+    """where mbpp/, cruxeval/, glue/ live (default: the run's, $LOPA_DATA_DIR or ../shared/data)"""
+    limit: int | None = None
+    """score only the first N items of the split"""
+    batch_size: int = 32
+    """items per forward pass"""
+    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
+    """fp32, or bf16 autocast"""
+    n_samples: int = 1
+    """generation: samples per problem (pass@k for every k <= n)"""
+    temperature: float = 0.0
+    """generation: 0 is greedy"""
+    top_p: float = 1.0
+    """generation: nucleus sampling threshold"""
+    max_new_tokens: int = 128
+    """generation: tokens to generate at most"""
+    results: str | None = None
+    """generation: write per-problem results to this JSONL file (default: RUN_DIR/eval-SPLIT.jsonl)"""
+
+    def __post_init__(self) -> None:
+        if self.zero_shot == (self.run_dir is not None):
+            raise ValueError("give a RUN_DIR, or --zero-shot with --model and --task (not both)")
+        if self.zero_shot and not self.task:
+            raise ValueError("--zero-shot needs --task")
+        for name in ("batch_size", "n_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _run_settings(run_dir: str | None) -> dict[str, Any]:
+    if run_dir and (Path(run_dir) / RUN_CONFIG).exists():
+        return json.loads((Path(run_dir) / RUN_CONFIG).read_text())
+    if run_dir:
+        from .artifact import read_meta
+        try:
+            task = read_meta(run_dir).get("task", {})
+        except ValueError:
+            return {}
+        return {"task": task.get("path") or task.get("name"), "template": task.get("template"),
+                "label_words": ",".join(task.get("label_words") or []) or None, "data_dir": task.get("data_dir")}
+    return {}
+
+
+def eval_cli(args: EvalArgs) -> int:
+    from .models import DEFAULT_BASE, load_base
+    run = _run_settings(args.run_dir)
+    task = get_task(args.task or run.get("task"), data_dir=args.data_dir or run.get("data_dir"),
+                    template=args.template or run.get("template"),
+                    label_words=args.label_words or run.get("label_words"), seed=run.get("split_seed", 0))
+    if args.zero_shot:
+        from .baselines import BaselineModel
+        base, tok = load_base(args.model or DEFAULT_BASE)
+        model = BaselineModel(base, tok, "zero-shot")
+    else:
+        base = tok = None
+        if args.model:
+            base, tok = load_base(args.model)
+        model = load_run_model(args.run_dir, base, tok)
+    gen = {}
+    if task.kind == "generation":
+        default = Path(args.run_dir) / f"eval-{args.split}.jsonl" if args.run_dir else None
+        gen = dict(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),
+                   results_path=args.results or default)
+    res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=args.precision, **gen)
+    res["model"] = "zero-shot " + (args.model or DEFAULT_BASE) if args.zero_shot else str(args.run_dir)
+    print(json.dumps(res))
+    return 0

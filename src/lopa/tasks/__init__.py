@@ -1,0 +1,69 @@
+"""Tasks by name: built-in classification and code tasks, and user tasks from JSONL/CSV files.
+
+Example::
+
+    >>> from lopa.tasks import get_task, list_tasks
+    >>> "sst2" in list_tasks() and "mbpp" in list_tasks()
+    True
+    >>> task = get_task("cruxeval-o", data_dir="/work/shared/data")   # doctest: +SKIP
+    >>> len(task.split("test"))                                      # doctest: +SKIP
+    400
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import classification, code  # noqa: F401  (importing registers the built-in tasks)
+from ._util import DATA_DIR_ENV, resolve_data_dir
+from .base import TASKS, Example, Task, TaskError, register_task
+from .classification import UserTask
+
+USER_TASK_SUFFIXES = (".jsonl", ".csv")
+
+
+def list_tasks() -> list[str]:
+    """Names of the built-in tasks, sorted.
+
+    >>> list_tasks()[:3]
+    ['cruxeval-i', 'cruxeval-o', 'humaneval']
+    """
+    return sorted(TASKS)
+
+
+def get_task(name_or_path: str | Path, *, data_dir: str | Path | None = None,
+             template: str | None = None, label_words: Sequence[str] | str | None = None,
+             seed: int = 0, **kw: Any) -> Task:
+    """Build a task from a built-in name or a ``.jsonl``/``.csv`` file (a user task).
+
+    ``data_dir`` (where ``mbpp/``, ``cruxeval/`` and ``glue/`` live) defaults to ``$LOPA_DATA_DIR``,
+    else ``../shared/data`` relative to the current directory. ``template`` and ``label_words``
+    override a classification task's defaults and are required for a user task; ``label_words``
+    may be a comma-separated string whose leading spaces are kept (``" terrible, great"``).
+    ``seed`` fixes the splits. Names are matched ignoring case, ``_`` and ``-`` (``SST-2`` = ``sst2``).
+
+    >>> get_task("sst2", data_dir="/nonexistent").label_words  # doctest: +SKIP
+    [' terrible', ' great']
+    >>> get_task("no-such-task")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lopa.tasks.base.TaskError: unknown task 'no-such-task'; built-in tasks: ...
+    """
+    text = str(name_or_path)
+    if text.lower().endswith(USER_TASK_SUFFIXES):
+        return UserTask(text, template=template, label_words=label_words, seed=seed, **kw)
+
+    def key(s: str) -> str:
+        return s.strip().lower().replace("_", "").replace("-", "")
+
+    matches = [n for n in TASKS if key(n) == key(text)]
+    if not matches:
+        raise TaskError(f"unknown task {text!r}; built-in tasks: {', '.join(list_tasks())}; or give the "
+                        f"path of a {'/'.join(USER_TASK_SUFFIXES)} file with template= and label_words=")
+    return TASKS[matches[0]](data_dir=data_dir, template=template, label_words=label_words, seed=seed, **kw)
+
+
+__all__ = ["DATA_DIR_ENV", "Example", "TASKS", "Task", "TaskError", "get_task", "list_tasks",
+           "register_task", "resolve_data_dir"]

@@ -1,0 +1,153 @@
+"""`lopa train` / `lopa eval` through the real CLI on the tiny model: round trip, kill-and-resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lopa.cli import main
+from lopa.train import micro_batch
+
+TINY = ["--model", "tiny-random-llama", "--no-progress", "--no-zero-shot"]
+
+
+def _user_task(tmp_path: Path, rows: list[dict], name: str = "reviews.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def _reviews(n: int = 60) -> list[dict]:
+    good, bad = ["fine", "great", "lovely", "superb"], ["dull", "awful", "tedious", "bad"]
+    return [{"text": f"a {(good if i % 2 else bad)[i % 4]} film number {i}", "label": i % 2} for i in range(n)]
+
+
+def test_train_then_eval_round_trip(tmp_path, capsys):
+    task = _user_task(tmp_path, _reviews())
+    out = tmp_path / "run"
+    rc = main(["train", "--method", "lopa", "--encoder", "tiny-random-bert", "--task", str(task), "--template",
+               "{text} It was", "--label-words", " terrible, great", "--out", str(out), "--max-steps", "6",
+               "--eval-every", "3", "--batch-size", "4", *TINY[:3], "--zero-shot"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy:" in printed and "zero-shot accuracy:" in printed
+    for f in ["run_config.json", "metrics.jsonl", "results.json", "curves.png", "best/soft_prompt_config.json",
+              "best/soft_prompt.safetensors"]:
+        assert (out / f).exists(), f
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [3, 6]
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["method"] == "lopa" and config["max_steps"] == 6 and config["label_words"] == " terrible, great"
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["n"] == 6 and results["trainable_params"] > 0
+
+    assert main(["eval", str(out), "--split", "test"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["accuracy"] == results["test"]["accuracy"] and line["n"] == 6 and "macro_f1" in line
+
+    assert main(["eval", "--zero-shot", "--model", "tiny-random-llama", "--task", str(task), "--template",
+                 "{text} It was", "--label-words", " terrible, great"]) == 0
+    zs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert zs["accuracy"] == results["zero_shot"]["accuracy"]
+
+
+def test_dry_run_prints_count(tmp_path, capsys):
+    task = _user_task(tmp_path, _reviews())
+    assert main(["train", "--method", "prompt-tuning", "--task", str(task), "--template", "{text} It was",
+                 "--label-words", " terrible, great", "--out", str(tmp_path / "r"), "--dry-run", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "trainable params: 640 || all params:" in out  # m * d = 10 * 64
+    assert not (tmp_path / "r").exists()
+
+
+def test_micro_batches_cover_each_epoch_once():
+    batches = [micro_batch(10, seed=3, micro_step=s, size=4) for s in range(5)]
+    flat = sum(batches, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert batches == [micro_batch(10, seed=3, micro_step=s, size=4) for s in range(5)]
+
+
+def _train_cmd(task: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lopa", "train", "--method", "lopa", "--encoder", "tiny-random-bert",
+            "--task", str(task), "--template", "{text} It was", "--label-words", " terrible, great",
+            "--out", str(out), "--max-steps", "40", "--eval-every", "5", "--batch-size", "8", "--dropout", "0.2",
+            *TINY, *extra]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    task = _user_task(tmp_path, _reviews(200))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(task, whole), check=True, env=env, capture_output=True, timeout=300)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_train_cmd(task, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (cut / "checkpoints" / "step-0000010").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    steps = sorted(p.name for p in (cut / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert steps and steps[-1] < "step-0000040", steps
+
+    refused = subprocess.run(_train_cmd(task, cut), env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    subprocess.run(_train_cmd(task, cut, "--resume"), check=True, env=env, capture_output=True, timeout=300)
+
+    a = load_file(whole / "checkpoints" / "step-0000040" / "weights.safetensors")
+    b = load_file(cut / "checkpoints" / "step-0000040" / "weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # bit-identical: same data order, same dropout masks, same optimiser state
+        assert (a[k] == b[k]).all(), k
+    steps_logged = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(5, 41, 5))
+
+
+@pytest.mark.parametrize("rows,extra,message", [
+    ([{"review": "x", "label": 0}] * 20, [], "text"),  # template slot names a missing column
+    ([{"text": "x", "label": "maybe"}] * 20, [], "maybe"),  # label not among the label words
+    ([{"text": "x", "label": 0, "split": "train"}] * 20, [], "test"),  # empty test split
+    (_reviews(), ["--template", "It was"], "slot"),  # template without a text slot
+])
+def test_bad_task_input_is_refused_before_training(tmp_path, capsys, rows, extra, message):
+    task = _user_task(tmp_path, rows)
+    args = ["train", "--method", "prompt-tuning", "--task", str(task), "--template", "{text} It was",
+            "--label-words", " terrible, great", "--out", str(tmp_path / "run"), *TINY, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [("--rank", "0", "rank"), ("--num-virtual-tokens", "0",
+                                                                          "num_virtual_tokens"),
+                                                 ("--max-steps", "0", "max-steps")])
+def test_out_of_range_settings_are_refused(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "lopa", flag, value, "--out", str(tmp_path / "r"), *TINY])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_dir_with_another_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    task = _user_task(tmp_path, _reviews())
+    args = ["train", "--method", "prompt-tuning", "--task", str(task), "--template", "{text} It was",
+            "--label-words", " terrible, great", "--out", str(out), "--max-steps", "2", "--eval-every", "2", *TINY]
+    assert main(args) == 2
+    assert "another run" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "best").is_dir()
