@@ -87,7 +87,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if typing.get_origin(tp) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(tp))
             tp = type(kwargs["choices"][0])
-        if f.metadata.get("positional"):
+        if f.metadata.get("remainder"):
+            parser.add_argument(f.name, nargs=argparse.REMAINDER, **kwargs)
+        elif f.metadata.get("positional"):
             parser.add_argument(f.name, type=tp, nargs="?" if optional or default is not None else None,
                                 default=default, **kwargs)
         elif tp is bool:
