@@ -7,7 +7,6 @@ numbers are computed in this process through :class:`lopa.client.Client` (url=No
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import random

