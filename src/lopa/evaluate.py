@@ -84,15 +84,21 @@ def evaluate_generation(model: Any, task: Task, examples: Sequence[Example], *, 
                         batch_size: int = 8, ks: Sequence[int] = (1,), timeout_s: float = 10.0,
                         memory_mb: int = 512, precision: str = "fp32", seed: int = 0, progress: bool = False,
                         results_path: str | Path | None = None) -> dict[str, Any]:
-    """Decode (greedy when temperature is 0), run each program in the sandbox, report pass@k."""
+    """Decode (greedy when temperature is 0), run each program in the sandbox, report pass@k.
+
+    With one sample per problem the result also holds ``pass@1_ci95``, the 95% Wilson interval.
+    """
     from .sandbox import run_many
+    was_training = getattr(model, "training", False)
     model.eval()
     do_sample = temperature > 0
     completions: list[list[str]] = [[] for _ in examples]
     started = time.time()
     batches = _batches_by_length(examples, batch_size)
+    # greedy decoding gives every sample the same text: decode once, then copy
+    decodes = n_samples if do_sample else 1
     with autocast(precision):
-        for s in range(n_samples):
+        for s in range(decodes):
             for idx in tqdm(batches, desc=f"generate {s + 1}/{n_samples}", disable=not progress, leave=False,
                             file=sys.stderr):
                 outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=max_new_tokens,
@@ -100,6 +106,9 @@ def evaluate_generation(model: Any, task: Task, examples: Sequence[Example], *, 
                                       stop=task.stop or None, seed=seed + s * 100_003 + idx[0])
                 for i, o in zip(idx, outs):
                     completions[i].append(task.postprocess(o))
+    model.train(was_training)
+    if decodes < n_samples:
+        completions = [cs * n_samples for cs in completions]
     gen_s = time.time() - started
     programs = [task.program(e, c) for e, cs in zip(examples, completions) for c in cs]
     results = run_many(programs, timeout_s=timeout_s, memory_mb=memory_mb)
@@ -122,6 +131,8 @@ def evaluate_generation(model: Any, task: Task, examples: Sequence[Example], *, 
     for k in ks:
         if k <= n_samples:
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in passed) / max(len(passed), 1)
+    if n_samples == 1 and passed:
+        out["pass@1_ci95"] = list(proportion_ci95(sum(passed), len(passed))[1:])
     return out
 
 
@@ -151,7 +162,8 @@ def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch
         res = evaluate_classification(model, examples, task.label_words, batch_size, precision, progress)
         res.pop("predictions")
     else:
-        res = evaluate_generation(model, task, examples, precision=precision, progress=progress, **gen)
+        res = evaluate_generation(model, task, examples, batch_size=batch_size, precision=precision,
+                                  progress=progress, **gen)
     return {"task": task.name, "split": split, **res, "eval_s": round(time.time() - started, 2)}
 
 

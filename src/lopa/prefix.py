@@ -40,11 +40,13 @@ class PrefixBatch:
 
 
 def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], token_ids: Sequence[Sequence[int]],
-             ) -> PrefixBatch:
+             pad_to_multiple: int | None = None) -> PrefixBatch:
     """Build the left-padded ``[pad][soft][tokens]`` inputs for a batch.
 
     ``soft_prompts`` is a B × n × d tensor or a list of ``n_i × d`` tensors (rows may differ in n).
     Gradients flow into the soft prompts; the token embeddings come from the frozen table.
+    ``pad_to_multiple`` rounds the batch length up to a multiple of it (more left padding, same
+    result), which bounds the number of distinct shapes the kernels see.
     """
     emb_layer = base.get_input_embeddings()
     dtype, device = emb_layer.weight.dtype, emb_layer.weight.device
@@ -54,6 +56,10 @@ def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], tok
     lens_t = [len(t) for t in token_ids]
     lens_s = [int(s.shape[0]) for s in soft_prompts]
     total = max(a + b for a, b in zip(lens_s, lens_t))
+    if pad_to_multiple is not None:
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be at least 1, got {pad_to_multiple}")
+        total = -(-total // pad_to_multiple) * pad_to_multiple
     t_max = max(lens_t) if lens_t else 0
     pad_id = 0
     ids = torch.full((bsz, max(t_max, 1)), pad_id, dtype=torch.long, device=device)
@@ -75,9 +81,21 @@ def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], tok
     return PrefixBatch(embeds, masks, positions)
 
 
+def _last_positions(batch: PrefixBatch, k: int) -> torch.Tensor:
+    """``logits_to_keep`` for the last ``k`` positions, as indices rather than the int ``k``.
+
+    With an int, Hugging Face models slice ``hidden[:, -k:]``: a strided view that ``F.linear`` cannot
+    fold into one matrix product, so the LM head runs as a batched product against the vocabulary
+    matrix broadcast over the batch (4x slower on CPU, in the forward and the backward). Indexing
+    with a tensor gives a contiguous copy that folds into one ``mm``.
+    """
+    length = batch.inputs_embeds.shape[1]
+    return torch.arange(max(length - k, 0), length, device=batch.inputs_embeds.device)
+
+
 def last_logits(base: Any, batch: PrefixBatch) -> torch.Tensor:
     """Logits at the last position only (B × V): the LM head is never applied anywhere else."""
-    out = base(**batch.model_inputs(), logits_to_keep=1, use_cache=False)
+    out = base(**batch.model_inputs(), logits_to_keep=_last_positions(batch, 1), use_cache=False)
     return out.logits[:, -1]
 
 
@@ -118,7 +136,7 @@ def generation_loss(base: Any, batch: PrefixBatch, token_ids: Sequence[Sequence[
     is computed for the last max(target_lens)+1 positions alone.
     """
     k = max(target_lens) + 1
-    out = base(**batch.model_inputs(), logits_to_keep=k, use_cache=False)
+    out = base(**batch.model_inputs(), logits_to_keep=_last_positions(batch, k), use_cache=False)
     logits = out.logits[:, -k:-1].float()  # position p predicts token p+1
     labels = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
     for i, (ids, t) in enumerate(zip(token_ids, target_lens)):

@@ -7,18 +7,18 @@ a causal LM sees the word after a space as a different token).
 Built-in tasks (templates and label words follow the LoPA paper, which takes them from LM-BFF,
 with the answer moved to the end so that a causal LM predicts it as the next token):
 
-=================== ============================================== ==============================
-task                template                                       label words (class 0, 1, 2)
-=================== ============================================== ==============================
-``rotten-tomatoes`` ``"Review: {text}\\nSentiment:"``               ``" negative", " positive"``
-``rotten-tomatoes-3````"Text: {text}\\nType:"``                       ``" negative", " positive", " plot"``
-``sst2``            ``"{sentence} It was"``                        ``" terrible", " great"``
-``mrpc``            ``"{sentence1} ? {sentence2} Answer:"``        ``" No", " Yes"``
-``qqp``             ``"{question1} {question2} Answer:"``          ``" No", " Yes"``
-``rte``             ``"{sentence1} ? {sentence2} Answer:"``        ``" Yes", " No"``
-``qnli``            ``"{question} ? {sentence} Answer:"``          ``" Yes", " No"``
-``mnli``            ``"{premise} ? {hypothesis} Answer:"``         ``" Yes", " Maybe", " No"``
-=================== ============================================== ==============================
+===================== ============================================== ==============================
+task                  template                                       label words (class 0, 1, 2)
+===================== ============================================== ==============================
+``rotten-tomatoes``   ``"Review: {text}\\nSentiment:"``               ``" negative", " positive"``
+``rotten-tomatoes-3`` ``"Text: {text}\\nType:"``                       ``" negative", " positive", " plot"``
+``sst2``              ``"{sentence} It was"``                        ``" terrible", " great"``
+``mrpc``              ``"{sentence1} ? {sentence2} Answer:"``        ``" No", " Yes"``
+``qqp``               ``"{question1} {question2} Answer:"``          ``" No", " Yes"``
+``rte``               ``"{sentence1} ? {sentence2} Answer:"``        ``" Yes", " No"``
+``qnli``              ``"{question} ? {sentence} Answer:"``          ``" Yes", " No"``
+``mnli``              ``"{premise} ? {hypothesis} Answer:"``         ``" Yes", " Maybe", " No"``
+===================== ============================================== ==============================
 
 Class indices are GLUE's label ids (RTE/QNLI: 0 = entailment → ``" Yes"``; MNLI: 0 entailment,
 1 neutral, 2 contradiction), so predictions can be scored against GLUE labels directly.
@@ -54,6 +54,7 @@ from __future__ import annotations
 import bz2
 import csv
 import json
+import random
 import re
 import string
 from abc import abstractmethod
@@ -270,8 +271,10 @@ class RottenTomatoes3(RottenTomatoes):
 
     Synopses are cut to their opening sentences (:func:`synopsis_opening`: at least 8, at most 50
     words) so that length does not give the class away; reviews are kept whole. Identical texts are
-    merged and texts with conflicting labels dropped, as in ``rotten-tomatoes``; then
-    ``random.Random(seed)`` splits test 1,000, dev 500, train the rest (12,335). Classes are not
+    merged and texts with conflicting labels dropped, as in ``rotten-tomatoes``; the items are put in a
+    seeded random order (the file lists all synopses first, and a prefix of a split must hold the
+    classes in proportion); then ``random.Random(seed)`` splits test 1,000, dev 500, train the rest
+    (12,335). Classes are not
     balanced: about 8% of the items are synopses (:meth:`class_counts`).
 
     >>> task = RottenTomatoes3()                       # doctest: +SKIP
@@ -297,6 +300,9 @@ class RottenTomatoes3(RottenTomatoes):
                 if labels.setdefault(text, y) != y:
                     conflicting.add(text)
         items = [(t, y) for t, y in labels.items() if t not in conflicting]
+        # The file lists every synopsis before the reviews: shuffle once, so that any prefix of a split
+        # (a dev or test limit) holds the classes in proportion.
+        random.Random(1_000_003 + self.seed).shuffle(items)
         parts = seeded_partition(len(items), {"test": self.test_size, "dev": self.dev_size}, self.seed)
         return {split: [({"text": items[i][0]}, items[i][1], {"index": i}) for i in idx]
                 for split, idx in parts.items()}

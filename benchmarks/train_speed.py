@@ -1,0 +1,419 @@
+"""Training-step speed (issue 3): lopa's prompt tuning against PEFT's, and LoPA, side by side.
+
+One timed step is everything from a batch's texts to updated weights: tokenisation, forward,
+backward and the AdamW step, on the same frozen model, the same fixed batches (so the same shapes
+for every contender: new shapes cost first-call kernel set-up, which must not land in one column
+only) and the same thread count. Contenders run interleaved, batch by batch, in an order that
+rotates every repetition, so a noisy neighbour slows them all alike; each column is the median of
+``repeats × num_batches`` steps after ``warmup`` untimed passes over the batches.
+
+Contenders (``NAME/PRECISION``):
+
+* ``lopa-pt``: ``SoftPromptModel`` with prompt tuning, ``forward(texts, label_ids=...)``; the LM head
+  runs at the answer position only.
+* ``peft-pt``: ``peft.get_peft_model(base, PromptTuningConfig(task_type=CAUSAL_LM, ...))`` trained the
+  way a PEFT user would: input = prompt + answer token (right padded, as the tokenizer pads), labels
+  -100 everywhere but the answer, ``model(input_ids, attention_mask, labels).loss``, so the LM head
+  and the loss cover every position. It always runs in fp32 too, the baseline of the bf16 ratios.
+* ``lopa``: LoPA (the paper's settings, m = 10, r = 4, h = 256) with the frozen ``minilm-l6``
+  encoder; every text was encoded once before timing, as ``lopa train`` does, so steps hit the cache.
+* ``lopa-reencode``: the same, with its feature cache emptied before every step: what LoPA would
+  cost if the frozen encoder ran at every step; ``encode_s`` is the encoder's share.
+
+Example::
+
+    $ lopa bench train-speed --precision both          # smollm2-135m, batch 8, rotten-tomatoes
+    $ lopa bench train-speed --quick                   # tiny random models, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+TARGETS = {  # ratio name -> (comparison, bound): issue 3's goals
+    "peft_over_lopa_pt/fp32": (">=", 1.3),
+    "peft_fp32_over_lopa_pt_bf16": (">=", 1.8),
+    "lopa_over_lopa_pt/fp32": ("<=", 1.1),
+    "lopa_over_lopa_pt/bf16": ("<=", 1.1),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="lopa bench train-speed",
+        description="Time one training step (tokenise + forward + backward + AdamW) of lopa's prompt tuning, "
+                    "PEFT's prompt tuning and LoPA on the same model and fixed batches, interleaved, and print "
+                    "the step-time ratios. Writes a JSON file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="base causal LM: short name, hub id or local path")
+    p.add_argument("--encoder", default="minilm-l6", help="LoPA's frozen instance encoder")
+    p.add_argument("--task", default="rotten-tomatoes", help="classification task whose train prompts form the batches")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    p.add_argument("--num-batches", type=int, default=3,
+                   help="distinct fixed batches (drawn with --seed); every contender steps on each of them")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed passes over all batches per contender before timing (first calls set kernels up)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed passes over all batches; each column is the median of repeats × num-batches steps")
+    p.add_argument("--num-virtual-tokens", type=int, default=10, help="m, the soft prompt length, for every method")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32",
+                   help="fp32, bf16 autocast (PEFT then also runs in fp32 as the baseline), or both in one run")
+    p.add_argument("--pad-to-multiple", type=int, default=None,
+                   help="round lengths up to a multiple of N to limit the number of distinct shapes (lopa: the total length, "
+                        "prefix.assemble's pad_to_multiple; PEFT: the token part, the tokenizer's pad_to_multiple_of)")
+    p.add_argument("--probe-shapes", type=int, default=0,
+                   help="after timing, step lopa-pt twice on each of N unseen batches (new lengths) per precision: "
+                        "the first-call cost of a new shape is the first step minus the second")
+    p.add_argument("--no-reencode", action="store_true", help="skip lopa-reencode (the encoder-every-step column)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own, one per core); 1 is steadier on a busy machine")
+    p.add_argument("--seed", type=int, default=0, help="seeds batch choice and initialisation")
+    p.add_argument("--out", default="results/train_speed.json", help="where to write the JSON results")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny-random-llama and tiny-random-bert, batch 4, 2 batches, 1 warm-up, 2 repeats "
+                        "(overrides those five options)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.encoder, args.batch_size, args.num_batches, args.warmup, args.repeats = (
+            "tiny-random-llama", "tiny-random-bert", 4, 2, 1, 2)
+    for name in ("batch_size", "num_batches", "repeats", "num_virtual_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.probe_shapes < 0:
+        p.error("--warmup and --probe-shapes must be >= 0")
+    if args.pad_to_multiple is not None and args.pad_to_multiple < 1:
+        p.error("--pad-to-multiple must be at least 1")
+    return args
+
+
+# -- the contenders: each is a callable (texts, answer token ids) -> loss that does a whole step ----------
+
+@contextlib.contextmanager
+def _assemble_padding(multiple: int | None):
+    """``SoftPromptModel`` calls ``prefix.assemble`` without options; pass ``pad_to_multiple`` for it."""
+    from lopa import prefix
+    if multiple is None:
+        yield
+        return
+    original = prefix.assemble
+    prefix.assemble = functools.partial(original, pad_to_multiple=multiple)
+    try:
+        yield
+    finally:
+        prefix.assemble = original
+
+
+def _optimizer(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
+
+
+def lopa_step(model: Any, pad_to_multiple: int | None) -> Callable[[list[str], list[int], str], float]:
+    from lopa.evaluate import autocast
+    opt = _optimizer(model.generator.parameters())
+    model.train()
+
+    def step(texts: list[str], answers: list[int], precision: str) -> float:
+        with autocast(precision), _assemble_padding(pad_to_multiple):
+            loss = model(texts, label_ids=torch.tensor(answers))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return step
+
+
+def peft_step(peft_model: Any, tokenizer: Any, pad_to_multiple: int | None) -> Callable[[list[str], list[int], str], float]:
+    from lopa.evaluate import autocast
+    opt = _optimizer(peft_model.parameters())
+    peft_model.train()
+
+    def step(texts: list[str], answers: list[int], precision: str) -> float:
+        rows = [ids + [a] for ids, a in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], answers)]
+        batch = tokenizer.pad({"input_ids": rows}, padding=True, pad_to_multiple_of=pad_to_multiple,
+                              return_tensors="pt")
+        mask = batch["attention_mask"]
+        # the answer is each row's last real token, wherever the tokenizer put the padding
+        last = (mask * torch.arange(mask.shape[1])).argmax(1)
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[torch.arange(len(rows)), last] = torch.tensor(answers)
+        with autocast(precision):
+            loss = peft_model(input_ids=batch["input_ids"], attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return step
+
+
+def build(args: argparse.Namespace) -> tuple[dict[str, Callable], dict[str, Any], Any]:
+    """The step functions by method name, facts about each (trainable params, ...), and the tokenizer."""
+    import lopa
+    from lopa.encoders import HFEncoder
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    torch.manual_seed(args.seed)
+    base, tok = lopa.load_base(args.model)
+    m = args.num_virtual_tokens
+    pt = lopa.SoftPromptModel(base, tok, lopa.make_config("prompt-tuning", num_virtual_tokens=m, seed=args.seed))
+    lopa_cfg = lopa.make_config("lopa", num_virtual_tokens=m, encoder=args.encoder, seed=args.seed)
+    lp = lopa.SoftPromptModel(base, tok, lopa_cfg)
+    steps = {"lopa-pt": lopa_step(pt, args.pad_to_multiple), "lopa": lopa_step(lp, args.pad_to_multiple)}
+    info: dict[str, Any] = {"lopa-pt": {"trainable_params": pt.num_trainable_parameters()},
+                            "lopa": {"trainable_params": lp.num_trainable_parameters(), "encoder": lp.encoder}}
+    if not args.no_reencode:
+        # its own cache (the frozen BERT weights are shared): emptying it must not turn lopa's hits into misses
+        enc = HFEncoder(lp.encoder.model, lp.encoder.tokenizer, name=lp.encoder.name, pooling=lp.encoder.pooling)
+        lr = lopa.SoftPromptModel(base, tok, lopa_cfg, encoder=enc)
+        inner = lopa_step(lr, args.pad_to_multiple)
+        encode_times: list[float] = []
+
+        def reencode(texts: list[str], answers: list[int], precision: str) -> float:
+            from lopa.evaluate import autocast
+            enc.clear_cache()
+            t0 = time.perf_counter()
+            with autocast(precision):  # what forward would do on a miss, timed on its own
+                enc.encode(texts)
+            encode_times.append(time.perf_counter() - t0)
+            return inner(texts, answers, precision)
+        steps["lopa-reencode"] = reencode
+        info["lopa-reencode"] = {"trainable_params": lr.num_trainable_parameters(), "encode_times": encode_times}
+    # PEFT wraps its base in place: give it a copy of its own
+    peft_base, _ = lopa.load_base(args.model)
+    peft_model = get_peft_model(peft_base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m))
+    steps["peft-pt"] = peft_step(peft_model, tok, args.pad_to_multiple)
+    info["peft-pt"] = {"trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad)}
+    return steps, info, tok
+
+
+def contenders(precision: str, with_reencode: bool) -> list[tuple[str, str]]:
+    """(method, precision) pairs; bf16 runs also time PEFT in fp32, the baseline a PEFT user has."""
+    methods = ["lopa-pt", "peft-pt", "lopa"] + (["lopa-reencode"] if with_reencode else [])
+    precisions = ["fp32", "bf16"] if precision == "both" else [precision]
+    out = [(m, p) for p in precisions for m in methods]
+    if precision == "bf16":
+        out.append(("peft-pt", "fp32"))
+    return out
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): with one thread, CPU time is what a busy machine's
+    neighbours cannot inflate; with more, it also counts threads spinning at barriers."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def _stats(times: list[float]) -> dict[str, Any]:
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "min_s": min(times),
+            "max_s": max(times), "n": len(times)}
+
+
+def _per_batch_ratio(a: list[float], b: list[float], nb: int) -> float:
+    """Geometric mean over batches of (median of a on the batch) / (median of b on it)."""
+    logs = [math.log(statistics.median(a[i::nb]) / statistics.median(b[i::nb])) for i in range(nb)]
+    return math.exp(sum(logs) / nb)
+
+
+def _ratio(wall: dict[str, list[float]], cpu: dict[str, list[float]], num: str, den: str, nb: int) -> dict[str, Any]:
+    """``value``: per batch (so per shape), the ratio of the two medians; their geometric mean over batches.
+    ``paired_median``: the median of step-by-step ratios (same batch, same repetition, run back to back).
+    ``ratio_of_medians``: the two columns' overall medians. ``cpu_value``: ``value`` on CPU time."""
+    a, b = wall[num], wall[den]
+    return {"numerator": num, "denominator": den, "value": _per_batch_ratio(a, b, nb),
+            "paired_median": statistics.median(x / y for x, y in zip(a, b)),
+            "ratio_of_medians": statistics.median(a) / statistics.median(b),
+            "cpu_value": _per_batch_ratio(cpu[num], cpu[den], nb)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lopa import prefix
+    from lopa.tasks import get_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    if task.kind != "classification":
+        raise SystemExit(f"train-speed times classification steps; {args.task!r} is a {task.kind} task")
+    steps, info, tok = build(args)
+    answer_ids = prefix.label_token_ids(tok, task.label_words)
+    train = list(task.split("train"))
+    rng = random.Random(args.seed)
+    nb = args.num_batches
+    picked = rng.sample(range(len(train)), (nb + args.probe_shapes) * args.batch_size)
+    rows = [train[i] for i in picked]
+    batches = [rows[i * args.batch_size:(i + 1) * args.batch_size] for i in range(nb + args.probe_shapes)]
+    batches = [([e.prompt for e in b], [answer_ids[e.label] for e in b]) for b in batches]
+    timed_batches, probe_batches = batches[:nb], batches[nb:]
+
+    encoder = info["lopa"]["encoder"]
+    encoder.encode(sorted({t for texts, _ in batches for t in texts}))  # once, as lopa train does
+    hits0, encoded0 = encoder.stats["hits"], encoder.stats["encoded"]
+
+    cols = contenders(args.precision, not args.no_reencode)
+    keys = [f"{m}/{p}" for m, p in cols]
+    warmup: dict[str, list[float]] = {k: [] for k in keys}
+    wall: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
+    losses: dict[str, list[float]] = {k: [] for k in keys}
+    total = (args.warmup + args.repeats) * nb
+    t_start = time.time()
+    # every key's timed steps are stored in the same (repetition, batch) order: entry i is batch i % nb,
+    # and the paired ratios compare steps run back to back on the same batch
+    for r in range(args.warmup + args.repeats):
+        for b, (texts, answers) in enumerate(timed_batches):
+            k = (r * nb + b) % len(cols)  # rotate who goes first
+            for (method, precision), key in zip(cols[k:] + cols[:k], keys[k:] + keys[:k]):
+                out: list[float] = []
+                w, c = _timed(lambda: out.append(steps[method](texts, answers, precision)))
+                if r < args.warmup:
+                    warmup[key].append(w)
+                else:
+                    wall[key].append(w)
+                    cpu[key].append(c)
+                losses[key].append(out[0])
+            last = warmup if r < args.warmup else wall
+            print(f"  [{r * nb + b + 1}/{total}] {'warm-up' if r < args.warmup else 'timed'} pass {r + 1}, "
+                  f"batch {b + 1}: " + "  ".join(f"{key} {last[key][-1]:.3f}s" for key in keys),
+                  file=sys.stderr, flush=True)
+
+    def up(n: int) -> int:
+        return n if args.pad_to_multiple is None else -(-n // args.pad_to_multiple) * args.pad_to_multiple
+
+    lens = []  # the sequence lengths the model ran on, soft prompt included
+    for texts, _ in timed_batches:
+        t = max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts)
+        lens.append({"prompt_len": t, "lopa_len": up(t + args.num_virtual_tokens),
+                     "peft_len": up(t + 1) + args.num_virtual_tokens})
+    result: dict[str, Any] = {
+        "benchmark": "train_speed",
+        "settings": {**vars(args), "threads_used": torch.get_num_threads()},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "processor": platform.processor() or None,
+                        "cpu_count": os.cpu_count(),
+                        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()},
+        "step": "tokenise + forward + backward + AdamW step, from a batch's texts",
+        "batches": [{"batch_size": len(texts), **l} for (texts, _), l in zip(timed_batches, lens)],
+        "contenders": {},
+        "ratios": {},
+        "encoder": {},
+        "wall_s": round(time.time() - t_start, 1),
+    }
+    for (method, precision), key in zip(cols, keys):
+        result["contenders"][key] = {
+            "method": method, "precision": precision, "trainable_params": info[method]["trainable_params"],
+            **_stats(wall[key]), "cpu_median_s": statistics.median(cpu[key]),
+            "batch_median_s": [statistics.median(wall[key][i::nb]) for i in range(nb)],
+            "times_s": wall[key], "cpu_times_s": cpu[key], "warmup_s": warmup[key], "first_loss": losses[key][0]}
+
+    def add(name: str, num: str, den: str, what: str) -> None:
+        if num in wall and den in wall:
+            r = _ratio(wall, cpu, num, den, nb)
+            r["what"] = what
+            if name in TARGETS:
+                op, bound = TARGETS[name]
+                r["target"] = f"{op} {bound}"
+                r["meets_target"] = r["value"] >= bound if op == ">=" else r["value"] <= bound
+            result["ratios"][name] = r
+
+    for p in ("fp32", "bf16"):
+        add(f"peft_over_lopa_pt/{p}", f"peft-pt/{p}", f"lopa-pt/{p}",
+            f"PEFT prompt tuning / lopa prompt tuning, both {p}: higher = lopa faster")
+        add(f"lopa_over_lopa_pt/{p}", f"lopa/{p}", f"lopa-pt/{p}",
+            f"LoPA (cached features) / lopa prompt tuning, both {p}: LoPA's overhead")
+        add(f"reencode_over_cached/{p}", f"lopa-reencode/{p}", f"lopa/{p}",
+            f"LoPA encoding every step / LoPA with cached features, both {p}")
+    add("peft_fp32_over_lopa_pt_bf16", "peft-pt/fp32", "lopa-pt/bf16",
+        "PEFT prompt tuning in fp32 / lopa prompt tuning in bf16 autocast: mixed precisions")
+
+    steps_timed = sum(len(wall[k]) + len(warmup[k]) for k in keys if k.startswith("lopa/"))
+    result["encoder"] = {
+        "name": encoder.name,
+        "cached_run": {"steps": steps_timed, "hits": encoder.stats["hits"] - hits0,
+                       "encoded": encoder.stats["encoded"] - encoded0,
+                       "note": "lopa's steps after the one-off encoding: every feature came from the cache"},
+    }
+    if "lopa-reencode" in info:
+        enc_t = info["lopa-reencode"]["encode_times"]
+        result["encoder"]["encode_batch_median_s"] = statistics.median(enc_t)
+        for p in ("fp32", "bf16"):
+            if f"lopa/{p}" in wall and f"lopa-reencode/{p}" in wall:
+                result["encoder"][f"reencode_extra_s/{p}"] = (statistics.median(wall[f"lopa-reencode/{p}"])
+                                                             - statistics.median(wall[f"lopa/{p}"]))
+    if probe_batches:
+        result["shape_probe"] = probe(steps["lopa-pt"], probe_batches, tok, args, timed_batches)
+    return result
+
+
+def probe(step: Callable, batches: list, tok: Any, args: argparse.Namespace, seen: list) -> dict[str, Any]:
+    """First call vs second call of lopa-pt on batches whose lengths were not timed before."""
+    seen_lens = {max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts) for texts, _ in seen}
+    out: dict[str, Any] = {}
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    for p in precisions:
+        rows = []
+        for texts, answers in batches:
+            t_len = max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts)
+            first = _timed(lambda: step(texts, answers, p))[0]
+            second = _timed(lambda: step(texts, answers, p))[0]
+            rows.append({"prompt_len": t_len, "new_length": t_len not in seen_lens, "first_s": first,
+                         "second_s": second})
+            seen_lens.add(t_len)
+        out[p] = {"steps": rows, "median_first_minus_second_s": statistics.median(r["first_s"] - r["second_s"]
+                                                                                for r in rows)}
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"{'contender':<22}{'median s':>10}{'q1 s':>9}{'q3 s':>9}{'CPU s':>9}{'steps':>7}{'trainable':>12}"]
+    for key, c in result["contenders"].items():
+        lines.append(f"{key:<22}{c['median_s']:>10.3f}{c['q1_s']:>9.3f}{c['q3_s']:>9.3f}{c['cpu_median_s']:>9.3f}"
+                     f"{c['n']:>7d}{c['trainable_params']:>12,d}")
+    lines.append("")
+    for name, r in result["ratios"].items():
+        goal = f"  target {r['target']}: {'met' if r['meets_target'] else 'NOT met'}" if "target" in r else ""
+        lines.append(f"{name:<30}{r['value']:>6.2f}x  (paired {r['paired_median']:.2f}x, "
+                     f"CPU time {r['cpu_value']:.2f}x){goal}")
+        lines.append(f"    {r['what']}")
+    e = result["encoder"]
+    lines.append("")
+    lines.append(f"encoder {e['name']}: cached steps {e['cached_run']['steps']}, cache hits {e['cached_run']['hits']}, "
+                 f"encoded during steps {e['cached_run']['encoded']}")
+    if "encode_batch_median_s" in e:
+        extra = ", ".join(f"{k.split('/')[1]} {v:+.3f}s/step" for k, v in e.items() if k.startswith("reencode_extra_s"))
+        lines.append(f"  re-encoding every step: encoder {e['encode_batch_median_s']:.3f}s per batch ({extra})")
+    for p, probe_res in result.get("shape_probe", {}).items():
+        lines.append(f"shape probe {p}: first - second call, median {probe_res['median_first_minus_second_s']:+.3f}s "
+                     f"over {len(probe_res['steps'])} new batches")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    result = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
