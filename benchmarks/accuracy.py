@@ -739,8 +739,8 @@ def notes(summary: dict[str, Any], cfg) -> list[str]:
         c = comp.get((a, b))
         if c is None:
             return
-        p = f"the paper has {a} {paper_gap:+.1f} pts over {b} on SST-2; " if paper_gap is not None else ""
-        out.append(f"{p}here {a} − {b} = {100 * c['diff']:+.1f} pts ({c['verdict']}).")
+        p = f"paper (SST-2): {a} − {b} = {paper_gap:+.1f} pts; " if paper_gap is not None else ""
+        out.append(f"{p}here: {a} − {b} = {100 * c['diff']:+.1f} pts ({c['verdict']}).")
 
     say("lopa", "prompt-tuning", 96.0 - 84.4)
     say("lopa", "idpg", 96.0 - 95.3)
@@ -861,11 +861,16 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
     L.append("")
     for n in notes(s, cfg):
         L.append(f"- {n}")
-    L.append(f"- Different setting: a {cfg.model} decoder (SmolLM2-135M-Instruct, weights dequantised from a "
-             "4-bit GGUF) instead of RoBERTa-large, Rotten Tomatoes snippets instead of SST-2/RTE/MRPC, and "
+    what = ("SmolLM2-135M-Instruct, a 135M decoder whose weights are dequantised from a 4-bit GGUF"
+            if cfg.model == "smollm2-135m" else f"`{cfg.model}`")
+    L.append(f"- Different setting: {what}, instead of RoBERTa-large (355M, encoder); Rotten Tomatoes snippets "
+             "instead of SST-2/RTE/MRPC; "
              f"{st['steps']} steps × {st['batch_size']} examples (well under one epoch) instead of the paper's "
-             "many epochs; soft-prompt methods usually need far longer than LoRA to converge, so short "
-             "budgets favour LoRA and full fine-tuning.")
+             "many epochs. Soft-prompt methods are known to converge more slowly than LoRA, so a short "
+             "budget can favour LoRA and full fine-tuning; the convergence plot shows whether the curves "
+             "had flattened.")
+    L.append("- Full fine-tuning is scored at its last step (`lopa.train` reloads the best dev checkpoint "
+             "for every other method); its row is one seed.")
     L.append("- A single run's interval (Wilson) covers only test-set sampling, not seed-to-seed variation, so "
              "single-seed rows look more certain than they are; with 3 seeds the t-interval is wide "
              "(t = 4.30), so only large gaps are claimed.")

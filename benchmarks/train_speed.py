@@ -246,8 +246,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lopa import prefix
     from lopa.tasks import get_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     task = get_task(args.task)
     if task.kind != "classification":
         raise SystemExit(f"train-speed times classification steps; {args.task!r} is a {task.kind} task")
@@ -406,7 +404,13 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    result = run(args)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = run(args)
+    finally:  # main may run inside a longer process (lopa bench, tests)
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

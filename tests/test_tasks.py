@@ -129,7 +129,9 @@ def test_rotten_tomatoes_3_splits_classes_and_label_tokens():
     assert task.label_words == [" negative", " positive", " plot"]
     assert all(e.prompt.startswith("Text: ") and e.prompt.endswith("\nType:") for e in splits["test"])
     counts = task.class_counts()
-    assert counts["test"] == {"negative": 421, "positive": 503, "plot": 76}
+    assert counts["test"] == {"negative": 368, "positive": 557, "plot": 75}
+    # the file lists synopses first; a prefix of a split (a --test-limit) must still mix the classes
+    assert {e.label for e in splits["test"][:50]} == {0, 1, 2}
     assert sum(counts["train"].values()) == 12335 and min(counts["train"].values()) > 900
     # synopses are cut to review length, so length does not give the class away
     plots = [e.prompt for e in splits["train"] if e.label == 2]
@@ -155,7 +157,8 @@ def test_cruxeval_tasks_share_their_split():
     i = get_task("cruxeval-i", data_dir=SHARED_DATA).split("test")
     assert [e.meta["id"] for e in o] == [e.meta["id"] for e in i]
     assert i[0].prompt.endswith(f"\n# assert f(??) == {i[0].meta['output']}\nassert f(")
-    assert o[0].prompt.endswith(f"\nassert f({o[0].meta['input']}) == ")
+    assert o[0].prompt.endswith(f"\nassert f({o[0].meta['input']}) ==")  # no trailing space token
+    assert o[0].target == " " + o[0].meta["output"]
 
 
 # --------------------------------------------------------------------------- code checkers

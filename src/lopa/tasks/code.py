@@ -6,7 +6,7 @@ completions used for training) never contain a stop string, so ``postprocess(tar
 
 * ``mbpp``: prompt = a docstring (three double quotes, newline, the problem, newline, its first
   test, newline, three double quotes, newline), target = the reference code; train 213, test 214.
-* ``cruxeval-o``: prompt = ``code + "\\nassert f(<input>) == "``, target = the output;
+* ``cruxeval-o``: prompt = ``code + "\\nassert f(<input>) =="``, target = a space and the output;
   train 400, test 400.
 * ``cruxeval-i``: prompt = ``code + "\\n# assert f(??) == <output>\\nassert f("``, target = the
   input; train 400, test 400.
@@ -139,7 +139,9 @@ class _CruxEval(CodeTask):
 class CruxEvalO(_CruxEval):
     """CRUXEval-O: given ``f`` and an input, write the output (800 items; train 400, test 400).
 
-    Prompt ``code + "\\nassert f(<input>) == "``, target the output literal, stop at newline.
+    Prompt ``code + "\\nassert f(<input>) =="``, target a space and the output literal, stop at newline.
+    The space belongs to the target, not the prompt: BPE tokenizers fold a leading space into the
+    next token, so a prompt ending in a lone space token is one the model has rarely seen.
 
     >>> t = CruxEvalO(data_dir=".")
     >>> ex = Example(prompt="", target="3", meta={"code": "def f(x):\\n    return x + 1", "input": "2", "output": "3"})
@@ -156,7 +158,7 @@ class CruxEvalO(_CruxEval):
     stop = ["\n"]
 
     def _example(self, r: dict[str, Any]) -> Example:
-        return Example(prompt=f"{r['code']}\nassert f({r['input']}) == ", target=r["output"],
+        return Example(prompt=f"{r['code']}\nassert f({r['input']}) ==", target=" " + r["output"],
                        meta={"id": r["id"], "code": r["code"], "input": r["input"], "output": r["output"]})
 
     def program(self, example: Example, completion: str) -> str:
