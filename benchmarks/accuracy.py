@@ -38,7 +38,6 @@ Example::
 # No `from __future__ import annotations`: `lopa bench` loads this file without registering it in
 # sys.modules, and dataclasses need the module to resolve string annotations.
 import argparse
-import dataclasses
 import gc
 import hashlib
 import json
@@ -53,7 +52,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="lopa bench accuracy", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Reproduce the LoPA paper's accuracy comparison on our models: every method on "
-                    "rotten-tomatoes and rotten-tomatoes-3, learning rates from a dev pilot, 95%% intervals, "
+                    "rotten-tomatoes and rotten-tomatoes-3, learning rates from a dev pilot, 95% intervals, "
                     "a LoPA m x r sweep, plots and a docs/results.md section. Resumable: finished runs "
                     "in OUT/runs.json are skipped.",
         epilog="Example: lopa bench accuracy --plan   (print the grid and the estimated time only)")
@@ -170,7 +169,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a("--sweep-r", default="1,2,4", help="sweep values of r (default 1,2,4)")
     a("--sweep-steps", type=int, default=None, help="training steps of each sweep run (default 40)")
     a("--sweep-evals", type=int, default=None, help="dev evaluations per sweep run (default 1: the final model)")
-    a("--sweep-test-limit", type=int, default=None, help="test items per sweep run (default: 500, or --test-limit if smaller)")
+    a("--sweep-test-limit", type=int, default=None,
+      help="test items per sweep run (default: 500, or --test-limit if smaller)")
     a("--threads", type=int, default=None,
       help="torch threads (default: torch's choice, one per core; --quick: 1). On a machine shared with "
            "other jobs, 1 can be several times faster than 2 (threads that wait for each other)")
@@ -547,6 +547,7 @@ def row_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             "ci95": [lo, hi], "ci_kind": ci_kind, "wilson": [r["test"]["accuracy_ci95"] for r in records],
             "macro_f1": statistics.fmean(r["test"]["macro_f1"] for r in records),
             "dev_accuracy": statistics.fmean(devs) if devs else None,
+            "dev_per_seed": {str(r["seed"]): r.get("best_dev_accuracy") for r in records},
             "trainable_params": r0.get("trainable_params"),
             "wall_s": statistics.fmean(r["wall_s"] for r in records),
             "settings": {k: v for k, v in (r0.get("settings") or {}).items() if k not in ("task", "seed")},
@@ -611,24 +612,30 @@ def summarize(cfg, store: Store, groups: dict[str, list[Job]], lr_table: dict[st
     default = None
     if "lopa" in by and "lopa-gate2" in by:
         a, b = by["lopa"], by["lopa-gate2"]
-        winner = "lopa-gate2" if (b["dev_accuracy"] or 0) > (a["dev_accuracy"] or 0) else "lopa"
-        default = {"dev": {"lopa": a["dev_accuracy"], "lopa-gate2": b["dev_accuracy"]},
+        # compare on the seeds both rows ran, so that a 1-seed row meets the same seed of a 3-seed row
+        common = sorted(set(a["dev_per_seed"]) & set(b["dev_per_seed"]), key=int)
+        dev_a = statistics.fmean(a["dev_per_seed"][k] for k in common)
+        dev_b = statistics.fmean(b["dev_per_seed"][k] for k in common)
+        winner = "lopa-gate2" if dev_b > dev_a else "lopa"
+        default = {"dev": {"lopa": dev_a, "lopa-gate2": dev_b},
                    "test": {"lopa": a["mean"], "lopa-gate2": b["mean"]},
-                   "dev_seeds": {"lopa": a["seeds"], "lopa-gate2": b["seeds"]},
+                   "dev_seeds": [int(k) for k in common],
                    "dev_winner": winner, "test_verdict": verdict(b, a)["verdict"],
                    "candidate_default": ({"gate_scale": 2.0, "shared_lr_scale": b["settings"]["shared_lr_scale"]}
                                          if winner == "lopa-gate2" else {"gate_scale": 1.0, "shared_lr_scale": 1.0})}
-    all_s = sum(r.get("wall_s") or 0 for r in store.runs.values())
+    all_s = sum(r.get("wall_s") or 0 for r in store.runs.values() if not r.get("reused_from"))
     settings = {k: getattr(cfg, k) for k in ("model", "encoder", "tasks", "rows", "main_rows", "steps",
                                              "other_steps", "seeds", "other_seeds", "batch_size", "warmup",
                                              "evals", "dev_limit", "test_limit", "precision", "m", "rank",
-                                             "hidden", "lora_r", "threads", "pilot_steps", "pilot_dev_limit", "no_sweep", "sweep_m", "sweep_r",
+                                             "hidden", "lora_r", "threads", "pilot_steps", "pilot_dev_limit",
+                                             "no_sweep", "sweep_m", "sweep_r",
                                              "sweep_steps", "sweep_evals", "sweep_test_limit", "quick")}
     settings["pilot_grid"] = {k: v for k, v in cfg.pilot_grid.items()}
     return {"command": "lopa bench accuracy" + ("" if not cfg.argv else " " + shlex.join(cfg.argv)),
             "machine": machine(), "settings": settings,
             "wall_s": {"this_invocation": round(invocation_s, 1), "all_runs": round(all_s, 1)},
-            "counts": {"runs": len(store.runs), "ran_now": getattr(cfg, "ran_now", 0)},
+            "counts": {"runs": sum(not r.get("reused_from") for r in store.runs.values()),
+                       "records": len(store.runs), "ran_now": getattr(cfg, "ran_now", 0)},
             "lr": lr_table, "tasks": tasks,
             "sweep": {"task": cfg.tasks[0], "steps": cfg.sweep_steps, "points": sweep},
             "lopa_default": default}
@@ -643,24 +650,25 @@ def plots(cfg, summary: dict[str, Any], store: Store, docs: Path) -> list[str]:
     docs.mkdir(parents=True, exist_ok=True)
     made = []
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    markers, colors = "osD^v", plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ti, (task, t) in enumerate(summary["tasks"].items()):
-        c = colors[ti % len(colors)]
-        for r in t["rows"]:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    tasks = list(summary["tasks"].items())
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.2 * max(1, len(tasks)), 4.2), squeeze=False)
+    for ax, (task, t) in zip(axes[0], tasks):
+        for i, r in enumerate(t["rows"]):
             if r["row"] == "zero-shot":
-                ax.axhline(r["mean"], color=c, ls="--", lw=0.8)
+                ax.axhline(r["mean"], color="grey", ls="--", lw=0.8, label="zero-shot")
                 continue
             lo, hi = r["ci95"]
-            yerr = [[max(0.0, r["mean"] - lo)], [max(0.0, hi - r["mean"])]] if lo is not None and not math.isnan(lo) else None
-            ax.errorbar(r["trainable_params"], r["mean"], yerr=yerr, fmt=markers[ti % len(markers)], color=c,
-                        ms=5, capsize=2, label=task if r is t["rows"][-1] else None)
-            ax.annotate(r["row"], (r["trainable_params"], r["mean"]), fontsize=6, xytext=(3, 2),
+            ok = lo is not None and not math.isnan(lo)
+            yerr = [[max(0.0, r["mean"] - lo)], [max(0.0, hi - r["mean"])]] if ok else None
+            ax.errorbar(r["trainable_params"], r["mean"], yerr=yerr, fmt="o", color=colors[i % len(colors)],
+                        ms=4, capsize=2)
+            ax.annotate(r["row"], (r["trainable_params"], r["mean"]), fontsize=6, xytext=(3, 2 + 5 * (i % 3)),
                         textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters (log)", ylabel="test accuracy",
-           title="accuracy vs trainable parameters (bars: 95% CI; dashed: zero-shot)")
-    ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set(xlabel="trainable parameters (log)", ylabel="test accuracy", title=f"{task} ({t['steps']} steps)")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("test accuracy vs trainable parameters (bars: 95% CI)", fontsize=9)
     fig.tight_layout()
     fig.savefig(docs / "accuracy_vs_params.png", dpi=80)
     plt.close(fig)
@@ -690,6 +698,7 @@ def plots(cfg, summary: dict[str, Any], store: Store, docs: Path) -> list[str]:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     task = cfg.tasks[0]
     first = summary["tasks"].get(task, {"rows": []})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ci, slug in enumerate(("prompt-tuning", "idpg", "lopa", "lopa-gate2")):
         row = next((r for r in first["rows"] if r["row"] == slug), None)
         if row is None:
@@ -811,7 +820,8 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
         L.append(f"| {fam} | {cands} | **{t['chosen']:g}** |")
     L.append("")
     for task, t in s["tasks"].items():
-        counts = "; ".join(f"{sp} " + ", ".join(f"{k} {v}" for k, v in c.items()) for sp, c in t["class_counts"].items())
+        counts = "; ".join(f"{sp} " + ", ".join(f"{k} {v}" for k, v in c.items())
+                           for sp, c in t["class_counts"].items())
         L.append(f"### {task} ({t['steps']} steps)")
         L.append("")
         L.append(f"Class counts: {counts}.")
@@ -845,7 +855,8 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
     if d:
         L.append("### LoPA's formulation: the paper's gate or gate×2")
         L.append("")
-        L.append(f"Dev accuracy (mean over seeds {d['dev_seeds']['lopa']} / {d['dev_seeds']['lopa-gate2']}): "
+        L.append(f"Dev accuracy ({st['dev_limit']} items, best evaluation; mean over the seeds both ran: "
+                 f"{d['dev_seeds']}): "
                  f"paper's gate {_pct(d['dev']['lopa'])}, gate×2 with Z_S at prompt tuning's LR "
                  f"{_pct(d['dev']['lopa-gate2'])} → dev winner **{d['dev_winner']}**; on test: "
                  f"{_pct(d['test']['lopa'])} vs {_pct(d['test']['lopa-gate2'])} ({d['test_verdict']}). "
@@ -917,7 +928,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pilots = pilot_jobs(cfg)
     lrs, lr_table = choose_lrs(cfg, store, pilots)
-    known = all(ROW_BY_SLUG[r].method in lrs for r in cfg.rows) and ("lopa-gate2" not in cfg.rows or "prompt-tuning" in lrs)
+    known = (all(ROW_BY_SLUG[r].method in lrs for r in cfg.rows)
+             and ("lopa-gate2" not in cfg.rows or "prompt-tuning" in lrs))
     groups = {"pilot": pilots, "main": main_jobs(cfg, lrs if known else None),
               "sweep": sweep_jobs(cfg, lrs if known else None)}
     for jobs in groups.values():
@@ -926,9 +938,14 @@ def main(argv: list[str] | None = None) -> int:
     zs_s = sum(cfg.test_limit / speed["eval_items_s"][cfg.precision] + speed["overhead_s"] for _ in cfg.tasks)
     named = {f"LR pilots ({cfg.pilot_steps} steps)": groups["pilot"]}
     for ti, task in enumerate(cfg.tasks):
-        named[f"{task} ({cfg.steps if ti == 0 else cfg.other_steps} steps)"] = [j for j in groups["main"] if j.task == task]
+        steps = cfg.steps if ti == 0 else cfg.other_steps
+        named[f"{task} ({steps} steps)"] = [j for j in groups["main"] if j.task == task]
     named[f"sweep ({cfg.sweep_steps} steps)"] = groups["sweep"]
     total = print_plan(cfg, named, store, tokens, speed) + zs_s
+    load, cores = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0), os.cpu_count() or 1
+    if load > 0.5 * cores and not cfg.threads:
+        print(f"note: load average {load:.1f} on {cores} cores; other jobs are running, so the times will be "
+              f"longer, and --threads 1 may be several times faster than torch's {cores} threads", flush=True)
     if cfg.plan:
         return 0
 

@@ -106,7 +106,8 @@ def test_quick_runs_every_path_and_resumes(tmp_path, monkeypatch, capsys):
     n_runs = len(runs)
     assert bench_cli(BenchArgs("accuracy", argv)) == 0
     again = json.loads((out / "summary.json").read_text())
-    assert again["counts"]["ran_now"] == 0 and again["counts"]["runs"] == n_runs
+    assert again["counts"]["ran_now"] == 0 and again["counts"]["records"] == n_runs
+    assert again["counts"]["runs"] == n_runs - 1  # the reused sweep point ran once
     md2 = (docs / "results.md").read_text()
     assert md2.count("<!-- accuracy:start -->") == 1 and md2.startswith("# Results\n\n## Speed\n\nkept as is\n")
 

@@ -54,5 +54,6 @@ def bench_cli(args: BenchArgs) -> int:
         return 2
     spec = importlib.util.spec_from_file_location(f"lopa_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while the script loads
     spec.loader.exec_module(module)
     return int(module.main(list(args.args)) or 0)

@@ -6,7 +6,8 @@ backend knows no task and holds no per-task state. It groups the rows that can s
 itself, so the batcher (:mod:`lopa.serve.batcher`) and the in-process client (:mod:`lopa.client`)
 call it the same way and get the same numbers.
 
-Only ``transformers`` exists now; ``vllm`` is reserved (``pip install 'lopa[vllm]'``).
+``transformers`` runs the model in this process; ``vllm`` hands ``prompt_embeds`` to vLLM
+(:mod:`lopa.serve.vllm_backend`, imported only when asked for; ``pip install 'lopa[vllm]'``).
 
 Example::
 
@@ -217,9 +218,16 @@ class TransformersBackend:
         return out  # type: ignore[return-value]
 
 
-def make_backend(name: str, model_name: str, dtype: str = "auto", device: str = "auto") -> Backend:
-    """Build a backend by name; ``vllm`` explains how to get it."""
+def make_backend(name: str, model_name: str, dtype: str = "auto", device: str = "auto", *,
+                 max_model_len: int | None = None, max_batch_size: int | None = None) -> Backend:
+    """Build a backend by name. ``max_model_len`` (the longest soft prompt + prompt + new tokens) and
+    ``max_batch_size`` size vLLM's engine (its ``max_model_len`` and ``max_num_seqs``); the
+    transformers backend needs neither."""
     check_backend_name(name)
+    if name == "vllm":
+        from .vllm_backend import VLLMBackend  # only here: vLLM is an optional extra
+        return VLLMBackend(model_name, dtype=dtype, device=device, max_model_len=max_model_len,
+                           max_num_seqs=max_batch_size)
     return TransformersBackend(model_name, dtype=dtype, device=device)
 
 
@@ -230,5 +238,5 @@ def check_backend_name(name: str) -> None:
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise BackendError("the vllm backend needs vLLM: pip install 'lopa[vllm]' (or use --backend transformers)")
-        raise BackendError("the vllm backend is not available in this version of lopa yet; use --backend transformers")
+        return
     raise BackendError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")

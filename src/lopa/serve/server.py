@@ -93,7 +93,7 @@ class ServeConfig:
     device: str = "auto"
     """where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     backend: str = field(default="transformers", metadata={"choices": list(BACKENDS)})
-    """what runs the model: transformers (vllm is planned: pip install 'lopa[vllm]')"""
+    """what runs the model: transformers (in this process) or vllm (prompt_embeds into vLLM's continuous batching; pip install 'lopa[vllm]')"""
     max_batch_size: int = 32
     """the most requests (of any tasks) run together in one batch"""
     max_wait_ms: float = 5.0
@@ -429,7 +429,9 @@ def create_app(backend: Backend, cfg: ServeConfig | None = None) -> FastAPI:
     """
     cfg = cfg or ServeConfig(model=backend.model_name)
     metrics = Metrics()
-    batcher = Batcher(backend, cfg.max_batch_size, cfg.max_wait_ms, on_batch=metrics.observe_batch)
+    make_batcher = getattr(backend, "make_batcher", None)  # a backend that batches continuously itself (vllm)
+    batcher = make_batcher() if make_batcher is not None else \
+        Batcher(backend, cfg.max_batch_size, cfg.max_wait_ms, on_batch=metrics.observe_batch)
     started = int(time.time())
     dtype_name = str(backend.dtype).removeprefix("torch.")
 
@@ -608,7 +610,8 @@ def serve(cfg: ServeConfig) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        backend = make_backend(cfg.backend, cfg.model, cfg.dtype, cfg.device)
+        backend = make_backend(cfg.backend, cfg.model, cfg.dtype, cfg.device, max_batch_size=cfg.max_batch_size,
+                               max_model_len=cfg.max_soft_tokens + cfg.max_prompt_tokens + cfg.max_new_tokens)
     except BackendError as e:
         print(f"lopa serve: {e}", file=sys.stderr)
         return 2
@@ -618,5 +621,10 @@ def serve(cfg: ServeConfig) -> int:
     print(f"lopa serve: {backend.model_name} (hidden size {backend.hidden_size}, "
           f"{str(backend.dtype).removeprefix('torch.')}) on http://{cfg.host}:{cfg.port}"
           f"{' (API key required)' if cfg.api_key else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=30)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=30)
+    finally:
+        close = getattr(backend, "close", None)  # vllm: stop its engine processes
+        if close is not None:
+            close()
     return 0

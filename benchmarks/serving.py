@@ -1,0 +1,982 @@
+"""Serving throughput (issue 4): one frozen model serving K tasks, against per-task weights.
+
+A mixed stream of classification requests cycles through K distinct tasks (request i belongs to task
+i mod K), K = 1, 8, 64, 512, on the same texts and lengths for every contender:
+
+* ``lopa``: a real ``lopa serve`` process on 127.0.0.1 (a free port), driven over HTTP by concurrent
+  httpx clients on ``/v1/classify``. A task is a random ``m × d`` soft prompt (m = 10) that travels
+  inside each request, so the server holds nothing per task and batches every task together.
+* ``lora``: PEFT LoRA (r = 8 on q_proj, v_proj, random B so the adapters differ) with K adapters
+  loaded, run in this process on mixed batches (``adapter_names=`` per row, PEFT's mixed-batch
+  inference) of the server's batch size. Its rows are the text alone: LoRA needs no virtual tokens.
+* ``peft-pt``: PEFT prompt tuning with K adapters, in this process: the stream is grouped by adapter
+  and each group runs in batches after ``set_adapter`` (its best case: it sees the whole stream at
+  once). Adapter k holds task k's soft prompt, so it computes what the server computes.
+* ``bare``: the limit. The bare model, in this process, on plain text of the same total length (the
+  m tokens before the text, then the text: a soft prompt costs exactly m positions), batches of the
+  server's batch size, no HTTP. Nothing that serves soft prompts can beat it.
+
+Every request's prediction is the answer position only (log-softmax over the vocabulary there, read
+at two label words). Contenders run one at a time, never together, on the same number of torch
+threads; at each K they run back to back on the same stream, in an order that rotates every repeat,
+so a noisy neighbour slows them alike, and the report gives ratios at each K.
+
+Memory: the server's RSS after each K (it should stay flat: nothing per task), against LoRA's adapter
+bytes and this process's RSS growth as its K adapters load.
+
+Generation (``/v1/generate``): 10 soft + 32 text positions, 16 new tokens, greedy, batches of 32;
+lopa's server against ``transformers`` ``generate`` on plain text of the same length (fp32 and bf16,
+batches of 32, in process) and vLLM-CPU (``python -m lopa.serve.vllm_backend`` under
+``/work/venv-vllm``, skipped with a note when that is not there).
+
+Outputs: ``OUT/serving.json``, ``serving_throughput.png`` beside the markdown file and a section of
+it between ``<!-- serving:start -->`` and ``<!-- serving:end -->`` (the rest of the file is kept).
+
+Example::
+
+    $ lopa bench serving                    # the full run (results/serving.json, docs/results.md)
+    $ lopa bench serving --quick            # tiny-random-llama, K in {1, 4}, seconds; a temp folder
+"""
+
+# No `from __future__ import annotations`: `lopa bench` loads this file without registering it in
+# sys.modules (kept consistent with the other benchmarks).
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
+LABEL_WORDS = [" terrible", " great"]
+CONTENDERS = ("lopa", "lora", "peft-pt", "bare")
+NAMES = {"lopa": "lopa server (soft prompts over HTTP)", "lora": "PEFT LoRA, mixed batches",
+         "peft-pt": "PEFT prompt tuning, batch per adapter", "bare": "bare model, plain text (the limit)",
+         "hf-fp32": "transformers generate, fp32", "hf-bf16": "transformers generate, bf16",
+         "vllm": "vLLM-CPU (prompt_embeds)"}
+VLLM_CMD = ("{python} -m lopa.serve.vllm_backend --n {n} --model {model} --dtype {dtype} --soft-tokens {m} "
+            "--text-tokens {text_tokens} --new-tokens {new_tokens} --seed {seed}")
+TARGETS = {"lopa_over_bare": 0.9, "lopa_over_lora": 1.0, "lopa_over_vllm": 1.0}
+
+
+# --------------------------------------------------------------------------- options
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lopa bench serving", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serving throughput (requests/s, tokens/s) as the number of distinct tasks K in a mixed "
+                    "classification stream grows: lopa's server (a real `lopa serve` process, soft prompts in the "
+                    "requests) against PEFT LoRA with K adapters (mixed batches), PEFT prompt tuning with K "
+                    "adapters (a batch per adapter) and the bare model on plain text of the same length (the "
+                    "limit); the server's memory as K grows; and a generation workload against transformers "
+                    "generate and vLLM-CPU. Writes OUT/serving.json, a plot and a docs/results.md section.",
+        epilog="Example: lopa bench serving   (the full run; --quick for a smoke run on a tiny model)")
+    a = p.add_argument
+    a("--quick", action="store_true",
+      help="smoke run: tiny-random-llama, K in {1, 4}, 8 requests per K, batch 4, 8 generation requests of 4 new "
+           "tokens, no vLLM; writes into a temporary folder unless --out / --doc are given")
+    a("--out", default=None, help="folder for serving.json (default results; --quick: a temporary folder)")
+    a("--doc", default=None,
+      help="markdown file that gets the section; the plot goes beside it (default docs/results.md; "
+           "--quick: OUT/results.md)")
+    a("--model", default=None, help="base causal LM (default smollm2-135m; --quick: tiny-random-llama)")
+    a("--tasks", default=None, help="comma-separated K values, distinct tasks in the stream (default 1,8,64,512; "
+                                    "--quick: 1,4)")
+    a("--requests", type=int, default=None,
+      help="classification requests per K and repeat, the same stream for every contender; with K >= this "
+           "every request belongs to a different task (default 64; --quick: 8)")
+    a("--repeats", type=int, default=1,
+      help="passes over the stream per K and contender, the contenders' order rotating each pass (default 1)")
+    a("--contenders", default=",".join(CONTENDERS),
+      help=f"comma-separated subset of {', '.join(CONTENDERS)} for the K sweep (default: all)")
+    a("--batch-size", type=int, default=None,
+      help="the server's --max-batch-size and the in-process batch size of every contender (default 32; "
+           "--quick: 4)")
+    a("--concurrency", type=int, default=None,
+      help="HTTP requests in flight at once against the server (default: twice --batch-size, so a full batch "
+           "is always waiting while one runs)")
+    a("--max-wait-ms", type=float, default=200.0,
+      help="the server's --max-wait-ms: how long a batch may wait to fill (default 20)")
+    a("--m", type=int, default=None, help="soft prompt length m, also PEFT prompt tuning's virtual tokens "
+                                          "(default 10; --quick: 4)")
+    a("--text-tokens", type=int, default=None, help="text tokens per request (default 32; --quick: 8)")
+    a("--lora-r", type=int, default=8, help="LoRA rank (default 8; targets q_proj and v_proj)")
+    a("--lora-dtype", choices=["float32", "model"], default="float32",
+      help="LoRA adapter weights: float32 (PEFT's default, autocast_adapter_dtype=True) or the model's dtype "
+           "(default float32)")
+    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+      help="model dtype of the server and of every in-process contender (auto: bf16 on a CPU with native "
+           "bf16, else fp32; the server's own default) (default auto)")
+    a("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+      help="how soft prompts travel to the server (default bfloat16: half the bytes of float32)")
+    a("--threads", type=int, default=1,
+      help="torch threads of the server (--threads) and of this process, the same for every contender "
+           "(default 1: on a small shared machine, threads waiting for each other cost more than a second core "
+           "gives; the HTTP clients then have a core of their own)")
+    a("--gen-requests", type=int, default=None,
+      help="generation requests per contender and repeat, 0 skips generation (default 64; --quick: 8)")
+    a("--new-tokens", type=int, default=None, help="new tokens per generation request, greedy (default 16; "
+                                                   "--quick: 4)")
+    a("--vllm-python", default="/work/venv-vllm/bin/python",
+      help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default /work/venv-vllm/bin/python)")
+    a("--vllm-cmd", default=VLLM_CMD,
+      help="command for the vLLM row, formatted with {python} {n} {model} {dtype} {m} {text_tokens} "
+           "{new_tokens} {seed} {threads}; it must print a JSON line with requests_per_s and tokens_per_s "
+           "(default: python -m lopa.serve.vllm_backend ...)")
+    a("--vllm-timeout", type=float, default=600.0, help="seconds before the vLLM row is given up (default 600)")
+    a("--no-vllm", action="store_true", help="skip the vLLM row (always skipped with --quick)")
+    a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = dict(model="tiny-random-llama" if q else "smollm2-135m", tasks="1,4" if q else "1,8,64,512",
+                    requests=8 if q else 64, batch_size=4 if q else 32, m=4 if q else 10,
+                    text_tokens=8 if q else 32, gen_requests=8 if q else 64, new_tokens=4 if q else 16)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if q:
+        args.no_vllm = True
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="lopa-serving-quick-") if q else "results"
+    if args.doc is None:
+        args.doc = str(Path(args.out) / "results.md") if q else "docs/results.md"
+    try:
+        args.tasks = sorted({int(k) for k in args.tasks.split(",") if k.strip()})
+    except ValueError:
+        p.error(f"--tasks must be comma-separated integers, got {args.tasks!r}")
+    if not args.tasks or args.tasks[0] < 1:
+        p.error("--tasks needs at least one K, each at least 1")
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    bad = [c for c in args.contenders if c not in CONTENDERS]
+    if bad or not args.contenders:
+        p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS)}")
+    if args.concurrency is None:
+        args.concurrency = 2 * args.batch_size
+    for name in ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r", "new_tokens",
+                 "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0:
+        p.error("--gen-requests and --max-wait-ms must be >= 0, --vllm-timeout > 0")
+    args.argv = list(argv)
+    return args
+
+
+# --------------------------------------------------------------------------- the workload
+
+def rss_mib(pid: int | str = "self") -> dict[str, float]:
+    """Resident memory (now and peak) of a process, MiB, from /proc (Linux)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["rss_mib" if line.startswith("VmRSS") else "peak_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def token_stream(tok: Any, n_tokens: int, seed: int) -> tuple[list[int], str]:
+    """Real English token ids: the rotten-tomatoes review prompts, tokenised and joined (random ids if the
+    task is unavailable). Windows of it are the requests' texts, so every contender sees the same tokens."""
+    import random
+    ids: list[int] = []
+    source = "rotten-tomatoes review prompts"
+    try:
+        from lopa.tasks import get_task
+        examples = list(get_task("rotten-tomatoes").split("train"))
+        random.Random(seed).shuffle(examples)
+        for e in examples:
+            ids += tok(e.prompt + "\n", add_special_tokens=False)["input_ids"]
+            if len(ids) >= n_tokens:
+                break
+    except Exception as e:  # the benchmark measures speed; any tokens of the right length do
+        source = f"random token ids (rotten-tomatoes unavailable: {type(e).__name__})"
+    rng = random.Random(seed)
+    while len(ids) < n_tokens:
+        ids.append(rng.randrange(1000, min(tok.vocab_size, 30000)))
+    return ids[:n_tokens], source
+
+
+class Workload:
+    """The requests: text ``i`` is ``text_tokens`` token ids; the bare model's row ``i`` is the ``m`` tokens
+    before it and then it (same total length as soft prompt + text); soft prompt ``k`` is task ``k``'s."""
+
+    def __init__(self, tok: Any, hidden: int, emb_std: float, args: argparse.Namespace, n_rows: int, n_tasks: int):
+        import torch
+        span = args.m + args.text_tokens
+        stream, self.source = token_stream(tok, n_rows * span, args.seed)
+        self.plain = [stream[i * span:(i + 1) * span] for i in range(n_rows)]
+        self.text = [row[args.m:] for row in self.plain]
+        g = torch.Generator().manual_seed(args.seed)
+        # N(0, σ²) with σ the embedding table's std: values on the scale of real token embeddings
+        self.soft = torch.randn(n_tasks, args.m, hidden, generator=g) * emb_std
+        self.label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS]
+
+
+# --------------------------------------------------------------------------- the server
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``lopa serve`` subprocess and an asyncio httpx client that drives it."""
+
+    def __init__(self, args: argparse.Namespace, log_path: Path):
+        import httpx
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "lopa", "serve", "--model", args.model, "--host", "127.0.0.1",
+                    "--port", str(self.port), "--dtype", args.dtype, "--threads", str(args.threads),
+                    "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
+                    "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
+                    "--log-level", "warning"]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "LOPA_API_KEY": ""}
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.loop = asyncio.new_event_loop()
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(1800.0, connect=10.0), limits=limits)
+        self.concurrency = args.concurrency
+        self.health = self._wait_ready(180.0)
+        self.start_s = time.perf_counter() - t0
+
+    def _tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def _wait_ready(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lopa serve exited with {self.proc.returncode}:\n{self._tail()}")
+            try:
+                r = self.run(self.http.get("/health", timeout=2.0))
+                if r.status_code == 200:
+                    return r.json()
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"lopa serve did not answer /health within {timeout:.0f}s:\n{self._tail()}")
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def rss(self) -> dict[str, float]:
+        return rss_mib(self.proc.pid)
+
+    def batch_stats(self, kind: str) -> tuple[float, float]:
+        """(sum, count) of the server's batch-size histogram for ``kind``, from /metrics."""
+        text = self.run(self.http.get("/metrics")).text
+        def grab(name: str) -> float:
+            m = re.search(rf'^lopa_batch_size_{name}{{kind="{kind}"}} (\S+)$', text, re.M)
+            return float(m.group(1)) if m else 0.0
+        return grab("sum"), grab("count")
+
+    def drive(self, path: str, bodies: list[bytes]) -> tuple[float, list[dict[str, Any]]]:
+        """Send every body with at most ``concurrency`` in flight; (seconds from first send to last answer,
+        the answers in order)."""
+        async def go() -> tuple[float, list[dict[str, Any]]]:
+            sem = asyncio.Semaphore(self.concurrency)
+            out: list[Any] = [None] * len(bodies)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    r = await self.http.post(path, content=bodies[i], headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:500]}")
+                out[i] = r.json()
+            # open every connection first, so the timed stream does not pay TCP set-up
+            await asyncio.gather(*(self.http.get("/health") for _ in range(self.concurrency)))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(len(bodies))))
+            return time.perf_counter() - t0, out
+        return self.run(go())
+
+    def close(self) -> None:
+        try:
+            self.run(self.http.aclose())
+        except Exception:
+            pass
+        self.loop.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+# --------------------------------------------------------------------------- in-process contenders
+
+def last_index(length: int) -> Any:
+    """``logits_to_keep`` as an index tensor, as lopa.prefix does: the LM head as one contiguous mm."""
+    import torch
+    return torch.tensor([length - 1])
+
+
+def answer_logprobs(out: Any, label_ids: list[int]) -> list[list[float]]:
+    import torch
+    return torch.log_softmax(out.logits[:, -1].float(), -1)[:, label_ids].tolist()
+
+
+def batches(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+def run_bare(model: Any, rows: list[list[int]], label_ids: list[int], bs: int) -> list[list[float]]:
+    import torch
+    out: list[list[float]] = []
+    with torch.inference_mode():
+        for b in batches(list(range(len(rows))), bs):
+            ids = torch.tensor([rows[i] for i in b])
+            r = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=last_index(ids.shape[1]),
+                      use_cache=False)
+            out += answer_logprobs(r, label_ids)
+    return out
+
+
+def run_lora(model: Any, rows: list[list[int]], tasks: list[int], label_ids: list[int], bs: int) -> list[list[float]]:
+    import torch
+    out: list[list[float]] = []
+    with torch.inference_mode():
+        for b in batches(list(range(len(rows))), bs):
+            ids = torch.tensor([rows[i] for i in b])
+            r = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[f"t{tasks[i]}" for i in b],
+                      logits_to_keep=last_index(ids.shape[1]), use_cache=False)
+            out += answer_logprobs(r, label_ids)
+    return out
+
+
+def run_peft_pt(model: Any, rows: list[list[int]], tasks: list[int], label_ids: list[int], bs: int,
+                m: int) -> tuple[list[list[float]], int]:
+    """Group the stream by adapter; each group in batches after ``set_adapter``. (answers, batches run)."""
+    import torch
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault(t, []).append(i)
+    out: list[Any] = [None] * len(rows)
+    n_batches = 0
+    with torch.inference_mode():
+        for t, idx in groups.items():
+            model.set_adapter(f"t{t}")
+            for b in batches(idx, bs):
+                ids = torch.tensor([rows[i] for i in b])
+                r = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          logits_to_keep=last_index(ids.shape[1] + m), use_cache=False)
+                for i, lp in zip(b, answer_logprobs(r, label_ids)):
+                    out[i] = lp
+                n_batches += 1
+    return out, n_batches
+
+
+class LoraAdapters:
+    """A PEFT LoRA model on its own copy of the base, grown to K adapters ``t0 .. t{K-1}``.
+
+    ``PeftModel.add_adapter`` costs ~0.5 s per adapter here and grows with the number loaded (each call
+    walks every adapter already there), i.e. minutes for 512. The same layers are built with
+    ``LoraLayer.update_layer``, PEFT's own per-layer step, with its two walks over all adapters (device
+    move, ``set_adapter``) deferred to one pass at the end; the adapters are then what ``add_adapter``
+    makes (init_lora_weights=False: A and B random, so every adapter is different).
+    """
+
+    def __init__(self, base: Any, args: argparse.Namespace):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+        self.cfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "v_proj"],
+                              lora_dropout=0.0, init_lora_weights=False)
+        torch.manual_seed(args.seed)
+        self.rss0 = rss_mib()["rss_mib"]
+        t0 = time.perf_counter()
+        self.model = get_peft_model(base, self.cfg, adapter_name="t0",
+                                    autocast_adapter_dtype=args.lora_dtype == "float32")
+        self.model.eval()
+        self.first_add_s = time.perf_counter() - t0
+        self.layers = [(n.rsplit(".", 1)[-1], mod) for n, mod in self.model.named_modules() if isinstance(mod, LoraLayer)]
+        self.dtype = next(p.dtype for n, p in self.model.named_parameters() if "lora_A" in n)
+        self.k = 1
+        self.build_s = self.first_add_s
+        self.rss_growth = rss_mib()["rss_mib"] - self.rss0
+
+    def grow(self, k: int) -> None:
+        import torch
+        if k <= self.k:
+            return
+        rss_before = rss_mib()["rss_mib"]
+        t0 = time.perf_counter()
+        noop = lambda *a, **kw: None  # noqa: E731
+        for target, mod in self.layers:
+            mod._move_adapter_to_device_of_base_layer = noop  # instance attributes shadow the methods
+            mod.set_adapter = noop
+            try:
+                for i in range(self.k, k):
+                    mod.update_layer(f"t{i}", self.cfg.r, lora_alpha=self.cfg.lora_alpha, target_name=target,
+                                     config=self.cfg)
+            finally:
+                del mod._move_adapter_to_device_of_base_layer, mod.set_adapter
+            for d in (mod.lora_A, mod.lora_B):
+                for i in range(self.k, k):
+                    d[f"t{i}"].to(self.dtype).requires_grad_(False)
+        for i in range(self.k, k):
+            self.model.peft_config[f"t{i}"] = self.cfg
+        self.model.base_model.set_adapter("t0")
+        self.model.eval()
+        self.k = k
+        self.build_s += time.perf_counter() - t0
+        self.rss_growth += rss_mib()["rss_mib"] - rss_before
+
+    def adapter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if "lora_" in n)
+
+
+class PromptTuningAdapters:
+    """PEFT prompt tuning on its own copy of the base, grown to K adapters; adapter k holds task k's soft
+    prompt (so its answers can be checked against the server's)."""
+
+    def __init__(self, base: Any, soft: Any, args: argparse.Namespace):
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+        self.cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.m)
+        self.soft = soft
+        t0 = time.perf_counter()
+        self.model = get_peft_model(base, self.cfg, adapter_name="t0")
+        self._set(0)
+        self.model.eval()
+        self.k = 1
+        self.build_s = time.perf_counter() - t0
+
+    def _set(self, i: int) -> None:
+        import torch
+        with torch.no_grad():
+            w = self.model.prompt_encoder[f"t{i}"].embedding.weight
+            w.copy_(self.soft[i].to(w.dtype))
+
+    def grow(self, k: int) -> None:
+        if k <= self.k:
+            return
+        t0 = time.perf_counter()
+        for i in range(self.k, k):
+            self.model.add_adapter(f"t{i}", self.cfg)
+            self._set(i)
+        self.model.eval()
+        self.k = k
+        self.build_s += time.perf_counter() - t0
+
+
+def hf_generate(model: Any, tok: Any, rows: list[list[int]], bs: int, new_tokens: int) -> tuple[list[list[int]], int]:
+    """Greedy ``generate`` in batches; (the new token ids of each row up to EOS, tokens generated)."""
+    import torch
+    outs: list[list[int]] = []
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    with torch.inference_mode():
+        for b in batches(list(range(len(rows))), bs):
+            ids = torch.tensor([rows[i] for i in b])
+            g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                               eos_token_id=eos)
+            for row in g[:, ids.shape[1]:].tolist():
+                outs.append(row[:row.index(eos)] if eos in row else row)
+    return outs, sum(len(o) for o in outs)
+
+
+# --------------------------------------------------------------------------- the run
+
+def rotate(items: list[str], r: int) -> list[str]:
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def geo_mean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+    cpu = None
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name")), None)
+    except OSError:
+        pass
+    from lopa.serve.backends import cpu_supports_bf16
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "native_bf16": cpu_supports_bf16(), "torch_threads": threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import lopa
+    from lopa.serve.backends import resolve_device, resolve_dtype
+    from lopa.serve.wire import encode_soft_prompt
+
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
+    dtype_name = str(dtype).removeprefix("torch.")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    result: dict[str, Any] = {
+        "benchmark": "serving", "command": "lopa bench serving " + shlex.join(args.argv),
+        "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "dtype": dtype_name,
+        "environment": environment(args.threads), "classification": {}, "memory": {}, "generation": {},
+        "notes": []}
+
+    bare, tok = lopa.load_base(args.model, dtype)
+    bare.eval()
+    emb = bare.get_input_embeddings().weight
+    hidden = int(emb.shape[1])
+    emb_std = float(emb[:4096].float().std())
+    k_max = max(args.tasks)
+    n_rows = max(args.requests, args.gen_requests)
+    work = Workload(tok, hidden, emb_std, args, n_rows, k_max)
+    result["workload"] = {
+        "text_source": work.source, "label_words": LABEL_WORDS, "m": args.m, "text_tokens": args.text_tokens,
+        "positions_per_request": {"lopa": args.m + args.text_tokens, "peft-pt": args.m + args.text_tokens,
+                                  "bare": args.m + args.text_tokens, "lora": args.text_tokens},
+        "soft_prompts": f"{k_max} random N(0, {emb_std:.4f}^2) tensors of {args.m} x {hidden} "
+                        f"(sigma = the embedding table's std), sent as {args.wire_dtype}"}
+    wire = [encode_soft_prompt(work.soft[k], dtype=args.wire_dtype) for k in range(k_max)]
+    label_ids = work.label_ids
+
+    server = Server(args, out_dir / "serving-server.log") if "lopa" in args.contenders or args.gen_requests else None
+    try:
+        if server is not None:
+            result["server"] = {"command": shlex.join(server.cmd[1:]).replace("-m lopa", "lopa", 1),
+                                "start_s": round(server.start_s, 1), "health": server.health,
+                                "rss_idle": server.rss()}
+            log(f"server up on {server.url} in {server.start_s:.1f}s, RSS {server.rss().get('rss_mib', 0):.0f} MiB")
+        lora = pt = None
+        if "lora" in args.contenders:
+            lora_base, _ = lopa.load_base(args.model, dtype)
+            lora = LoraAdapters(lora_base, args)
+        if "peft-pt" in args.contenders:
+            pt_base, _ = lopa.load_base(args.model, dtype)
+            pt = PromptTuningAdapters(pt_base, work.soft, args)
+
+        # warm-up: one batch each, so first-call kernel set-up lands in no column
+        rows = list(range(args.batch_size))
+        if server is not None:
+            body = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[0], "label_words": LABEL_WORDS}).encode()
+                    for i in rows]
+            server.drive("/v1/classify", body)
+        run_bare(bare, [work.plain[i] for i in rows], label_ids, args.batch_size)
+        if lora is not None:
+            run_lora(lora.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size)
+        if pt is not None:
+            run_peft_pt(pt.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size, args.m)
+        result["memory"]["server_rss_after_warmup"] = server.rss() if server is not None else None
+
+        sweep(args, result, work, wire, server, bare, lora, pt)
+        if args.gen_requests:
+            generation(args, result, work, wire, server, bare, tok, dtype)
+    finally:
+        if server is not None:
+            server.close()
+    result["load_average"] = {"start": [round(x, 2) for x in load_start],
+                              "end": [round(x, 2) for x in os.getloadavg()]}
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire: list[dict], server: Any, bare: Any,
+          lora: Any, pt: Any) -> None:
+    n = args.requests
+    idx = list(range(n))
+    positions = result["workload"]["positions_per_request"]
+    cls = result["classification"]
+    mem = result["memory"]
+    mem["server_rss_by_k"], mem["lora_by_k"] = {}, {}
+    for K in args.tasks:
+        tasks = [i % K for i in idx]
+        if lora is not None:
+            lora.grow(K)
+            mem["lora_by_k"][str(K)] = {"adapters": K, "adapter_mib": lora.adapter_bytes() / 2 ** 20,
+                                       "process_rss_growth_mib": lora.rss_growth, "build_s": lora.build_s,
+                                       "adapter_dtype": str(lora.dtype).removeprefix("torch.")}
+        if pt is not None:
+            pt.grow(K)
+        bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[tasks[i]],
+                              "label_words": LABEL_WORDS}).encode() for i in idx]
+        seconds: dict[str, list[float]] = {c: [] for c in args.contenders}
+        answers: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for r in range(args.repeats):
+            for c in rotate(list(args.contenders), r + args.tasks.index(K)):
+                if c == "lopa":
+                    s0, c0 = server.batch_stats("classify")
+                    dt, out = server.drive("/v1/classify", bodies)
+                    s1, c1 = server.batch_stats("classify")
+                    answers[c] = [o["logprobs"] for o in out]
+                    extra.setdefault("lopa_mean_batch", []).append((s1 - s0) / max(c1 - c0, 1))
+                else:
+                    t0 = time.perf_counter()
+                    if c == "bare":
+                        answers[c] = run_bare(bare, [work.plain[i] for i in idx], work.label_ids, args.batch_size)
+                    elif c == "lora":
+                        answers[c] = run_lora(lora.model, [work.text[i] for i in idx], tasks, work.label_ids,
+                                              args.batch_size)
+                    else:
+                        answers[c], nb = run_peft_pt(pt.model, [work.text[i] for i in idx], tasks, work.label_ids,
+                                                     args.batch_size, args.m)
+                        extra["peft_pt_batches"] = nb
+                    dt = time.perf_counter() - t0
+                seconds[c].append(dt)
+                log(f"  K={K:<4d} pass {r + 1}/{args.repeats}  {c:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
+        row: dict[str, Any] = {"requests": n, "distinct_tasks_in_stream": len(set(tasks)), "contenders": {}}
+        for c, ts in seconds.items():
+            rps = n * len(ts) / sum(ts)
+            row["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * positions[c],
+                                    "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts]}
+        if "lopa_mean_batch" in extra:
+            row["contenders"]["lopa"]["mean_batch_size"] = statistics.mean(extra["lopa_mean_batch"])
+        if "peft_pt_batches" in extra:
+            row["contenders"]["peft-pt"]["batches_per_pass"] = extra["peft_pt_batches"]
+        row["ratios"] = {}
+        for other in ("bare", "lora", "peft-pt"):
+            if "lopa" in seconds and other in seconds:
+                # per pass: both ran the same stream back to back; the geometric mean over passes
+                row["ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
+                    [b / a for a, b in zip(seconds["lopa"], seconds[other])])
+        if "lopa" in answers and "peft-pt" in answers:
+            # the same soft prompt on the same text: the server and PEFT prompt tuning compute the same thing
+            row["max_abs_logprob_diff_lopa_vs_peft_pt"] = max(
+                abs(a - b) for x, y in zip(answers["lopa"], answers["peft-pt"]) for a, b in zip(x, y))
+        cls[str(K)] = row
+        if server is not None:
+            mem["server_rss_by_k"][str(K)] = server.rss()
+
+
+def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire: list[dict], server: Any,
+               bare: Any, tok: Any, dtype: Any) -> None:
+    import torch
+    import lopa
+    n, g = args.gen_requests, args.new_tokens
+    idx = list(range(n))
+    k = max(args.tasks)
+    models = {"hf-bf16": bare if dtype == torch.bfloat16 else None, "hf-fp32": bare if dtype == torch.float32 else None}
+    for name, dt in (("hf-fp32", torch.float32), ("hf-bf16", torch.bfloat16)):
+        if models[name] is None:
+            models[name], _ = lopa.load_base(args.model, dt)
+            models[name].eval()
+    bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[i % k], "max_new_tokens": g,
+                          "temperature": 0.0}).encode() for i in idx]
+    contenders = ["lopa", "hf-fp32", "hf-bf16"]
+    # warm-up: a batch each with 2 new tokens
+    warm = list(range(min(args.batch_size, n)))
+    server.drive("/v1/generate", [json.dumps({**json.loads(bodies[i]), "max_new_tokens": 2}).encode() for i in warm])
+    for name in ("hf-fp32", "hf-bf16"):
+        hf_generate(models[name], tok, [work.plain[i] for i in warm], args.batch_size, 2)
+    seconds: dict[str, list[float]] = {c: [] for c in contenders}
+    tokens: dict[str, int] = {}
+    batch_means = []
+    for r in range(args.repeats):
+        for c in rotate(contenders, r):
+            if c == "lopa":
+                s0, c0 = server.batch_stats("generate")
+                dt, out = server.drive("/v1/generate", bodies)
+                s1, c1 = server.batch_stats("generate")
+                batch_means.append((s1 - s0) / max(c1 - c0, 1))
+                # the server's own count: its text re-tokenised (exact for this byte-level BPE)
+                tokens[c] = sum(len(tok(o["text"], add_special_tokens=False)["input_ids"]) for o in out)
+            else:
+                t0 = time.perf_counter()
+                _, tokens[c] = hf_generate(models[c], tok, [work.plain[i] for i in idx], args.batch_size, g)
+                dt = time.perf_counter() - t0
+            seconds[c].append(dt)
+            log(f"  generate pass {r + 1}/{args.repeats}  {c:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
+    gen: dict[str, Any] = {"requests": n, "new_tokens": g, "batch_size": args.batch_size,
+                           "positions": {"lopa": f"{args.m} soft + {args.text_tokens} text",
+                                         "hf": f"{args.m + args.text_tokens} text"},
+                           "contenders": {}}
+    for c, ts in seconds.items():
+        rps = n * len(ts) / sum(ts)
+        gen["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * tokens[c] / n,
+                                "generated_tokens": tokens[c], "seconds": ts}
+    gen["contenders"]["lopa"]["mean_batch_size"] = statistics.mean(batch_means)
+    gen["contenders"]["vllm"] = run_vllm(args, n)
+    gen["ratios"] = {f"lopa_over_{c.replace('-', '_')}": gen["contenders"]["lopa"]["requests_per_s"]
+                     / gen["contenders"][c]["requests_per_s"]
+                     for c in ("hf-fp32", "hf-bf16", "vllm") if gen["contenders"][c].get("requests_per_s")}
+    result["generation"] = gen
+
+
+def run_vllm(args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """The vLLM-CPU row: a separate Python with vLLM; one JSON line back, or a note why not."""
+    if args.no_vllm:
+        return {"skipped": "--quick" if args.quick else "--no-vllm"}
+    if not Path(args.vllm_python).exists():
+        return {"skipped": f"{args.vllm_python} not found (no vLLM environment on this machine)"}
+    cmd = args.vllm_cmd.format(python=shlex.quote(args.vllm_python), n=n, model=args.model, dtype=args.dtype,
+                               m=args.m, text_tokens=args.text_tokens, new_tokens=args.new_tokens, seed=args.seed,
+                               threads=args.threads)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    log(f"  vLLM: {cmd}")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(shlex.split(cmd), capture_output=True, text=True, timeout=args.vllm_timeout, env=env,
+                           start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {args.vllm_timeout:.0f}s", "command": cmd}
+    wall = time.perf_counter() - t0
+    for line in reversed(p.stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if "requests_per_s" in obj:
+                log(f"  vLLM: {obj['requests_per_s']:.2f} requests/s")
+                return {**obj, "command": cmd, "wall_s_with_start": round(wall, 1)}
+    tail = (p.stderr or p.stdout or "")[-800:]
+    return {"skipped": f"the command exited with {p.returncode} and printed no JSON result: ...{tail}", "command": cmd}
+
+
+# --------------------------------------------------------------------------- report
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cls = result["classification"]
+    ks = sorted(int(k) for k in cls)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
+    styles = {"lopa": ("C0", "o", "-"), "lora": ("C1", "s", "-"), "peft-pt": ("C2", "^", "-"),
+              "bare": ("k", "", "--")}
+    for c, (color, marker, ls) in styles.items():
+        ys = [cls[str(k)]["contenders"].get(c, {}).get("requests_per_s") for k in ks]
+        if all(y is not None for y in ys):
+            ax.plot(ks, ys, color=color, marker=marker, linestyle=ls, label=NAMES[c])
+    ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("distinct tasks K in the stream")
+    ax.set_ylabel("requests / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"classification throughput, {result['settings']['model']}, {result['dtype']}, "
+                 f"{result['settings']['threads']} thread(s)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _f(x: Any, fmt: str = ".1f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def render(result: dict[str, Any], image: str | None) -> str:
+    s, env, cls = result["settings"], result["environment"], result["classification"]
+    ks = sorted(int(k) for k in cls)
+    have = [c for c in CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    L = [MARK_START, "## Serving throughput", "",
+         f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cpu_count']} cores, "
+         f"shared; load average {result['load_average']['start'][0]} at the start, "
+         f"{result['load_average']['end'][0]} at the end), {env['torch_threads']} torch thread(s) for every "
+         f"contender, {result['dtype']}, torch {env['torch']}, transformers {env['transformers']}, "
+         f"PEFT {env['peft']}.", ""]
+    w = result["workload"]
+    L += [f"Classification stream: {s['requests']} requests per K (x {s['repeats']} pass(es)), request i of task "
+          f"i mod K; {w['text_tokens']} text tokens ({w['text_source']}) + m = {w['m']} soft tokens; the answer "
+          f"position only. Batches of {s['batch_size']}; lopa's server is a real `lopa serve` process on loopback, "
+          f"{s['concurrency']} HTTP requests in flight; LoRA, prompt tuning and the bare model run in this "
+          f"process. Tokens/s counts the positions run (soft ones included; LoRA's rows are the text alone).", ""]
+    head = "| K |" + "".join(f" {NAMES[c]} req/s (tok/s) |" for c in have)
+    ratio_names = [r for r in ("lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt")
+                   if any(r in cls[str(k)]["ratios"] for k in ks)]
+    head += "".join(f" {r.replace('_over_', ' / ').replace('_', '-')} |" for r in ratio_names)
+    L += [head, "|---:|" + "---:|" * (len(have) + len(ratio_names))]
+    for k in ks:
+        row = cls[str(k)]
+        cells = []
+        for c in have:
+            x = row["contenders"].get(c)
+            cells.append("–" if x is None else f"{x['requests_per_s']:.2f} ({x['tokens_per_s']:.0f})")
+        for r in ratio_names:
+            v = row["ratios"].get(r)
+            goal = TARGETS.get(r)
+            mark = "" if v is None or goal is None or (r == "lopa_over_lora" and k == 1) else \
+                (" ✓" if v >= goal else " ✗")
+            cells.append(f"{_f(v, '.2f')}{mark}")
+        L.append(f"| {k} | " + " | ".join(cells) + " |")
+    L += ["", "Ratios are lopa's throughput over the other's (each pass: both on the same stream, back to back; "
+              "geometric mean over passes). Targets: lopa / bare ≥ 0.9 at every K, flat in K; lopa / LoRA > 1 from "
+              "K = 8 on.", ""]
+    if image:
+        L += [f"![requests/s vs K]({image})", ""]
+    mem = result["memory"]
+    if mem.get("server_rss_by_k") or mem.get("lora_by_k"):
+        L += ["Memory as K grows (MiB): the server's resident set (the whole `lopa serve` process), against the "
+              "LoRA adapters' weights and this process's growth as they load.", "",
+              "| K | lopa server RSS | LoRA adapter weights | LoRA process RSS growth |", "|---:|---:|---:|---:|"]
+        for k in ks:
+            srv = mem.get("server_rss_by_k", {}).get(str(k), {})
+            lo = mem.get("lora_by_k", {}).get(str(k), {})
+            L.append(f"| {k} | {_f(srv.get('rss_mib'), '.0f')} | {_f(lo.get('adapter_mib'), '.1f')} | "
+                     f"{_f(lo.get('process_rss_growth_mib'), '.0f')} |")
+        L.append("")
+    gen = result.get("generation") or {}
+    if gen:
+        L += [f"Generation: {gen['requests']} requests, {gen['new_tokens']} new tokens each, greedy, batches of "
+              f"{gen['batch_size']}; lopa: {gen['positions']['lopa']} positions through `/v1/generate`; transformers: "
+              f"{gen['positions']['hf']} positions of plain text, `generate` in this process.", "",
+              "| contender | requests/s | new tokens/s | lopa / it |", "|---|---:|---:|---:|"]
+        for c in ("lopa", "hf-fp32", "hf-bf16", "vllm"):
+            x = gen["contenders"].get(c, {})
+            ratio = gen["ratios"].get(f"lopa_over_{c.replace('-', '_')}")
+            if x.get("skipped"):
+                L.append(f"| {NAMES[c]} | skipped: {x['skipped'][:200]} | | |")
+            else:
+                L.append(f"| {NAMES[c]} | {_f(x.get('requests_per_s'), '.2f')} | {_f(x.get('tokens_per_s'), '.1f')} | "
+                         f"{'' if c == 'lopa' else _f(ratio, '.2f')} |")
+        L.append("")
+    L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
+    return "\n".join(L)
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    s, cls, out = result["settings"], result["classification"], []
+    ks = sorted(int(k) for k in cls)
+    out.append(f"The bare model is the limit: the same model, dtype, threads and batch size, in process (no HTTP, no "
+               f"JSON, no soft-prompt decoding), on plain text of the same total length ({s['m']} + "
+               f"{s['text_tokens']} tokens). The server cannot take a zero-length soft prompt, and an in-process run "
+               f"is the stricter bound anyway.")
+    out.append(f"PEFT runs in process (so it pays no HTTP either). LoRA's rows are the {s['text_tokens']} text "
+               f"tokens only ({s['m']} fewer positions than lopa's), r = {s['lora_r']} on q_proj, v_proj, "
+               f"{s['lora_dtype']} adapter weights (PEFT's default casts the adapters to float32). "
+               f"Its K adapters are built with PEFT's per-layer `update_layer` (see the code: "
+               f"`add_adapter` costs ~0.5 s per adapter here and grows with K).")
+    out.append("PEFT prompt tuning gets its best case: it sees the whole stream at once and groups it by adapter; "
+               "a server would have to wait for requests of the same task to gather.")
+    big = [k for k in ks if k >= s["requests"]]
+    if big:
+        out.append(f"With K ≥ {s['requests']} (the stream's length) every request belongs to a different task, "
+                   f"so K = {', '.join(map(str, big))} differ only in how many adapters PEFT holds.")
+    diffs = [cls[str(k)].get("max_abs_logprob_diff_lopa_vs_peft_pt") for k in ks]
+    diffs = [d for d in diffs if d is not None]
+    if diffs:
+        out.append(f"Sanity check: PEFT prompt-tuning adapter k holds task k's soft prompt; its label log-probs "
+                   f"match the server's to {max(diffs):.3g} at most (the same computation; {result['dtype']} "
+                   f"rounding differs with batch shapes).")
+    mb = [cls[str(k)]["contenders"].get("lopa", {}).get("mean_batch_size") for k in ks]
+    mb = [x for x in mb if x is not None]
+    if mb:
+        out.append(f"The server's mean batch was {min(mb):.1f}-{max(mb):.1f} rows (of {s['batch_size']}; from its "
+                   f"/metrics), {s['concurrency']} requests in flight, --max-wait-ms {s['max_wait_ms']:g}.")
+    out.append(f"Timings are from a shared machine: load average {result['load_average']['start'][0]} → "
+               f"{result['load_average']['end'][0]} on {result['environment']['cpu_count']} cores. The contenders "
+               f"ran one at a time, interleaved at each K, so the ratios are steadier than the absolute numbers.")
+    gen = result.get("generation") or {}
+    v = gen.get("contenders", {}).get("vllm", {})
+    if v.get("skipped"):
+        out.append(f"vLLM-CPU row skipped: {v['skipped'][:300]}")
+    elif v:
+        out.append(f"vLLM-CPU ran once after the others (its engine start is excluded; it is not interleaved): "
+                   f"`{v.get('command', '')}`; all {gen['requests']} requests submitted at once to its continuous "
+                   f"batching, random token ids of the same lengths, vLLM's own thread binding.")
+    return out
+
+
+def write_markdown(path: Path, section: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        text = path.read_text()
+        i, j = text.find(MARK_START), text.find(MARK_END)
+        if i != -1 and j != -1 and j > i:
+            text = text[:i] + section.rstrip("\n") + text[j + len(MARK_END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = "# Results\n\n" + section
+    path.write_text(text)
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = []
+    for k, row in result["classification"].items():
+        rates = "  ".join(f"{c} {x['requests_per_s']:.2f}" for c, x in row["contenders"].items())
+        ratios = "  ".join(f"{r} {v:.2f}" for r, v in row["ratios"].items())
+        lines.append(f"K={k:<4s} requests/s: {rates}   |  {ratios}")
+    gen = result.get("generation") or {}
+    if gen:
+        rates = "  ".join(f"{c} {x['requests_per_s']:.2f}" if "requests_per_s" in x else f"{c} skipped"
+                          for c, x in gen["contenders"].items())
+        lines.append(f"generation requests/s: {rates}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    result = run(args)
+    result["notes"] = notes(result)
+    out = Path(args.out) / "serving.json"
+    doc = Path(args.doc)
+    image = doc.parent / "serving_throughput.png"
+    try:
+        plot(result, image)
+        rel = os.path.relpath(image, doc.parent)
+    except ImportError as e:
+        result["notes"].append(f"no plot: {e}")
+        rel = None
+    result["outputs"] = {"json": str(out), "doc": str(doc), "plot": str(image) if rel else None}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(doc, render(result, rel))
+    print(summary(result))
+    print(f"wrote {out}, {doc}" + (f" and {image}" if rel else "") + f" in {result['wall_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

