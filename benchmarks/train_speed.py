@@ -18,7 +18,17 @@ Contenders (``NAME/PRECISION``):
 * ``lopa``: LoPA (the paper's settings, m = 10, r = 4, h = 256) with the frozen ``minilm-l6``
   encoder; every text was encoded once before timing, as ``lopa train`` does, so steps hit the cache.
 * ``lopa-reencode``: the same, with its feature cache emptied before every step: what LoPA would
-  cost if the frozen encoder ran at every step; ``encode_s`` is the encoder's share.
+  cost if the frozen encoder ran at every step (``encoder.encode_batch_median_s/PRECISION`` is the
+  encoder's own time per batch).
+
+Ratios (``ratios`` in the JSON; numerator / denominator step time, so > 1 means the denominator is
+faster): ``peft_over_lopa_pt/fp32`` and ``/bf16`` compare like with like; ``peft_fp32_over_lopa_pt_bf16``
+is the mixed one, PEFT in fp32 against lopa in bf16 autocast; ``lopa_over_lopa_pt/P`` is LoPA's cost
+over prompt tuning. ``value`` takes each batch's median step time (so each shape separately) and
+averages the per-batch ratios geometrically; ``paired_median`` is the median of step-by-step ratios;
+``cpu_value`` is ``value`` on process CPU time, which other processes cannot inflate when
+``--threads 1``. On a machine shared with other jobs use ``--threads 1``: with more threads than free
+cores, every parallel region waits for a descheduled thread and steps take 5-20x longer.
 
 Example::
 
@@ -179,7 +189,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], dict[str, Any]
         enc = HFEncoder(lp.encoder.model, lp.encoder.tokenizer, name=lp.encoder.name, pooling=lp.encoder.pooling)
         lr = lopa.SoftPromptModel(base, tok, lopa_cfg, encoder=enc)
         inner = lopa_step(lr, args.pad_to_multiple)
-        encode_times: list[float] = []
+        encode_times: dict[str, list[float]] = {"fp32": [], "bf16": []}
 
         def reencode(texts: list[str], answers: list[int], precision: str) -> float:
             from lopa.evaluate import autocast
@@ -187,7 +197,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], dict[str, Any]
             t0 = time.perf_counter()
             with autocast(precision):  # what forward would do on a miss, timed on its own
                 enc.encode(texts)
-            encode_times.append(time.perf_counter() - t0)
+            encode_times[precision].append(time.perf_counter() - t0)
             return inner(texts, answers, precision)
         steps["lopa-reencode"] = reencode
         info["lopa-reencode"] = {"trainable_params": lr.num_trainable_parameters(), "encode_times": encode_times}
@@ -291,14 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"batch {b + 1}: " + "  ".join(f"{key} {last[key][-1]:.3f}s" for key in keys),
                   file=sys.stderr, flush=True)
 
-    def up(n: int) -> int:
-        return n if args.pad_to_multiple is None else -(-n // args.pad_to_multiple) * args.pad_to_multiple
-
-    lens = []  # the sequence lengths the model ran on, soft prompt included
-    for texts, _ in timed_batches:
-        t = max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts)
-        lens.append({"prompt_len": t, "lopa_len": up(t + args.num_virtual_tokens),
-                     "peft_len": up(t + 1) + args.num_virtual_tokens})
+    lens = [lengths(tok, texts, args) for texts, _ in timed_batches]
     result: dict[str, Any] = {
         "benchmark": "train_speed",
         "settings": {**vars(args), "threads_used": torch.get_num_threads()},
@@ -348,8 +351,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "note": "lopa's steps after the one-off encoding: every feature came from the cache"},
     }
     if "lopa-reencode" in info:
-        enc_t = info["lopa-reencode"]["encode_times"]
-        result["encoder"]["encode_batch_median_s"] = statistics.median(enc_t)
+        for p, enc_t in info["lopa-reencode"]["encode_times"].items():
+            if enc_t:
+                result["encoder"][f"encode_batch_median_s/{p}"] = statistics.median(enc_t)
         for p in ("fp32", "bf16"):
             if f"lopa/{p}" in wall and f"lopa-reencode/{p}" in wall:
                 result["encoder"][f"reencode_extra_s/{p}"] = (statistics.median(wall[f"lopa-reencode/{p}"])
@@ -359,22 +363,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def lengths(tok: Any, texts: list[str], args: argparse.Namespace) -> dict[str, int]:
+    """The sequence lengths a batch runs at, soft prompt included (PEFT's input also holds the answer)."""
+    def up(n: int) -> int:
+        return n if args.pad_to_multiple is None else -(-n // args.pad_to_multiple) * args.pad_to_multiple
+    t = max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts)
+    return {"prompt_len": t, "lopa_len": up(t + args.num_virtual_tokens),
+            "peft_len": up(t + 1) + args.num_virtual_tokens}
+
+
 def probe(step: Callable, batches: list, tok: Any, args: argparse.Namespace, seen: list) -> dict[str, Any]:
-    """First call vs second call of lopa-pt on batches whose lengths were not timed before."""
-    seen_lens = {max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts) for texts, _ in seen}
+    """First call vs second call of lopa-pt on batches not timed before: a length the kernels have not
+    seen pays its set-up in the first call only."""
+    seen_lens = {lengths(tok, texts, args)["lopa_len"] for texts, _ in seen}
     out: dict[str, Any] = {}
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     for p in precisions:
         rows = []
         for texts, answers in batches:
-            t_len = max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts)
+            n = lengths(tok, texts, args)["lopa_len"]
             first = _timed(lambda: step(texts, answers, p))[0]
             second = _timed(lambda: step(texts, answers, p))[0]
-            rows.append({"prompt_len": t_len, "new_length": t_len not in seen_lens, "first_s": first,
-                         "second_s": second})
-            seen_lens.add(t_len)
+            rows.append({"lopa_len": n, "new_length": n not in seen_lens, "first_s": first, "second_s": second})
+            seen_lens.add(n)
+        new = [r["first_s"] - r["second_s"] for r in rows if r["new_length"]]
         out[p] = {"steps": rows, "median_first_minus_second_s": statistics.median(r["first_s"] - r["second_s"]
-                                                                                for r in rows)}
+                                                                                for r in rows),
+                  "median_first_minus_second_new_lengths_s": statistics.median(new) if new else None}
     return out
 
 
@@ -393,9 +408,10 @@ def table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"encoder {e['name']}: cached steps {e['cached_run']['steps']}, cache hits {e['cached_run']['hits']}, "
                  f"encoded during steps {e['cached_run']['encoded']}")
-    if "encode_batch_median_s" in e:
-        extra = ", ".join(f"{k.split('/')[1]} {v:+.3f}s/step" for k, v in e.items() if k.startswith("reencode_extra_s"))
-        lines.append(f"  re-encoding every step: encoder {e['encode_batch_median_s']:.3f}s per batch ({extra})")
+    for p in ("fp32", "bf16"):
+        if f"encode_batch_median_s/{p}" in e:
+            lines.append(f"  re-encoding every step ({p}): the encoder takes {e[f'encode_batch_median_s/{p}']:.3f}s per "
+                         f"batch; step medians differ by {e[f'reencode_extra_s/{p}']:+.3f}s")
     for p, probe_res in result.get("shape_probe", {}).items():
         lines.append(f"shape probe {p}: first - second call, median {probe_res['median_first_minus_second_s']:+.3f}s "
                      f"over {len(probe_res['steps'])} new batches")

@@ -55,7 +55,8 @@ def test_quick_both_precisions_writes_every_column_and_ratio(tmp_path, capsys):
     enc = result["encoder"]
     assert enc["cached_run"]["encoded"] == 0  # cached LoPA never ran the encoder while being timed
     assert enc["cached_run"]["hits"] == enc["cached_run"]["steps"] * 4
-    assert enc["encode_batch_median_s"] > 0 and {"reencode_extra_s/fp32", "reencode_extra_s/bf16"} <= set(enc)
+    assert enc["encode_batch_median_s/fp32"] > 0 and enc["encode_batch_median_s/bf16"] > 0
+    assert {"reencode_extra_s/fp32", "reencode_extra_s/bf16"} <= set(enc)
     assert set(result["shape_probe"]) == {"fp32", "bf16"} and len(result["shape_probe"]["bf16"]["steps"]) == 1
     assert "peft_over_lopa_pt/fp32" in printed and "wrote" in printed
     assert result["settings"]["threads_used"] == 1 and torch.get_num_threads() == threads  # restored afterwards
@@ -65,7 +66,7 @@ def test_quick_bf16_times_peft_fp32_baseline_too(tmp_path, capsys):
     result, _ = _run(tmp_path, capsys, "--precision", "bf16", "--no-reencode")
     assert set(result["contenders"]) == {"lopa-pt/bf16", "peft-pt/bf16", "lopa/bf16", "peft-pt/fp32"}
     assert set(result["ratios"]) == {"peft_over_lopa_pt/bf16", "lopa_over_lopa_pt/bf16", "peft_fp32_over_lopa_pt_bf16"}
-    assert "encode_batch_median_s" not in result["encoder"]
+    assert not any(k.startswith(("encode_batch", "reencode")) for k in result["encoder"])
     for b in result["batches"]:  # PEFT's input is the prompt plus the answer token; both carry 10 virtual tokens
         assert (b["lopa_len"], b["peft_len"]) == (b["prompt_len"] + 10, b["prompt_len"] + 11)
 

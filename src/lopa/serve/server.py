@@ -97,7 +97,7 @@ class ServeConfig:
     max_batch_size: int = 32
     """the most requests (of any tasks) run together in one batch"""
     max_wait_ms: float = 5.0
-    """how long a request may wait for others to fill its batch"""
+    """how long a request may wait for others to fill its batch (vllm: unused, requests join its running batch)"""
     max_soft_tokens: int = 64
     """the most virtual tokens (m) a soft prompt may have"""
     max_prompt_tokens: int = 2048

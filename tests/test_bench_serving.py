@@ -1,0 +1,62 @@
+"""`lopa bench serving --quick`: the real entry point (a real `lopa serve` subprocess on loopback, PEFT LoRA
+and prompt tuning in process) on the tiny model; the JSON's structure and the report's files only. Speed is
+never asserted: the machine is shared and timings are noise here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lopa.cli import main
+
+
+def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
+    out, doc = tmp_path / "results", tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nkept above\n\n<!-- serving:start -->\nSTALE-SECTION\n<!-- serving:end -->\n\nkept below\n")
+    assert main(["bench", "serving", "--quick", "--out", str(out), "--doc", str(doc)]) == 0
+    result = json.loads((out / "serving.json").read_text())
+
+    assert result["benchmark"] == "serving" and result["settings"]["model"] == "tiny-random-llama"
+    assert result["settings"]["tasks"] == [1, 4] and result["command"].startswith("lopa bench serving --quick")
+    assert result["server"]["health"]["status"] == "ok" and result["server"]["command"].startswith("lopa serve")
+    n = result["settings"]["requests"]
+    assert set(result["classification"]) == {"1", "4"}
+    for k, row in result["classification"].items():
+        assert row["requests"] == n and row["distinct_tasks_in_stream"] == min(int(k), n)
+        assert set(row["contenders"]) == {"lopa", "lora", "peft-pt", "bare"}
+        for c, x in row["contenders"].items():
+            assert x["requests_per_s"] > 0 and x["tokens_per_s"] > 0, (k, c)
+            assert len(x["seconds"]) == result["settings"]["repeats"], (k, c)
+        assert set(row["ratios"]) == {"lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt"}
+        assert all(v > 0 for v in row["ratios"].values())
+        assert 1 <= row["contenders"]["lopa"]["mean_batch_size"] <= result["settings"]["batch_size"]
+        # PEFT prompt tuning holds the server's soft prompts: the same numbers (fp32 tiny model here)
+        assert row["max_abs_logprob_diff_lopa_vs_peft_pt"] < 1e-3
+    assert result["classification"]["4"]["contenders"]["peft-pt"]["batches_per_pass"] == 4  # one per adapter
+
+    mem = result["memory"]
+    assert set(mem["server_rss_by_k"]) == {"1", "4"} and all(v["rss_mib"] > 0 for v in mem["server_rss_by_k"].values())
+    lora = mem["lora_by_k"]
+    assert lora["1"]["adapters"] == 1 and lora["4"]["adapters"] == 4
+    assert lora["4"]["adapter_mib"] == pytest.approx(4 * lora["1"]["adapter_mib"])
+
+    gen = result["generation"]
+    assert set(gen["contenders"]) == {"lopa", "hf-fp32", "hf-bf16", "vllm"}
+    assert "skipped" in gen["contenders"]["vllm"]  # --quick never starts vLLM
+    for c in ("lopa", "hf-fp32", "hf-bf16"):
+        assert gen["contenders"][c]["requests_per_s"] > 0 and gen["contenders"][c]["generated_tokens"] >= 0
+    assert set(gen["ratios"]) == {"lopa_over_hf_fp32", "lopa_over_hf_bf16"}
+
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nkept above") and text.rstrip().endswith("kept below")
+    assert text.count("<!-- serving:start -->") == 1 and "STALE-SECTION" not in text and "## Serving throughput" in text
+    assert (doc.parent / "serving_throughput.png").stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_option_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "serving", "--quick", "--tasks", "0,4", "--out", str(tmp_path)])
+    assert e.value.code == 2
