@@ -19,7 +19,13 @@ i mod K), K = 1, 8, 64, 512, on the same texts and lengths for every contender:
 Every request's prediction is the answer position only (log-softmax over the vocabulary there, read
 at two label words). Contenders run one at a time, never together, on the same number of torch
 threads; at each K they run back to back on the same stream, in an order that rotates every repeat,
-so a noisy neighbour slows them alike, and the report gives ratios at each K.
+so a noisy neighbour slows them alike, and the report gives ratios at each K, on wall time and on CPU
+time per request (the server process's own, read from /proc), which other jobs cannot inflate.
+
+The server is timed in steady state: one batch of lead-in requests goes first and the clock starts at
+its last answer, when the timed stream's first batch is already queued (``--no-lead-in`` times a cold
+burst; the cold rate is recorded either way). ``--contenders ...,lopa-inproc`` adds lopa's backend run
+in this process, which splits the server's cost into HTTP and soft-prompt parts.
 
 Memory: the server's RSS after each K (it should stay flat: nothing per task), against LoRA's adapter
 bytes and this process's RSS growth as its K adapters load.
@@ -57,15 +63,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
 CONTENDERS = ("lopa", "lora", "peft-pt", "bare")
+EXTRA_CONTENDERS = ("lopa-inproc",)  # diagnostics, on request: lopa's backend in this process (no HTTP)
 NAMES = {"lopa": "lopa server (soft prompts over HTTP)", "lora": "PEFT LoRA, mixed batches",
          "peft-pt": "PEFT prompt tuning, batch per adapter", "bare": "bare model, plain text (the limit)",
          "hf-fp32": "transformers generate, fp32", "hf-bf16": "transformers generate, bf16",
-         "vllm": "vLLM-CPU (prompt_embeds)"}
+         "vllm": "vLLM-CPU (prompt_embeds)", "lopa-inproc": "lopa backend in process (no HTTP)"}
 VLLM_CMD = ("{python} -m lopa.serve.vllm_backend --n {n} --model {model} --dtype {dtype} --soft-tokens {m} "
             "--text-tokens {text_tokens} --new-tokens {new_tokens} --seed {seed}")
 TARGETS = {"lopa_over_bare": 0.9, "lopa_over_lora": 1.0, "lopa_over_vllm": 1.0}
@@ -75,7 +82,7 @@ TARGETS = {"lopa_over_bare": 0.9, "lopa_over_lora": 1.0, "lopa_over_vllm": 1.0}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="lopa bench serving", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="lopa bench serving",
         description="Serving throughput (requests/s, tokens/s) as the number of distinct tasks K in a mixed "
                     "classification stream grows: lopa's server (a real `lopa serve` process, soft prompts in the "
                     "requests) against PEFT LoRA with K adapters (mixed batches), PEFT prompt tuning with K "
@@ -101,13 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="passes over the stream per K and contender, the contenders' order rotating each pass; the "
            "generation workload makes as many passes (default 2)")
     a("--contenders", default=",".join(CONTENDERS),
-      help=f"comma-separated subset of {', '.join(CONTENDERS)} for the K sweep (default: all)")
+      help=f"comma-separated contenders of the K sweep, from {', '.join(CONTENDERS)} (the default: all four) and "
+           f"lopa-inproc (a diagnostic: lopa's backend in this process on the same soft prompts, no HTTP; tells "
+           f"the server's HTTP cost from the cost of running soft prompts)")
     a("--batch-size", type=int, default=None,
       help="the server's --max-batch-size and the in-process batch size of every contender (default 32; "
            "--quick: 4)")
     a("--concurrency", type=int, default=None,
       help="HTTP requests in flight at once against the server (default: twice --batch-size, so a full batch "
            "is always waiting while one runs)")
+    a("--lead-in", action=argparse.BooleanOptionalAction, default=True,
+      help="time the server in steady state: each timed stream is preceded by one batch of the same requests "
+           "and the clock starts at that batch's last answer, as inside a long stream (the in-process contenders "
+           "have their inputs in memory and no ramp either); --no-lead-in times a cold burst from the first "
+           "send. The cold rate is recorded either way (default on)")
     a("--max-wait-ms", type=float, default=1000.0,
       help="the server's --max-wait-ms, how long a batch may wait to fill. Under load a batch is always full "
            "when the previous one ends, so this only decides whether the first batch of each timed stream "
@@ -168,9 +182,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.tasks or args.tasks[0] < 1:
         p.error("--tasks needs at least one K, each at least 1")
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    bad = [c for c in args.contenders if c not in CONTENDERS]
+    bad = [c for c in args.contenders if c not in CONTENDERS + EXTRA_CONTENDERS]
     if bad or not args.contenders:
-        p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS)}")
+        p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS + EXTRA_CONTENDERS)}")
     if args.concurrency is None:
         args.concurrency = 2 * args.batch_size
     for name in ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r", "new_tokens",
@@ -195,6 +209,16 @@ def rss_mib(pid: int | str = "self") -> dict[str, float]:
     except OSError:
         pass
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc (0 where unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def token_stream(tok: Any, n_tokens: int, seed: int) -> tuple[list[int], str]:
@@ -303,16 +327,18 @@ class Server:
             return float(m.group(1)) if m else 0.0
         return grab("sum"), grab("count")
 
-    def drive(self, path: str, bodies: list[bytes]) -> tuple[float, list[dict[str, Any]]]:
+    def drive(self, path: str, bodies: list[bytes]) -> tuple[float, list[dict[str, Any]], list[float]]:
         """Send every body with at most ``concurrency`` in flight; (seconds from first send to last answer,
-        the answers in order)."""
-        async def go() -> tuple[float, list[dict[str, Any]]]:
+        the answers in order, each answer's arrival in seconds from the first send, sorted)."""
+        async def go() -> tuple[float, list[dict[str, Any]], list[float]]:
             sem = asyncio.Semaphore(self.concurrency)
             out: list[Any] = [None] * len(bodies)
+            arrivals: list[float] = []
 
             async def one(i: int) -> None:
                 async with sem:
                     r = await self.http.post(path, content=bodies[i], headers={"content-type": "application/json"})
+                    arrivals.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:500]}")
                 out[i] = r.json()
@@ -320,8 +346,30 @@ class Server:
             await asyncio.gather(*(self.http.get("/health") for _ in range(self.concurrency)))
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(len(bodies))))
-            return time.perf_counter() - t0, out
+            return time.perf_counter() - t0, out, sorted(arrivals)
         return self.run(go())
+
+    def timed(self, path: str, kind: str, bodies: list[bytes], lead_in: bool, batch_size: int) -> dict[str, Any]:
+        """One timed stream. With ``lead_in``, one batch of extra requests goes first and the clock runs from
+        its last answer (the server busy, the timed stream's first batch already queued: steady state, as
+        inside a long stream) to the last answer; without, from the first send (a cold burst). The answers
+        are the timed bodies' only."""
+        lead = bodies[:batch_size] if lead_in else []
+        s0, c0 = self.batch_stats(kind)
+        cpu0, client0 = cpu_seconds(self.proc.pid), time.process_time()
+        cold, out, arrivals = self.drive(path, lead + bodies)
+        cpu1, client1 = cpu_seconds(self.proc.pid), time.process_time()
+        s1, c1 = self.batch_stats(kind)
+        n_batches = int(c1 - c0)
+        # the window is exact only if the lead-in filled the first batch alone: then the batches are as few
+        # as the rows allow (the queue is FIFO and never empty), which the server's own counters show
+        steady = bool(lead) and n_batches == -(-(len(lead) + len(bodies)) // batch_size)
+        seconds = arrivals[-1] - arrivals[len(lead) - 1] if steady else cold
+        return {"seconds": seconds, "cold_seconds": cold, "steady_state": steady, "answers": out[len(lead):],
+                "mean_batch_size": (s1 - s0) / max(n_batches, 1), "batches": n_batches,
+                "first_answer_s": arrivals[0], "lead_in_requests": len(lead),
+                "server_cpu_s_per_request": (cpu1 - cpu0) / (len(lead) + len(bodies)),
+                "client_cpu_s_per_request": (client1 - client0) / (len(lead) + len(bodies))}
 
     def close(self) -> None:
         try:
@@ -365,6 +413,16 @@ def run_bare(model: Any, rows: list[list[int]], label_ids: list[int], bs: int) -
             r = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=last_index(ids.shape[1]),
                       use_cache=False)
             out += answer_logprobs(r, label_ids)
+    return out
+
+
+def run_backend(backend: Any, rows: list[list[int]], soft: list[Any], label_ids: list[int],
+                bs: int) -> list[list[float]]:
+    """lopa's own backend (what the server runs), in this process: soft prompts without HTTP."""
+    from lopa.serve.backends import ClassifyRow
+    out: list[list[float]] = []
+    for b in batches(list(range(len(rows))), bs):
+        out += backend.classify([ClassifyRow(rows[i], soft[i], label_ids) for i in b])
     return out
 
 
@@ -549,7 +607,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import lopa
     from lopa.serve.backends import resolve_device, resolve_dtype
-    from lopa.serve.wire import encode_soft_prompt
+    from lopa.serve.wire import decode_soft_prompt, encode_soft_prompt
 
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
@@ -575,6 +633,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["workload"] = {
         "text_source": work.source, "label_words": LABEL_WORDS, "m": args.m, "text_tokens": args.text_tokens,
         "positions_per_request": {"lopa": args.m + args.text_tokens, "peft-pt": args.m + args.text_tokens,
+                                  "lopa-inproc": args.m + args.text_tokens,
                                   "bare": args.m + args.text_tokens, "lora": args.text_tokens},
         "soft_prompts": f"{k_max} random N(0, {emb_std:.4f}^2) tensors of {args.m} x {hidden} "
                         f"(sigma = the embedding table's std), sent as {args.wire_dtype}"}
@@ -596,6 +655,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "peft-pt" in args.contenders:
             pt_base, _ = lopa.load_base(args.model, dtype)
             pt = PromptTuningAdapters(pt_base, work.soft, args)
+        inproc = None
+        if "lopa-inproc" in args.contenders:
+            from lopa.serve.backends import TransformersBackend
+            inproc = TransformersBackend(args.model, dtype=dtype_name, device="cpu")
+            # the soft prompts as the server holds them after decoding the wire format
+            work.soft_model = [decode_soft_prompt(w, hidden_size=hidden, max_soft_tokens=args.m, out_dtype=dtype)
+                               for w in wire]
 
         # warm-up: one batch each, so first-call kernel set-up lands in no column
         rows = list(range(args.batch_size))
@@ -608,10 +674,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             run_lora(lora.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size)
         if pt is not None:
             run_peft_pt(pt.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size, args.m)
+        if inproc is not None:
+            run_backend(inproc, [work.text[i] for i in rows], [work.soft_model[0]] * len(rows), label_ids,
+                        args.batch_size)
         result["memory"]["server_rss_after_warmup"] = server.rss() if server is not None else None
 
-        sweep(args, result, work, wire, server, bare, lora, pt)
-        del lora, pt
+        sweep(args, result, work, wire, server, bare, lora, pt, inproc)
+        del lora, pt, inproc
         gc.collect()
         if args.gen_requests:
             generation(args, result, work, wire, server, bare, tok, dtype)
@@ -635,7 +704,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire: list[dict], server: Any, bare: Any,
-          lora: Any, pt: Any) -> None:
+          lora: Any, pt: Any, inproc: Any) -> None:
     n = args.requests
     idx = list(range(n))
     positions = result["workload"]["positions_per_request"]
@@ -654,19 +723,23 @@ def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire
         bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[tasks[i]],
                               "label_words": LABEL_WORDS}).encode() for i in idx]
         seconds: dict[str, list[float]] = {c: [] for c in args.contenders}
+        cpu: dict[str, list[float]] = {c: [] for c in args.contenders}  # CPU seconds per request, each pass
         answers: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for r in range(args.repeats):
             for c in rotate(list(args.contenders), r + args.tasks.index(K)):
                 if c == "lopa":
-                    s0, c0 = server.batch_stats("classify")
-                    dt, out = server.drive("/v1/classify", bodies)
-                    s1, c1 = server.batch_stats("classify")
-                    answers[c] = [o["logprobs"] for o in out]
-                    extra.setdefault("lopa_mean_batch", []).append((s1 - s0) / max(c1 - c0, 1))
+                    t = server.timed("/v1/classify", "classify", bodies, args.lead_in, args.batch_size)
+                    dt = t["seconds"]
+                    cpu[c].append(t["server_cpu_s_per_request"])
+                    answers[c] = [o["logprobs"] for o in t.pop("answers")]
+                    extra.setdefault("lopa_passes", []).append(t)
                 else:
-                    t0 = time.perf_counter()
-                    if c == "bare":
+                    t0, p0 = time.perf_counter(), time.process_time()
+                    if c == "lopa-inproc":
+                        answers[c] = run_backend(inproc, [work.text[i] for i in idx],
+                                                 [work.soft_model[t] for t in tasks], work.label_ids, args.batch_size)
+                    elif c == "bare":
                         answers[c] = run_bare(bare, [work.plain[i] for i in idx], work.label_ids, args.batch_size)
                     elif c == "lora":
                         answers[c] = run_lora(lora.model, [work.text[i] for i in idx], tasks, work.label_ids,
@@ -676,23 +749,28 @@ def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire
                                                      args.batch_size, args.m)
                         extra["peft_pt_batches"] = nb
                     dt = time.perf_counter() - t0
+                    cpu[c].append((time.process_time() - p0) / n)
                 seconds[c].append(dt)
                 log(f"  K={K:<4d} pass {r + 1}/{args.repeats}  {c:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
         row: dict[str, Any] = {"requests": n, "distinct_tasks_in_stream": len(set(tasks)), "contenders": {}}
         for c, ts in seconds.items():
             rps = n * len(ts) / sum(ts)
             row["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * positions[c],
-                                    "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts]}
-        if "lopa_mean_batch" in extra:
-            row["contenders"]["lopa"]["mean_batch_size"] = statistics.mean(extra["lopa_mean_batch"])
+                                    "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts],
+                                    "cpu_s_per_request": statistics.mean(cpu[c])}
+        if "lopa_passes" in extra:
+            row["contenders"]["lopa"].update(server_passes(extra["lopa_passes"], n))
         if "peft_pt_batches" in extra:
             row["contenders"]["peft-pt"]["batches_per_pass"] = extra["peft_pt_batches"]
-        row["ratios"] = {}
-        for other in ("bare", "lora", "peft-pt"):
+        row["ratios"], row["cpu_ratios"] = {}, {}
+        for other in ("bare", "lora", "peft-pt", "lopa-inproc"):
             if "lopa" in seconds and other in seconds:
                 # per pass: both ran the same stream back to back; the geometric mean over passes
                 row["ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
                     [b / a for a, b in zip(seconds["lopa"], seconds[other])])
+                # the same on CPU time (the server process's, per request): what a busy machine cannot inflate
+                row["cpu_ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
+                    [b / a for a, b in zip(cpu["lopa"], cpu[other])])
         if "lopa" in answers and "peft-pt" in answers:
             # the same soft prompt on the same text: the server and PEFT prompt tuning compute the same thing
             row["max_abs_logprob_diff_lopa_vs_peft_pt"] = max(
@@ -700,6 +778,15 @@ def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire
         cls[str(K)] = row
         if server is not None:
             mem["server_rss_by_k"][str(K)] = server.rss()
+
+
+def server_passes(passes: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """What the server's timed passes add to its column: batches, lead-in, the cold-burst rate too."""
+    return {"steady_state": all(p["steady_state"] for p in passes),
+            "cold_requests_per_s": sum(n + p["lead_in_requests"] for p in passes) / sum(p["cold_seconds"] for p in passes),
+            "mean_batch_size": statistics.mean(p["mean_batch_size"] for p in passes),
+            "client_cpu_s_per_request": statistics.mean(p["client_cpu_s_per_request"] for p in passes),
+            "passes": passes}
 
 
 def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire: list[dict], server: Any,
@@ -723,21 +810,23 @@ def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload,
     for name in ("hf-fp32", "hf-bf16"):
         hf_generate(models[name], tok, [work.plain[i] for i in warm], args.batch_size, 2)
     seconds: dict[str, list[float]] = {c: [] for c in contenders}
+    cpu: dict[str, list[float]] = {c: [] for c in contenders}
     tokens: dict[str, int] = {}
-    batch_means = []
+    passes: list[dict[str, Any]] = []
     for r in range(args.repeats):
         for c in rotate(contenders, r):
             if c == "lopa":
-                s0, c0 = server.batch_stats("generate")
-                dt, out = server.drive("/v1/generate", bodies)
-                s1, c1 = server.batch_stats("generate")
-                batch_means.append((s1 - s0) / max(c1 - c0, 1))
+                t = server.timed("/v1/generate", "generate", bodies, args.lead_in, args.batch_size)
+                dt = t["seconds"]
+                cpu[c].append(t["server_cpu_s_per_request"])
                 # the server's own count: its text re-tokenised (exact for this byte-level BPE)
-                tokens[c] = sum(len(tok(o["text"], add_special_tokens=False)["input_ids"]) for o in out)
+                tokens[c] = sum(len(tok(o["text"], add_special_tokens=False)["input_ids"]) for o in t.pop("answers"))
+                passes.append(t)
             else:
-                t0 = time.perf_counter()
+                t0, p0 = time.perf_counter(), time.process_time()
                 _, tokens[c] = hf_generate(models[c], tok, [work.plain[i] for i in idx], args.batch_size, g)
                 dt = time.perf_counter() - t0
+                cpu[c].append((time.process_time() - p0) / n)
             seconds[c].append(dt)
             log(f"  generate pass {r + 1}/{args.repeats}  {c:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
     gen: dict[str, Any] = {"requests": n, "new_tokens": g, "batch_size": args.batch_size,
@@ -747,8 +836,11 @@ def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload,
     for c, ts in seconds.items():
         rps = n * len(ts) / sum(ts)
         gen["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * tokens[c] / n,
-                                "generated_tokens": tokens[c], "seconds": ts}
-    gen["contenders"]["lopa"]["mean_batch_size"] = statistics.mean(batch_means)
+                                "generated_tokens": tokens[c], "seconds": ts,
+                                "cpu_s_per_request": statistics.mean(cpu[c])}
+    gen["contenders"]["lopa"].update(server_passes(passes, n))
+    gen["cpu_ratios"] = {f"lopa_over_{c.replace('-', '_')}": gen["contenders"][c]["cpu_s_per_request"]
+                         / gen["contenders"]["lopa"]["cpu_s_per_request"] for c in ("hf-fp32", "hf-bf16")}
     result["generation"] = gen
 
 
@@ -781,7 +873,11 @@ def run_vllm(args: argparse.Namespace, n: int) -> dict[str, Any]:
                 continue
             if "requests_per_s" in obj:
                 log(f"  vLLM: {obj['requests_per_s']:.2f} requests/s")
-                return {**obj, "command": cmd, "wall_s_with_start": round(wall, 1)}
+                binding = re.search(r"core ids=(\[[^\]]*\])", p.stderr or "")
+                reserved = re.search(r"reserved_cpus=(\[[^\]]*\])", p.stderr or "")
+                return {**obj, "command": cmd, "wall_s_with_start": round(wall, 1),
+                        "omp_core_ids": binding.group(1) if binding else None,
+                        "reserved_cpus": reserved.group(1) if reserved else None}
     tail = (p.stderr or p.stdout or "")[-800:]
     return {"skipped": f"the command exited with {p.returncode} and printed no JSON result: ...{tail}", "command": cmd}
 
@@ -792,16 +888,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     cls = result["classification"]
     ks = sorted(int(k) for k in cls)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
     styles = {"lopa": ("C0", "o", "-"), "lora": ("C1", "s", "-"), "peft-pt": ("C2", "^", "-"),
-              "bare": ("k", "", "--")}
+              "bare": ("k", "", "--"), "lopa-inproc": ("C0", "", ":")}
     for c, (color, marker, ls) in styles.items():
         ys = [cls[str(k)]["contenders"].get(c, {}).get("requests_per_s") for k in ks]
         if all(y is not None for y in ys):
             ax.plot(ks, ys, color=color, marker=marker, linestyle=ls, label=NAMES[c])
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
     ax.set_xlabel("distinct tasks K in the stream")
@@ -824,7 +922,7 @@ def _f(x: Any, fmt: str = ".1f") -> str:
 def render(result: dict[str, Any], image: str | None) -> str:
     s, env, cls = result["settings"], result["environment"], result["classification"]
     ks = sorted(int(k) for k in cls)
-    have = [c for c in CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
     L = [MARK_START, "## Serving throughput", "",
          f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cpu_count']} cores, "
          f"shared; load average {result['load_average']['start'][0]} at the start, "
@@ -835,12 +933,14 @@ def render(result: dict[str, Any], image: str | None) -> str:
     L += [f"Classification stream: {s['requests']} requests per K (x {s['repeats']} pass(es)), request i of task "
           f"i mod K; {w['text_tokens']} text tokens ({w['text_source']}) + m = {w['m']} soft tokens; the answer "
           f"position only. Batches of {s['batch_size']}; lopa's server is a real `lopa serve` process on loopback, "
-          f"{s['concurrency']} HTTP requests in flight; LoRA, prompt tuning and the bare model run in this "
-          f"process. Tokens/s counts the positions run (soft ones included; LoRA's rows are the text alone).", ""]
+          f"{s['concurrency']} HTTP requests in flight"
+          + (", timed in steady state (see the notes)" if s.get("lead_in") else ", timed from the first send")
+          + "; LoRA, prompt tuning and the bare model run in this process. Tokens/s counts the positions run (soft "
+          "ones included; LoRA's rows are the text alone).", ""]
     head = "| K |" + "".join(f" {NAMES[c]} req/s (tok/s) |" for c in have)
-    ratio_names = [r for r in ("lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt")
+    ratio_names = [r for r in ("lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt", "lopa_over_lopa_inproc")
                    if any(r in cls[str(k)]["ratios"] for k in ks)]
-    head += "".join(f" {r.replace('_over_', ' / ').replace('_', '-')} |" for r in ratio_names)
+    head += "".join(f" {r.replace('_over_', ' / ').replace('_', '-')}, wall (CPU) |" for r in ratio_names)
     L += [head, "|---:|" + "---:|" * (len(have) + len(ratio_names))]
     for k in ks:
         row = cls[str(k)]
@@ -849,15 +949,18 @@ def render(result: dict[str, Any], image: str | None) -> str:
             x = row["contenders"].get(c)
             cells.append("–" if x is None else f"{x['requests_per_s']:.2f} ({x['tokens_per_s']:.0f})")
         for r in ratio_names:
-            v = row["ratios"].get(r)
+            v, vc = row["ratios"].get(r), row.get("cpu_ratios", {}).get(r)
             goal = TARGETS.get(r)
             mark = "" if v is None or goal is None or (r == "lopa_over_lora" and k == 1) else \
                 (" ✓" if v >= goal else " ✗")
-            cells.append(f"{_f(v, '.2f')}{mark}")
+            cells.append(f"{_f(v, '.2f')}{mark} ({_f(vc, '.2f')})")
         L.append(f"| {k} | " + " | ".join(cells) + " |")
     L += ["", "Ratios are lopa's throughput over the other's (each pass: both on the same stream, back to back; "
-              "geometric mean over passes). Targets: lopa / bare ≥ 0.9 at every K, flat in K; lopa / LoRA > 1 from "
-              "K = 8 on.", ""]
+              "geometric mean over passes); ✓/✗ mark the targets: lopa / bare ≥ 0.9 at every K, flat in K; lopa / "
+              "LoRA > 1 from K = 8 on. In brackets, the same ratio on CPU time per request (the `lopa serve` "
+              "process's, all its threads, lead-in included; this process's for the others): the work each "
+              "contender does per request, which other jobs on the machine cannot inflate, while wall time also "
+              "shows how the server's extra threads and the HTTP clients fare for cores.", ""]
     if image:
         L += [f"![requests/s vs K]({image})", ""]
     mem = result["memory"]
@@ -874,17 +977,21 @@ def render(result: dict[str, Any], image: str | None) -> str:
     gen = result.get("generation") or {}
     if gen:
         L += [f"Generation: {gen['requests']} requests, {gen['new_tokens']} new tokens each, greedy, batches of "
-              f"{gen['batch_size']}; lopa: {gen['positions']['lopa']} positions through `/v1/generate`; transformers: "
+              f"{gen['batch_size']}; lopa: {gen['positions']['lopa']} positions through `/v1/generate`"
+              f"{' (steady state, as above)' if s.get('lead_in') else ''}; transformers: "
               f"{gen['positions']['hf']} positions of plain text, `generate` in this process.", "",
-              "| contender | requests/s | new tokens/s | lopa / it |", "|---|---:|---:|---:|"]
+              "| contender | requests/s | new tokens/s | lopa / it, wall (CPU) |", "|---|---:|---:|---:|"]
         for c in ("lopa", "hf-fp32", "hf-bf16", "vllm"):
             x = gen["contenders"].get(c, {})
-            ratio = gen["ratios"].get(f"lopa_over_{c.replace('-', '_')}")
+            key = f"lopa_over_{c.replace('-', '_')}"
+            ratio, rc = gen["ratios"].get(key), gen.get("cpu_ratios", {}).get(key)
             if x.get("skipped"):
                 L.append(f"| {NAMES[c]} | skipped: {x['skipped'][:200]} | | |")
             else:
+                mark = "" if c != "vllm" or ratio is None else (" ✓" if ratio >= 1 else " ✗")
+                shown = "" if c == "lopa" else f"{_f(ratio, '.2f')}{mark}" + (f" ({rc:.2f})" if rc is not None else "")
                 L.append(f"| {NAMES[c]} | {_f(x.get('requests_per_s'), '.2f')} | {_f(x.get('tokens_per_s'), '.1f')} | "
-                         f"{'' if c == 'lopa' else _f(ratio, '.2f')} |")
+                         f"{shown} |")
         L.append("")
     L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
     return "\n".join(L)
@@ -902,18 +1009,46 @@ def notes(result: dict[str, Any]) -> list[str]:
                f"{s['lora_dtype']} adapter weights (PEFT's default casts the adapters to float32). "
                f"Its K adapters are built with PEFT's per-layer `update_layer` (see the code: "
                f"`add_adapter` costs ~0.5 s per adapter here and grows with K).")
+    if "lora" in s["contenders"]:
+        out.append(f"At equal cost per position, LoRA's shorter rows alone would make lopa / LoRA "
+                   f"{s['text_tokens'] / (s['text_tokens'] + s['m']):.2f}; compare the tokens/s (positions/s) "
+                   f"columns for the cost per position, where LoRA's mixed batches pay their per-adapter matmuls.")
     out.append("PEFT prompt tuning gets its best case: it sees the whole stream at once and groups it by adapter; "
                "a server would have to wait for requests of the same task to gather.")
     big = [k for k in ks if k >= s["requests"]]
     if big:
         out.append(f"With K ≥ {s['requests']} (the stream's length) every request belongs to a different task, "
-                   f"so K = {', '.join(map(str, big))} differ only in how many adapters PEFT holds.")
+                   f"so at K = {' and '.join(map(str, big))} the runs differ only in how many adapters PEFT holds.")
     diffs = [cls[str(k)].get("max_abs_logprob_diff_lopa_vs_peft_pt") for k in ks]
     diffs = [d for d in diffs if d is not None]
     if diffs:
         out.append(f"Sanity check: PEFT prompt-tuning adapter k holds task k's soft prompt; its label log-probs "
-                   f"differ from the server's by {max(diffs):.3g} at most (the same computation; {result['dtype']} "
-                   f"rounding may differ with batch shapes).")
+                   + ("equal the server's exactly" if max(diffs) == 0 else
+                      f"differ from the server's by {max(diffs):.3g} at most ({result['dtype']} rounding may differ "
+                      f"with batch shapes)") + ": the two compute the same thing.")
+    pb = {k: cls[str(k)]["contenders"].get("peft-pt", {}).get("batches_per_pass") for k in ks}
+    if all(v is not None for v in pb.values()):
+        out.append("PEFT prompt tuning's batches per pass: " + ", ".join(
+            f"K = {k}: {v} of ≈{s['requests'] / v:.0f} row(s)" for k, v in pb.items()) + ".")
+    flat = [cls[str(k)]["ratios"].get("lopa_over_bare") for k in ks]
+    if len(ks) > 1 and all(x is not None for x in flat):
+        lo = [cls[str(k)]["contenders"]["lopa"]["requests_per_s"] for k in ks]
+        out.append(f"Flatness: lopa / bare ranged {min(flat):.2f}-{max(flat):.2f} over K = "
+                   f"{', '.join(map(str, ks))}; lopa's own requests/s {min(lo):.2f}-{max(lo):.2f} (the absolute "
+                   f"numbers move with the machine's load, the ratio to the bare model run beside it less so).")
+    lp = [cls[str(k)]["contenders"].get("lopa") for k in ks]
+    lp = [x for x in lp if x is not None]
+    if lp and s.get("lead_in"):
+        cold = [x["cold_requests_per_s"] / x["requests_per_s"] for x in lp]
+        ok = all(x["steady_state"] for x in lp)
+        out.append(f"lopa's server is timed in steady state: each timed stream follows one batch of lead-in requests "
+                   f"and the clock starts at the lead-in's last answer, when the server is busy and the stream's "
+                   f"first batch is already queued, as inside a long stream (the in-process contenders hold their "
+                   f"inputs in memory and have no ramp either). "
+                   + ("Every pass had the fewest batches possible, so the window is exact. " if ok else
+                      "Some passes had a partial first batch; those are timed from the first send instead. ")
+                   + f"Timed from the first send (lead-in included), its rate was {min(cold):.2f}-{max(cold):.2f}x "
+                   f"the steady one (`cold_requests_per_s` in the JSON).")
     mb = [cls[str(k)]["contenders"].get("lopa", {}).get("mean_batch_size") for k in ks]
     mb = [x for x in mb if x is not None]
     if mb:
@@ -927,9 +1062,14 @@ def notes(result: dict[str, Any]) -> list[str]:
     if v.get("skipped"):
         out.append(f"vLLM-CPU row skipped: {v['skipped'][:300]}")
     elif v:
-        out.append(f"vLLM-CPU ran once after the others (its engine start is excluded; it is not interleaved): "
+        bind = f"its compute threads bound to cores {v['omp_core_ids']}" if v.get("omp_core_ids") else \
+            "vLLM's own thread binding"
+        if v.get("reserved_cpus") not in (None, "[]"):
+            bind += f", cores {v['reserved_cpus']} reserved for its front end"
+        out.append(f"vLLM-CPU ran once, alone, after the others had finished and freed their memory (it reserves a "
+                   f"share of free memory at start; its engine start is not timed; not interleaved): "
                    f"`{v.get('command', '')}`; all {gen['requests']} requests submitted at once to its continuous "
-                   f"batching, random token ids of the same lengths, vLLM's own thread binding.")
+                   f"batching, random token ids of the same lengths, {bind}.")
     return out
 
 

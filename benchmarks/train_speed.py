@@ -24,10 +24,10 @@ Contenders (``NAME/PRECISION``):
 Ratios (``ratios`` in the JSON; numerator / denominator step time, so > 1 means the denominator is
 faster): ``peft_over_lopa_pt/fp32`` and ``/bf16`` compare like with like; ``peft_fp32_over_lopa_pt_bf16``
 is the mixed one, PEFT in fp32 against lopa in bf16 autocast; ``lopa_over_lopa_pt/P`` is LoPA's cost
-over prompt tuning. ``value`` takes each batch's median step time (so each shape separately) and
-averages the per-batch ratios geometrically; ``paired_median`` is the median of step-by-step ratios;
-``cpu_value`` is ``value`` on process CPU time, which other processes cannot inflate when
-``--threads 1``. On a machine shared with other jobs use ``--threads 1``: with more threads than free
+over prompt tuning. ``value`` (the one checked against the targets) is the median of step-by-step
+ratios, two steps on the same batch run back to back; ``per_batch`` takes each batch's median step
+time (each shape separately) and averages the per-batch ratios geometrically; ``cpu_value`` is
+``per_batch`` on process CPU time, which other processes cannot inflate when ``--threads 1``. On a machine shared with other jobs use ``--threads 1``: with more threads than free
 cores, every parallel region waits for a descheduled thread and steps take 5-20x longer.
 
 Example::
@@ -77,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="distinct fixed batches (drawn with --seed); every contender steps on each of them")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed passes over all batches per contender before timing (first calls set kernels up)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=int, default=5,
                    help="timed passes over all batches; each column is the median of repeats × num-batches steps")
     p.add_argument("--num-virtual-tokens", type=int, default=10, help="m, the soft prompt length, for every method")
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32",
@@ -242,13 +242,14 @@ def _per_batch_ratio(a: list[float], b: list[float], nb: int) -> float:
 
 
 def _ratio(wall: dict[str, list[float]], cpu: dict[str, list[float]], num: str, den: str, nb: int) -> dict[str, Any]:
-    """``value``: per batch (so per shape), the ratio of the two medians; their geometric mean over batches.
-    ``paired_median``: the median of step-by-step ratios (same batch, same repetition, run back to back).
-    ``ratio_of_medians``: the two columns' overall medians. ``cpu_value``: ``value`` on CPU time."""
+    """``value``: the median of step-by-step ratios, each of two steps run back to back on the same batch
+    (the load of a shared machine drifts over minutes, hardly between two neighbouring steps).
+    ``per_batch``: each batch's (so each shape's) ratio of medians, averaged geometrically over batches.
+    ``ratio_of_medians``: the two columns' overall medians. ``cpu_value``: ``per_batch`` on CPU time."""
     a, b = wall[num], wall[den]
-    return {"numerator": num, "denominator": den, "value": _per_batch_ratio(a, b, nb),
-            "paired_median": statistics.median(x / y for x, y in zip(a, b)),
-            "ratio_of_medians": statistics.median(a) / statistics.median(b),
+    paired = statistics.median(x / y for x, y in zip(a, b))
+    return {"numerator": num, "denominator": den, "value": paired, "paired_median": paired,
+            "per_batch": _per_batch_ratio(a, b, nb), "ratio_of_medians": statistics.median(a) / statistics.median(b),
             "cpu_value": _per_batch_ratio(cpu[num], cpu[den], nb)}
 
 
@@ -401,7 +402,7 @@ def table(result: dict[str, Any]) -> str:
     lines.append("")
     for name, r in result["ratios"].items():
         goal = f"  target {r['target']}: {'met' if r['meets_target'] else 'NOT met'}" if "target" in r else ""
-        lines.append(f"{name:<30}{r['value']:>6.2f}x  (paired {r['paired_median']:.2f}x, "
+        lines.append(f"{name:<30}{r['value']:>6.2f}x  (per-batch medians {r['per_batch']:.2f}x, "
                      f"CPU time {r['cpu_value']:.2f}x){goal}")
         lines.append(f"    {r['what']}")
     e = result["encoder"]

@@ -31,7 +31,10 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
             assert len(x["seconds"]) == result["settings"]["repeats"], (k, c)
         assert set(row["ratios"]) == {"lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt"}
         assert all(v > 0 for v in row["ratios"].values())
-        assert 1 <= row["contenders"]["lopa"]["mean_batch_size"] <= result["settings"]["batch_size"]
+        server = row["contenders"]["lopa"]
+        assert 1 <= server["mean_batch_size"] <= result["settings"]["batch_size"]
+        assert server["cold_requests_per_s"] > 0 and len(server["passes"]) == result["settings"]["repeats"]
+        assert all(p["lead_in_requests"] == result["settings"]["batch_size"] for p in server["passes"])
         # PEFT prompt tuning holds the server's soft prompts: the same numbers (fp32 tiny model here)
         assert row["max_abs_logprob_diff_lopa_vs_peft_pt"] < 1e-3
     assert result["classification"]["4"]["contenders"]["peft-pt"]["batches_per_pass"] == 4  # one per adapter
