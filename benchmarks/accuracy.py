@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lopa.report import quiet_transformers, write_section  # noqa: E402
+
 MARK_START, MARK_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 # The LoPA paper's Table (RoBERTa-large, GLUE dev accuracy), for the rows that it reports.
@@ -891,30 +893,14 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
 
 
 def write_markdown(path: Path, section: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        text = path.read_text()
-        i, j = text.find(MARK_START), text.find(MARK_END)
-        if i != -1 and j != -1 and j > i:
-            text = text[:i] + section.rstrip("\n") + text[j + len(MARK_END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = "# Results\n\n" + section
-    path.write_text(text)
+    write_section(path, section, MARK_START, MARK_END)
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    quiet_transformers()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # reloading best/ onto the base
     if cfg.threads:

@@ -38,6 +38,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from lopa.report import quiet_transformers, write_section  # noqa: E402
+
 MARK_START, MARK_END = "<!-- code:start -->", "<!-- code:end -->"
 TRAINABLE = ("prompt-tuning", "lopt-1", "lopt-2", "idpg", "lopa", "lora", "full")
 LABELS = {"zero-shot": "zero-shot (bare model)", "prompt-tuning": "prompt tuning", "lopt-1": "LoPT-1",
@@ -396,30 +398,14 @@ def render(summary: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, section: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        text = path.read_text()
-        i, j = text.find(MARK_START), text.find(MARK_END)
-        if i != -1 and j != -1 and j > i:
-            text = text[:i] + section.rstrip("\n") + text[j + len(MARK_END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = "# Results\n\n" + section
-    path.write_text(text)
+    write_section(path, section, MARK_START, MARK_END)
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    quiet_transformers()
     import torch
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -65,6 +65,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lopa.report import quiet_transformers, write_section  # noqa: E402
+
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
 CONTENDERS = ("lopa", "lora", "peft-pt", "bare")
@@ -1074,17 +1076,7 @@ def notes(result: dict[str, Any]) -> list[str]:
 
 
 def write_markdown(path: Path, section: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        text = path.read_text()
-        i, j = text.find(MARK_START), text.find(MARK_END)
-        if i != -1 and j != -1 and j > i:
-            text = text[:i] + section.rstrip("\n") + text[j + len(MARK_END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = "# Results\n\n" + section
-    path.write_text(text)
+    write_section(path, section, MARK_START, MARK_END)
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -1105,12 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    quiet_transformers()
     import warnings
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
