@@ -195,8 +195,8 @@ class EvalArgs:
     """score only the first N items of the split"""
     batch_size: int = 32
     """items per forward pass"""
-    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
-    """fp32, or bf16 autocast"""
+    precision: str | None = field(default=None, metadata={"choices": ["auto", "fp32", "bf16"]})
+    """fp32 or bf16 autocast (default: the run's own; else auto = bf16 where the hardware has native bf16)"""
     n_samples: int = 1
     """generation: samples per problem (pass@k for every k <= n)"""
     temperature: float = 0.0
@@ -253,7 +253,11 @@ def eval_cli(args: EvalArgs) -> int:
         gen = dict(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),
                    results_path=args.results or default)
-    res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=args.precision, **gen)
+    precision = args.precision or run.get("precision") or "auto"
+    if precision == "auto":
+        from .hardware import fast_precision
+        precision = fast_precision()
+    res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=precision, **gen)
     res["model"] = "zero-shot " + (args.model or DEFAULT_BASE) if args.zero_shot else str(args.run_dir)
     print(json.dumps(res))
     return 0

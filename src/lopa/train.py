@@ -98,7 +98,7 @@ class TrainArgs:
     """after warm-up: linear decay to 0, or constant"""
     eval_every: int = 100
     """evaluate on the dev split (and checkpoint) every N steps"""
-    eval_limit: int | None = 500
+    eval_limit: int | None = 200
     """dev items scored at each evaluation (all if unset)"""
     test_limit: int | None = None
     """test items scored at the end (all if unset)"""
@@ -108,8 +108,8 @@ class TrainArgs:
     """also score the bare model on the test split with the same template"""
     seed: int = 0
     """seeds initialisation, data order and dropout"""
-    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
-    """fp32, or bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs)"""
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
+    """bf16 autocast or fp32; auto = bf16 on a GPU with bf16 or a CPU with native bf16 (AVX512-BF16 or AMX), else fp32"""
     resume: bool = False
     """continue the run in --out from its newest checkpoint"""
     overwrite: bool = False
@@ -130,6 +130,9 @@ class TrainArgs:
             raise ValueError("--warmup-steps must be >= 0")
         if self.lr is not None and not 0 < self.lr < 1:
             raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.precision == "auto":  # recorded resolved, so a resumed run on another machine keeps it
+            from .hardware import fast_precision
+            self.precision = fast_precision()
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other")
         if self.out is None:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
 
 from .. import prefix
+from ..hardware import cpu_supports_bf16  # noqa: F401  (also imported from here by callers)
 from ..models import load_base
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -110,28 +110,6 @@ def classification_result(logprobs: Sequence[float], label_words: Sequence[str])
     """
     k = max(range(len(logprobs)), key=lambda i: logprobs[i])
     return {"logprobs": list(logprobs), "label": k, "label_word": label_words[k]}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX), not by emulation.
-
-    PyTorch's dispatch level must be AVX512 and the CPU must report ``avx512_bf16`` or ``amx_bf16``;
-    elsewhere bfloat16 on CPU is several times slower than float32, so float32 is the default there.
-    """
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability().upper():
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 def resolve_device(device: str = "auto") -> torch.device:
