@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopa.report import quiet_transformers, write_section  # noqa: E402
+from lopa.report import prepare_benchmark, write_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
@@ -892,20 +892,13 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    write_section(path, section, MARK_START, MARK_END)
-
-
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    quiet_transformers()
+    prepare_benchmark(cfg.threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # reloading best/ onto the base
-    if cfg.threads:
-        import torch
-        torch.set_num_threads(cfg.threads)
     started = time.time()
     out = Path(cfg.out)
     store = Store(out / "runs.json")
@@ -957,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     docs = Path(cfg.docs)
     images = plots(cfg, summary, store, docs)
-    write_markdown(docs / "results.md", render(cfg, summary, images))
+    write_section(docs / "results.md", render(cfg, summary, images), MARK_START, MARK_END)
     print(f"wrote {out / 'summary.json'}, {docs / 'results.md'} and {', '.join(images)} in {docs} "
           f"({(time.time() - started) / 60:.1f} min, {runner.count} runs now, {len(store.runs)} recorded)")
     if runner.failed:

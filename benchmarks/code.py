@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lopa.report import quiet_transformers, write_section  # noqa: E402
+from lopa.report import prepare_benchmark, write_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- code:start -->", "<!-- code:end -->"
 TRAINABLE = ("prompt-tuning", "lopt-1", "lopt-2", "idpg", "lopa", "lora", "full")
@@ -397,18 +397,12 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    write_section(path, section, MARK_START, MARK_END)
-
-
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    quiet_transformers()
+    prepare_benchmark(cfg.threads)
     import torch
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     started = time.time()
     out = Path(cfg.out)
     summary = Summary(out / "summary.json")
@@ -469,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.data.setdefault("machine", machine())
     summary.save()
     if current:
-        write_markdown(Path(cfg.doc), render({**summary.data, "parts": current}))
+        write_section(Path(cfg.doc), render({**summary.data, "parts": current}), MARK_START, MARK_END)
         print(f"wrote {out / 'summary.json'} and the {MARK_START} section of {cfg.doc} "
               f"({(time.time() - started) / 60:.1f} min this invocation)", flush=True)
     if failed:

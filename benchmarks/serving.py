@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lopa.report import quiet_transformers, write_section  # noqa: E402
+from lopa.report import prepare_benchmark, write_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
@@ -492,7 +492,6 @@ class LoraAdapters:
         self.rss_growth = rss_mib()["rss_mib"] - self.rss0
 
     def grow(self, k: int) -> None:
-        import torch
         if k <= self.k:
             return
         rss_before = rss_mib()["rss_mib"]
@@ -1024,7 +1023,7 @@ def notes(result: dict[str, Any]) -> list[str]:
     diffs = [cls[str(k)].get("max_abs_logprob_diff_lopa_vs_peft_pt") for k in ks]
     diffs = [d for d in diffs if d is not None]
     if diffs:
-        out.append(f"Sanity check: PEFT prompt-tuning adapter k holds task k's soft prompt; its label log-probs "
+        out.append("Sanity check: PEFT prompt-tuning adapter k holds task k's soft prompt; its label log-probs "
                    + ("equal the server's exactly" if max(diffs) == 0 else
                       f"differ from the server's by {max(diffs):.3g} at most ({result['dtype']} rounding may differ "
                       f"with batch shapes)") + ": the two compute the same thing.")
@@ -1043,14 +1042,14 @@ def notes(result: dict[str, Any]) -> list[str]:
     if lp and s.get("lead_in"):
         cold = [x["cold_requests_per_s"] / x["requests_per_s"] for x in lp]
         ok = all(x["steady_state"] for x in lp)
-        out.append(f"lopa's server is timed in steady state: each timed stream follows one batch of lead-in requests "
-                   f"and the clock starts at the lead-in's last answer, when the server is busy and the stream's "
-                   f"first batch is already queued, as inside a long stream (the in-process contenders hold their "
-                   f"inputs in memory and have no ramp either). "
+        out.append("lopa's server is timed in steady state: each timed stream follows one batch of lead-in requests "
+                   "and the clock starts at the lead-in's last answer, when the server is busy and the stream's "
+                   "first batch is already queued, as inside a long stream (the in-process contenders hold their "
+                   "inputs in memory and have no ramp either). "
                    + ("Every pass had the fewest batches possible, so the window is exact. " if ok else
                       "Some passes had a partial first batch; those are timed from the first send instead. ")
                    + f"Timed from the first send (lead-in included), its rate was {min(cold):.2f}-{max(cold):.2f}x "
-                   f"the steady one (`cold_requests_per_s` in the JSON).")
+                   "the steady one (`cold_requests_per_s` in the JSON).")
     mb = [cls[str(k)]["contenders"].get("lopa", {}).get("mean_batch_size") for k in ks]
     mb = [x for x in mb if x is not None]
     if mb:
@@ -1075,10 +1074,6 @@ def notes(result: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_markdown(path: Path, section: str) -> None:
-    write_section(path, section, MARK_START, MARK_END)
-
-
 def summary(result: dict[str, Any]) -> str:
     lines = []
     for k, row in result["classification"].items():
@@ -1095,9 +1090,7 @@ def summary(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_transformers()
+    prepare_benchmark(args.threads)
     import warnings
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
@@ -1114,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
         rel = None
     result["outputs"] = {"json": str(out), "doc": str(doc), "plot": str(image) if rel else None}
     out.write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(doc, render(result, rel))
+    write_section(doc, render(result, rel), MARK_START, MARK_END)
     print(summary(result))
     print(f"wrote {out}, {doc}" + (f" and {image}" if rel else "") + f" in {result['wall_s']:.0f}s")
     return 0

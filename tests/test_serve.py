@@ -11,8 +11,6 @@ import importlib.util
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ from lopa.client import Client, ClientError, ServerError
 from lopa.serve.backends import ClassifyRow, GenerateRow, TransformersBackend
 from lopa.serve.batcher import Batcher, BatcherClosed
 from lopa.serve.wire import encode_soft_prompt
+from serverproc import free_port, start_server, stop_server, wait_healthy
 
 KEY = "test-key-123"
 MODEL = "tiny-random-llama"
@@ -42,12 +41,6 @@ WORDS = ("the a film was great dull fine plot actor scene long short funny sad m
          "really not quite bright dark warm cold").split()
 TEXTS = ["Review: a fine film\nSentiment:", "Review: dull and long\nSentiment:",
          "Review: the actors were great\nSentiment:", "def add(a, b):\n"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_text(rng: random.Random) -> str:
@@ -96,36 +89,14 @@ def backend() -> TransformersBackend:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``lopa serve`` in a subprocess; at the end it must stop cleanly on SIGINT."""
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "LOPA_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "lopa", "serve", "--model", MODEL, "--dtype", "float32", "--port", str(port),
-           "--max-batch-size", "32", "--max-wait-ms", "2", "--max-soft-tokens", str(MAX_SOFT),
-           "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW), "--log-level", "warning", "--threads", "1"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start in 120 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
+    proc, url = start_server(["--model", MODEL, "--dtype", "float32", "--max-batch-size", "32", "--max-wait-ms", "2",
+                              "--max-soft-tokens", str(MAX_SOFT), "--max-prompt-tokens", str(MAX_PROMPT),
+                              "--max-new-tokens", str(MAX_NEW), "--log-level", "warning", "--threads", "1"], log, env)
+    wait_healthy(proc, url, log, timeout_s=120)
     yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("server did not stop within 30 s of SIGINT")
-    assert rc == 0, log.read_text()[-3000:]
+    stop_server(proc, log, timeout_s=30)
 
 
 @pytest.fixture()

@@ -16,11 +16,8 @@ import asyncio
 import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -31,6 +28,7 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 from lopa.serve.backends import ClassifyRow, GenerateRow, TransformersBackend  # noqa: E402
 from lopa.serve.wire import encode_soft_prompt  # noqa: E402
+from serverproc import start_server, stop_server, wait_healthy  # noqa: E402
 
 MODEL = "smollm2-135m"
 KEY = "vllm-test-key"
@@ -42,12 +40,6 @@ TEXTS = ["The capital of France is", "def add(a, b):\n", "Review: a fine film\nS
          "The three primary colours are", "for i in range(10):\n", "My favourite season is",
          "Q: Who wrote Hamlet?\nA:", "class Stack:\n", "In 1969, the first"]
 LABELS = [" positive", " negative", " Paris", " the", " 4"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def soft_prompts(emb: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -64,14 +56,11 @@ def soft_prompts(emb: torch.Tensor, n: int) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Start the vLLM server first (it takes ~30-60 s), compute the references meanwhile."""
-    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     env = {**os.environ, "LOPA_API_KEY": KEY, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "lopa", "serve", "--backend", "vllm", "--model", MODEL, "--dtype", "float32",
-           "--port", str(port), "--max-batch-size", "32", "--max-soft-tokens", "16", "--max-prompt-tokens", "64",
-           "--max-new-tokens", "32", "--log-level", "warning"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    proc, url = start_server(["--backend", "vllm", "--model", MODEL, "--dtype", "float32", "--max-batch-size", "32",
+                              "--max-soft-tokens", "16", "--max-prompt-tokens", "64", "--max-new-tokens", "32",
+                              "--log-level", "warning"], log, env)
     try:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the engine is loading on the other core
@@ -82,29 +71,10 @@ def setup(tmp_path_factory):
         want_gen = [ref.generate([GenerateRow(i, s, NEW)])[0] for i, s in zip(ids, z)]
         want_cls = [ref.classify([ClassifyRow(i, s, label_ids)])[0] for i, s in zip(ids, z)]
         torch.set_num_threads(threads)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not start in 240 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_healthy(proc, url, log, timeout_s=240, poll_s=0.5)
         yield {"url": url, "ref": ref, "z": z, "ids": ids, "gen": want_gen, "cls": want_cls}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                rc = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                pytest.fail("server did not stop within 60 s of SIGINT")
-            assert rc == 0, log.read_text()[-4000:]
+        stop_server(proc, log, timeout_s=60)
 
 
 @pytest.fixture()

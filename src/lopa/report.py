@@ -42,3 +42,13 @@ def quiet_transformers() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def prepare_benchmark(threads: int | None = None) -> None:
+    """What every benchmark's ``main`` does first: quiet transformers and tokenizers, and pin torch to
+    ``threads`` threads when given (on a small shared machine, the same count for every contender)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_transformers()
+    if threads:
+        import torch
+        torch.set_num_threads(threads)

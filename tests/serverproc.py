@@ -1,0 +1,63 @@
+"""A real ``lopa serve`` in a subprocess on loopback, for the server tests (transformers and vLLM).
+
+``start_server`` launches the command with its output in a log file; ``wait_healthy`` waits for
+``/health``; ``stop_server`` sends SIGINT and checks for a clean exit, with the log's tail in every
+failure message.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m lopa serve ARGS --port P``; (the process, its base url). Does not wait."""
+    port = free_port()
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "lopa", "serve", *args, "--port", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float, poll_s: float = 0.2) -> None:
+    """Return once ``GET /health`` answers 200; fail the test if the server exits or is late."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+        time.sleep(poll_s)
+
+
+def stop_server(proc: subprocess.Popen, log: Path, timeout_s: float = 30) -> None:
+    """SIGINT, then the server must finish its work and exit 0 within ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"server did not stop within {timeout_s:.0f} s of SIGINT")
+    assert rc == 0, log.read_text()[-4000:]
