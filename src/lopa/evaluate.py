@@ -154,13 +154,16 @@ def load_run_model(run_dir: str | Path, base: Any = None, tokenizer: Any = None)
 
 
 def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch_size: int = 32,
-          precision: str = "fp32", progress: bool = True, **gen: Any) -> dict[str, Any]:
-    """Evaluate on one split of a task; the dict is what ``lopa eval`` prints."""
+          precision: str = "fp32", progress: bool = True, keep_predictions: bool = False,
+          **gen: Any) -> dict[str, Any]:
+    """Evaluate on one split of a task; the dict is what ``lopa eval`` prints. ``keep_predictions``
+    keeps a classification's per-item predicted class indices under ``"predictions"``."""
     examples = task.split(split)[:limit] if limit else task.split(split)
     started = time.time()
     if task.kind == "classification":
         res = evaluate_classification(model, examples, task.label_words, batch_size, precision, progress)
-        res.pop("predictions")
+        if not keep_predictions:
+            res.pop("predictions")
     else:
         res = evaluate_generation(model, task, examples, batch_size=batch_size, precision=precision,
                                   progress=progress, **gen)

@@ -31,6 +31,7 @@ from . import checkpoint
 from .evaluate import (RUN_CONFIG, autocast, evaluate_classification, generation_dev_loss, load_run_model, score)
 from .methods import METHODS, ConfigError, make_config
 from .tasks import Task, TaskError, get_task
+from .tasks.metrics import paired_difference_ci95
 
 BASELINES = ("lora", "full")
 DEFAULT_LR = {"prompt-tuning": 3e-3, "lopt-1": 3e-3, "lopt-2": 1e-3, "idpg": 1e-3, "lopa": 1e-3,
@@ -98,7 +99,7 @@ class TrainArgs:
     """after warm-up: linear decay to 0, or constant"""
     eval_every: int = 100
     """evaluate on the dev split (and checkpoint) every N steps"""
-    eval_limit: int | None = 200
+    eval_limit: int | None = 500
     """dev items scored at each evaluation (all if unset)"""
     test_limit: int | None = None
     """test items scored at the end (all if unset)"""
@@ -389,15 +390,32 @@ def train(args: TrainArgs) -> dict[str, Any]:
             if args.zero_shot:
                 from .baselines import BaselineModel
                 results["zero_shot"] = _final_scores(BaselineModel(base, tokenizer, "zero-shot"), task, args)
+                results.update(_paired_with_zero_shot(task, results["test"], results["zero_shot"]))
+            for r in (results.get("test"), results.get("zero_shot")):
+                if r:
+                    r.pop("predictions", None)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 def _final_scores(model: Any, task: Task, args: TrainArgs) -> dict[str, Any]:
     if task.kind == "classification":
-        return score(model, task, "test", limit=args.test_limit, precision=args.precision, progress=args.progress)
+        return score(model, task, "test", limit=args.test_limit, precision=args.precision, progress=args.progress,
+                     keep_predictions=True)
     return score(model, task, "test", limit=args.test_limit, precision=args.precision, progress=args.progress,
                  max_new_tokens=128, ks=(1,))
+
+
+def _paired_with_zero_shot(task: Task, test: dict[str, Any], zero_shot: dict[str, Any]) -> dict[str, Any]:
+    """The trained model's accuracy minus the zero-shot accuracy on the same test items, with a
+    paired 95% interval: ``{"vs_zero_shot": {"difference", "ci95"}}`` (classification only)."""
+    if "predictions" not in test or "predictions" not in zero_shot:
+        return {}
+    limit = test["n"]
+    labels = [e.label for e in task.split("test")[:limit]]
+    d, lo, hi = paired_difference_ci95([p == y for p, y in zip(test["predictions"], labels)],
+                                       [p == y for p, y in zip(zero_shot["predictions"], labels)])
+    return {"vs_zero_shot": {"difference": d, "ci95": [lo, hi]}}
 
 
 def train_cli(args: TrainArgs) -> int:
@@ -416,6 +434,11 @@ def train_cli(args: TrainArgs) -> int:
             line += f"  macro-F1: {test['macro_f1']:.4f}"
         if zs:
             line += f"  |  zero-shot {key}: {zs[key]:.4f}"
+        vs = results.get("vs_zero_shot")
+        if vs:
+            lo, hi = vs["ci95"]
+            line += (f"  |  {100 * vs['difference']:+.1f} points over zero-shot "
+                     f"(paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f})")
         line += f"  |  trainable params: {results['trainable_params']:,d}  train time: {results['train_s']:.0f}s"
         print(line)
     print(json.dumps({k: v for k, v in results.items()}))
