@@ -175,7 +175,8 @@ class TransformersBackend:
         return out  # type: ignore[return-value]
 
     def generate(self, rows: Sequence[GenerateRow]) -> list[Completion]:
-        """Completions for every row: one KV-cached ``generate`` per group of equal settings."""
+        """Completions for every row: one KV-cached decoding loop (:func:`lopa.prefix.generate_ids`) per
+        group of equal settings; ``completion_tokens`` counts the tokens generated."""
         out: list[Completion | None] = [None] * len(rows)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
@@ -184,15 +185,17 @@ class TransformersBackend:
             first = rows[idx[0]]
             batch = prefix.assemble(self.base, [rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx])
             sample = first.temperature > 0
-            texts = prefix.generate(self.base, self.tokenizer, batch, max_new_tokens=first.max_new_tokens,
-                                    do_sample=sample, temperature=first.temperature if sample else 1.0,
-                                    top_p=first.top_p if sample else 1.0, stop=list(first.stop) or None,
-                                    seed=first.seed if sample else None)
-            for i, text in zip(idx, texts):
-                # prefix.generate returns text only; re-tokenising it counts the tokens (exact for the
-                # byte-level BPE tokenizers we ship, close elsewhere) and tells a full budget from a stop
-                n = len(self.tokenize(text))
-                out[i] = Completion(text, "length" if n >= first.max_new_tokens else "stop", n)
+            stop = list(first.stop) or None
+            ids = prefix.generate_ids(self.base, self.tokenizer, batch, max_new_tokens=first.max_new_tokens,
+                                      do_sample=sample, temperature=first.temperature if sample else 1.0,
+                                      top_p=first.top_p if sample else 1.0, stop=stop,
+                                      seed=first.seed if sample else None)
+            for i, toks in zip(idx, ids):
+                decoded = self.tokenizer.decode(toks, skip_special_tokens=True)
+                text = prefix.cut_at_stop(decoded, stop)
+                # the whole budget spent and no stop string in it: cut by length; else EOS or a stop string
+                reason = "length" if len(toks) >= first.max_new_tokens and text == decoded else "stop"
+                out[i] = Completion(text, reason, len(toks))
         return out  # type: ignore[return-value]
 
 

@@ -1,0 +1,88 @@
+"""The shared [pad][soft][tokens] core: its own decoding loop against transformers' ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lopa import prefix
+
+
+def _batch(base, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    d = base.get_input_embeddings().weight.shape[1]
+    soft = [torch.randn(n, d, generator=g) * 0.5 for n in (3, 0, 5, 1)]  # rows of different lengths
+    ids = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7], [42], [300, 301]]
+    return prefix.assemble(base, soft, ids)
+
+
+def _hf_greedy(base, tok, batch, n: int) -> list[list[int]]:
+    out = base.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=n,
+                        do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id)
+    rows = []
+    for r in out.tolist():
+        rows.append(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r)
+    return rows
+
+
+def test_greedy_equals_transformers_generate(tiny_base):
+    base, tok = tiny_base
+    batch = _batch(base)
+    with torch.no_grad():
+        want = _hf_greedy(base, tok, batch, 12)
+    got = prefix.generate_ids(base, tok, batch, max_new_tokens=12)
+    assert got == want and all(len(r) == 12 for r in got)
+    # each row alone gives its own result (left padding and positions make rows independent)
+    for i in range(4):
+        one = prefix.PrefixBatch(*(t[i:i + 1] for t in (batch.inputs_embeds, batch.attention_mask,
+                                                      batch.position_ids)))
+        assert prefix.generate_ids(base, tok, one, max_new_tokens=12) == [got[i]]
+
+
+def test_eos_ends_a_row_and_the_others_go_on(tiny_base):
+    base, tok = tiny_base
+    batch = _batch(base)
+    free = prefix.generate_ids(base, tok, batch, max_new_tokens=8)
+    # make a token that first appears mid-row the end of sequence: a model whose generation config says so
+    row, k = next((i, k) for i, r in enumerate(free) for k in range(1, len(r)) if r[k] not in r[:k])
+    eos = free[row][k]
+    saved = base.generation_config.eos_token_id
+    base.generation_config.eos_token_id = [tok.eos_token_id, eos]
+    try:
+        got = prefix.generate_ids(base, tok, batch, max_new_tokens=8)
+    finally:
+        base.generation_config.eos_token_id = saved
+    assert got[row] == free[row][:k]
+    for g, f in zip(got, free):  # every row ends at its own first EOS, or runs the whole budget
+        assert g == (f[:f.index(eos)] if eos in f else f)
+
+
+def test_stop_strings_cut_the_text_and_stop_the_row(tiny_base):
+    base, tok = tiny_base
+    batch = _batch(base)
+    free = prefix.generate_ids(base, tok, batch, max_new_tokens=10)
+    text = tok.decode(free[1], skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop and stop in text
+    ids = prefix.generate_ids(base, tok, batch, max_new_tokens=10, stop=[stop])
+    assert len(ids[1]) < 10 and stop in tok.decode(ids[1], skip_special_tokens=True)
+    texts = prefix.generate(base, tok, batch, max_new_tokens=10, stop=[stop])
+    assert texts[1] == text[:text.find(stop)]
+    assert prefix.cut_at_stop("a;b.c", [".", ";"]) == "a" and prefix.cut_at_stop("abc", None) == "abc"
+
+
+def test_sampling_is_repeatable_and_a_tiny_nucleus_is_greedy(tiny_base):
+    base, tok = tiny_base
+    batch = _batch(base)
+    rng = torch.get_rng_state()
+    a = prefix.generate_ids(base, tok, batch, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    b = prefix.generate_ids(base, tok, batch, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    c = prefix.generate_ids(base, tok, batch, max_new_tokens=8, do_sample=True, temperature=1.5, seed=8)
+    assert a == b and a != c
+    assert torch.equal(rng, torch.get_rng_state())  # a seeded sample leaves the global RNG alone
+    greedy = prefix.generate_ids(base, tok, batch, max_new_tokens=8)
+    assert prefix.generate_ids(base, tok, batch, max_new_tokens=8, do_sample=True, top_p=1e-9, seed=1) == greedy
+    with pytest.raises(ValueError, match="temperature > 0"):
+        prefix.generate_ids(base, tok, batch, max_new_tokens=2, do_sample=True, temperature=0.0)
+    assert prefix.generate_ids(base, tok, batch, max_new_tokens=0) == [[], [], [], []]
