@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="torch threads of the server (--threads) and of this process, the same for every contender "
            "(default 1: on a small shared machine, threads waiting for each other cost more than a second core "
            "gives; the HTTP clients then have a core of their own)")
+    a("--gen-threads", type=int, default=None,
+      help="torch threads of every contender in the generation workload (lopa's server, restarted with them, and "
+           "the in-process transformers rows); vLLM keeps its own CPU binding. Default: all cores, since "
+           "generation has few requests and each contender gets the whole machine, as vLLM does")
     a("--gen-requests", type=int, default=None,
       help="generation requests per contender and pass, 0 skips generation (default 32, one batch; --quick: 8)")
     a("--new-tokens", type=int, default=None, help="new tokens per generation request, greedy (default 16; "
@@ -189,8 +193,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS + EXTRA_CONTENDERS)}")
     if args.concurrency is None:
         args.concurrency = 2 * args.batch_size
+    if args.gen_threads is None:
+        args.gen_threads = 1 if q else (os.cpu_count() or 1)
     for name in ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r", "new_tokens",
-                 "threads"):
+                 "threads", "gen_threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0:
@@ -272,12 +278,13 @@ def free_port() -> int:
 class Server:
     """A ``lopa serve`` subprocess and an asyncio httpx client that drives it."""
 
-    def __init__(self, args: argparse.Namespace, log_path: Path):
+    def __init__(self, args: argparse.Namespace, log_path: Path, threads: int | None = None):
         import httpx
+        self.threads = threads or args.threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "lopa", "serve", "--model", args.model, "--host", "127.0.0.1",
-                    "--port", str(self.port), "--dtype", args.dtype, "--threads", str(args.threads),
+                    "--port", str(self.port), "--dtype", args.dtype, "--threads", str(self.threads),
                     "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
                     "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
                     "--log-level", "warning"]
@@ -642,7 +649,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     label_ids = work.label_ids
 
     log_path = Path(tempfile.mkstemp(prefix="lopa-serving-server-", suffix=".log")[1])
-    server = Server(args, log_path) if "lopa" in args.contenders or args.gen_requests else None
+    reuse = args.gen_requests and args.gen_threads == args.threads  # the generation workload's server too
+    server = Server(args, log_path) if "lopa" in args.contenders or reuse else None
     try:
         if server is not None:
             result["server"] = {"command": shlex.join(server.cmd[1:]).replace("-m lopa", "lopa", 1),
@@ -684,7 +692,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del lora, pt, inproc
         gc.collect()
         if args.gen_requests:
-            generation(args, result, work, wire, server, bare, tok, dtype)
+            if server is None or server.threads != args.gen_threads:
+                if server is not None:
+                    server.close()
+                server = None
+                server = Server(args, log_path, threads=args.gen_threads)
+                log(f"generation server up with {args.gen_threads} threads in {server.start_s:.1f}s")
+            result["generation_server"] = {"command": shlex.join(server.cmd[1:]).replace("-m lopa", "lopa", 1)}
+            torch.set_num_threads(args.gen_threads)
+            try:
+                generation(args, result, work, wire, server, bare, tok, dtype)
+            finally:
+                torch.set_num_threads(args.threads)
     finally:
         if server is not None:
             server.close()
@@ -830,7 +849,7 @@ def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload,
                 cpu[c].append((time.process_time() - p0) / n)
             seconds[c].append(dt)
             log(f"  generate pass {r + 1}/{args.repeats}  {c:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
-    gen: dict[str, Any] = {"requests": n, "new_tokens": g, "batch_size": args.batch_size,
+    gen: dict[str, Any] = {"requests": n, "new_tokens": g, "batch_size": args.batch_size, "threads": args.gen_threads,
                            "positions": {"lopa": f"{args.m} soft + {args.text_tokens} text",
                                          "hf": f"{args.m + args.text_tokens} text"},
                            "contenders": {}}
@@ -980,7 +999,9 @@ def render(result: dict[str, Any], image: str | None) -> str:
         L += [f"Generation: {gen['requests']} requests, {gen['new_tokens']} new tokens each, greedy, batches of "
               f"{gen['batch_size']}; lopa: {gen['positions']['lopa']} positions through `/v1/generate`"
               f"{' (steady state, as above)' if s.get('lead_in') else ''}; transformers: "
-              f"{gen['positions']['hf']} positions of plain text, `generate` in this process.", "",
+              f"{gen['positions']['hf']} positions of plain text, `generate` in this process; lopa's server and "
+              f"these with {gen.get('threads', s.get('threads'))} torch threads (the whole machine: generation has few "
+              f"requests, so no core is kept for the clients).", "",
               "| contender | requests/s | new tokens/s | lopa / it, wall (CPU) |", "|---|---:|---:|---:|"]
         for c in ("lopa", "hf-fp32", "hf-bf16", "vllm"):
             x = gen["contenders"].get(c, {})

@@ -15,7 +15,8 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     out, doc = tmp_path / "results", tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
     doc.write_text("# Results\n\nkept above\n\n<!-- serving:start -->\nSTALE-SECTION\n<!-- serving:end -->\n\nkept below\n")
-    assert main(["bench", "serving", "--quick", "--out", str(out), "--doc", str(doc)]) == 0
+    # --gen-threads unlike --threads: the generation workload gets a server of its own
+    assert main(["bench", "serving", "--quick", "--out", str(out), "--doc", str(doc), "--gen-threads", "2"]) == 0
     result = json.loads((out / "serving.json").read_text())
 
     assert result["benchmark"] == "serving" and result["settings"]["model"] == "tiny-random-llama"
@@ -51,6 +52,8 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     for c in ("lopa", "hf-fp32", "hf-bf16"):
         assert gen["contenders"][c]["requests_per_s"] > 0 and gen["contenders"][c]["generated_tokens"] >= 0
     assert set(gen["ratios"]) == {"lopa_over_hf_fp32", "lopa_over_hf_bf16"}
+    assert gen["threads"] == 2 and "--threads 2" in result["generation_server"]["command"]
+    assert "--threads 1" in result["server"]["command"]
 
     text = doc.read_text()
     assert text.startswith("# Results\n\nkept above") and text.rstrip().endswith("kept below")

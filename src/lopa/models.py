@@ -34,6 +34,8 @@ import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig,
                           LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
+from . import attention
+
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name that resolves to nothing; the message says what to install or pass."""
@@ -206,6 +208,7 @@ def load_base(name: str = DEFAULT_BASE, dtype: torch.dtype | str = torch.float32
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)
+    attention.install(model)  # SDPA, with bf16 decode steps on a CPU in float32 (lopa.attention)
     model.config.name_or_path = name  # what artifacts and /health report
     return model, tok
 
