@@ -141,6 +141,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a("--main-rows", default=None,
       help="rows that get --seeds seeds on the first task, the others get one (default "
            + ",".join(MAIN_ROWS) + "; --quick: prompt-tuning,lopa)")
+    a("--other-rows", default=None,
+      help="rows run on the tasks after the first (zero-shot always runs), e.g. the main rows only to fit a "
+           "time budget (default: --rows)")
     a("--steps", type=int, default=None, help="training steps of every main run on the first task (default 80)")
     a("--other-steps", type=int, default=None,
       help="training steps of every run on the other tasks (default 40)")
@@ -203,6 +206,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     args.main_rows = [r.strip() for r in args.main_rows.split(",") if r.strip()]
+    args.other_rows = ([r.strip() for r in args.other_rows.split(",") if r.strip()] if args.other_rows
+                       else list(args.rows))
+    if set(args.other_rows) - set(args.rows):
+        p.error(f"--other-rows {sorted(set(args.other_rows) - set(args.rows))} are not among --rows")
     for r in args.rows + args.main_rows:
         if r not in ROW_BY_SLUG:
             p.error(f"unknown row {r!r}; rows: {', '.join(ROW_BY_SLUG)}")
@@ -324,7 +331,7 @@ def main_jobs(cfg: argparse.Namespace, lrs: dict[str, float] | None) -> list[Job
     jobs = []
     for ti, task in enumerate(cfg.tasks):
         steps = cfg.steps if ti == 0 else cfg.other_steps
-        for slug in cfg.rows:
+        for slug in (cfg.rows if ti == 0 else cfg.other_rows):
             row = ROW_BY_SLUG[slug]
             n = (cfg.seeds if ti == 0 else cfg.other_seeds) if slug in cfg.main_rows else 1
             for seed in range(n):
@@ -626,7 +633,7 @@ def summarize(cfg, store: Store, groups: dict[str, list[Job]], lr_table: dict[st
                    "candidate_default": ({"gate_scale": 2.0, "shared_lr_scale": b["settings"]["shared_lr_scale"]}
                                          if winner == "lopa-gate2" else {"gate_scale": 1.0, "shared_lr_scale": 1.0})}
     all_s = sum(r.get("wall_s") or 0 for r in store.runs.values() if not r.get("reused_from"))
-    settings = {k: getattr(cfg, k) for k in ("model", "encoder", "tasks", "rows", "main_rows", "steps",
+    settings = {k: getattr(cfg, k) for k in ("model", "encoder", "tasks", "rows", "other_rows", "main_rows", "steps",
                                              "other_steps", "seeds", "other_seeds", "batch_size", "warmup",
                                              "evals", "dev_limit", "test_limit", "precision", "m", "rank",
                                              "hidden", "lora_r", "threads", "pilot_steps", "pilot_dev_limit",
