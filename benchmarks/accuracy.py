@@ -640,7 +640,8 @@ def summarize(cfg, store: Store, groups: dict[str, list[Job]], lr_table: dict[st
                                              "no_sweep", "sweep_m", "sweep_r",
                                              "sweep_steps", "sweep_evals", "sweep_test_limit", "quick")}
     settings["pilot_grid"] = {k: v for k, v in cfg.pilot_grid.items()}
-    return {"command": "lopa bench accuracy" + ("" if not cfg.argv else " " + shlex.join(cfg.argv)),
+    argv = [a for a in cfg.argv if a != "--report-only"]  # the command that ran the runs
+    return {"command": "lopa bench accuracy" + ("" if not argv else " " + shlex.join(argv)),
             "machine": machine(), "settings": settings,
             "wall_s": {"this_invocation": round(invocation_s, 1), "all_runs": round(all_s, 1)},
             "counts": {"runs": sum(not r.get("reused_from") for r in store.runs.values()),

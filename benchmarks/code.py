@@ -321,24 +321,44 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
-def verdicts(parts: dict[str, dict[str, Any]]) -> list[str]:
-    """A difference is claimed only where the two Wilson intervals do not overlap."""
-    out = []
+def per_problem(out: Path, part: dict[str, Any]) -> dict[str, float] | None:
+    """A part's per-problem pass rate by problem id, from its METHOD-test.jsonl (None if it is gone)."""
+    path = out / part.get("results", "")
+    if not part.get("results") or not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["id"]: r["passed"] / max(r["n"], 1) for r in rows}
+
+
+def verdicts(parts: dict[str, dict[str, Any]], out: Path | None = None) -> list[str]:
+    """A difference is claimed only where the paired 95% interval (the same problems, per-problem
+    differences) excludes zero; without the per-problem files, only where the Wilson intervals part."""
+    from lopa.tasks.metrics import paired_difference_ci95
+    res = []
     for a, b in [("lopa", "prompt-tuning"), ("prompt-tuning", "zero-shot"), ("lopa", "zero-shot"),
                  ("lora", "prompt-tuning"), ("lopa", "lora")]:
         if a not in parts or b not in parts:
             continue
         pa, pb = parts[a], parts[b]
-        (alo, ahi), (blo, bhi) = pa["ci95"], pb["ci95"]
         diff = 100 * (pa["pass@1"] - pb["pass@1"])
+        ra, rb = (per_problem(out, pa), per_problem(out, pb)) if out is not None else (None, None)
+        common = sorted(set(ra) & set(rb)) if ra and rb else []
+        if len(common) >= 2:
+            d, lo, hi = paired_difference_ci95([ra[i] for i in common], [rb[i] for i in common])
+            ci = f"paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f} over {len(common)} problems"
+            text = (f"{LABELS[a]} > {LABELS[b]}" if lo > 0 else f"{LABELS[b]} > {LABELS[a]}" if hi < 0
+                    else "no difference claimed")
+            res.append(f"- {LABELS[a]} − {LABELS[b]}: {diff:+.1f} points ({ci}); {text}.")
+            continue
+        (alo, ahi), (blo, bhi) = pa["ci95"], pb["ci95"]
         if alo > bhi:
             text = f"{LABELS[a]} > {LABELS[b]}"
         elif blo > ahi:
             text = f"{LABELS[b]} > {LABELS[a]}"
         else:
             text = "intervals overlap: no difference claimed"
-        out.append(f"- {LABELS[a]} − {LABELS[b]}: {diff:+.1f} points; {text}.")
-    return out
+        res.append(f"- {LABELS[a]} − {LABELS[b]}: {diff:+.1f} points; {text}.")
+    return res
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -370,7 +390,7 @@ def render(summary: dict[str, Any]) -> str:
                  f"{p['passed']} / {p['n']} | {p['generate_s_per_problem']:.2f} | {p['sandbox_s_per_problem']:.2f} | "
                  f"{train_s} | {paper} |")
     L.append("")
-    vs = verdicts(parts)
+    vs = verdicts(parts, Path(st["out"]))
     if vs:
         L += vs + [""]
     lr = ", ".join(f"{LABELS[m]} {p['lr']:g}" for m, p in parts.items() if p.get("lr") is not None)
@@ -449,8 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     # the report covers this command's methods, finished with this command's settings
     current = {m: summary.parts[m] for m in cfg.methods if summary.done(m, hashes[m])}
     n_test = next(iter(current.values()))["n"] if current else (cfg.limit or 0)
+    # --report-only keeps the command that ran the parts (minus the flag), not its own
+    argv = [a for a in cfg.argv if a != "--report-only"]
     summary.data.update(
-        benchmark="code", command="lopa bench code" + ("" if not cfg.argv else " " + shlex.join(cfg.argv)),
+        benchmark="code", command="lopa bench code" + ("" if not argv else " " + shlex.join(argv)),
         settings=dict(task=cfg.task, model=cfg.model, encoder=cfg.encoder, methods=cfg.methods, steps=cfg.steps,
                       batch_size=cfg.batch_size, warmup=cfg.warmup, evals=cfg.evals, dev_limit=cfg.dev_limit,
                       limit=cfg.limit, n_test=n_test, max_new_tokens=cfg.max_new_tokens,

@@ -51,7 +51,8 @@ def test_quick_benchmark_writes_summary_and_doc_then_resumes(tmp_path, capsys):
     assert text.startswith("# Results\n\nintro\n\n<!-- accuracy:start -->\nACCURACY\n<!-- accuracy:end -->\n\ntail")
     section = text[text.index("<!-- code:start -->"):text.index("<!-- code:end -->")]
     for needle in ["zero-shot (bare model)", "| prompt tuning |", "| LoPA |", "31.2", "34.5", "36.0", "not run",
-                   "Command: `lopa bench code --quick", "Machine:", "Wall time:", "generate s/problem"]:
+                   "Command: `lopa bench code --quick", "Machine:", "Wall time:", "generate s/problem",
+                   "paired 95% CI", "over 4 problems"]:  # verdicts pair the per-problem results
         assert needle in section, needle
 
     # rerun: every part is recorded with the same settings, so nothing runs again
@@ -61,6 +62,9 @@ def test_quick_benchmark_writes_summary_and_doc_then_resumes(tmp_path, capsys):
     assert "starting" not in printed and printed.count("done (recorded in summary.json)") == 3
     assert (out / "lopa-test.jsonl").stat().st_mtime_ns == stamp
     assert doc.read_text().count("<!-- code:start -->") == 1 and "ACCURACY" in doc.read_text()
+    assert main(argv + ["--report-only"]) == 0  # the report keeps the command that ran the parts
+    assert json.loads((out / "summary.json").read_text())["command"] == summary["command"]
+    capsys.readouterr()
 
     # a part lost from the summary after training: scored again without retraining
     summary["parts"].pop("lopa")
