@@ -622,7 +622,10 @@ def serve(cfg: ServeConfig) -> int:
           f"{str(backend.dtype).removeprefix('torch.')}) on http://{cfg.host}:{cfg.port}"
           f"{' (API key required)' if cfg.api_key else ''}", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=30)
+        # keep-alive well above a batch's time: with uvicorn's 5 s default, a client's pooled connection could
+        # be closed by the server just as the client reused it (a ReadError under load)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=30,
+                    timeout_keep_alive=75)
     finally:
         close = getattr(backend, "close", None)  # vllm: stop its engine processes
         if close is not None:
