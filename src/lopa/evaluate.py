@@ -199,7 +199,7 @@ class EvalArgs:
     batch_size: int = 32
     """items per forward pass"""
     precision: str | None = field(default=None, metadata={"choices": ["auto", "fp32", "bf16"]})
-    """fp32 or bf16 autocast (default: the run's own; else auto = bf16 where the hardware has native bf16)"""
+    """fp32 or bf16 autocast (default: the run's own; else auto = bf16 where the hardware runs it faster than fp32)"""
     n_samples: int = 1
     """generation: samples per problem (pass@k for every k <= n)"""
     temperature: float = 0.0

@@ -1,14 +1,28 @@
 """What this machine runs fast: the server's ``--dtype auto`` and training's ``--precision auto`` ask here.
 
->>> isinstance(cpu_supports_bf16(), bool)
+On a CPU, bfloat16 pays only where the matrix units run it natively *and* faster than float32. With
+AMX (Sapphire Rapids and later, when the kernel exposes it) bf16 matmuls are several times faster
+than fp32. With AVX512-BF16 alone it depends on the part and on oneDNN's kernels: on one 2-core
+virtual machine here (AMX present in the silicon but not exposed) a bf16 ``linear`` ran at half the
+fp32 rate. So where only AVX512-BF16 is there, :func:`cpu_bf16_is_faster` times one matrix product
+in both dtypes, once per process, and picks the faster.
+
+>>> isinstance(cpu_supports_bf16(), bool), isinstance(cpu_bf16_is_faster(), bool)
+(True, True)
+>>> fast_precision() in ("bf16", "fp32")
 True
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from pathlib import Path
 
 import torch
+
+# bf16 is chosen only when it is clearly faster: the timing is a few milliseconds on a shared machine
+BF16_MIN_SPEEDUP = 1.15
 
 
 def _cpu_flags() -> set[str]:
@@ -26,15 +40,45 @@ def cpu_supports_bf16() -> bool:
     """True when this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX), not by emulation.
 
     PyTorch's dispatch level must be AVX512 and the CPU must report ``avx512_bf16`` or ``amx_bf16``;
-    elsewhere bfloat16 on CPU is several times slower than float32, so float32 is the default there.
+    elsewhere bfloat16 on CPU is several times slower than float32. Native is not the same as faster:
+    see :func:`cpu_bf16_is_faster`.
     """
     if "AVX512" not in torch.backends.cpu.get_cpu_capability().upper():
         return False
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+def bf16_matmul_speedup(m: int = 512, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
+    """fp32 time over bf16 time of one ``m × k`` by ``k × n`` product on this CPU (best of ``repeats``),
+    at torch's current thread count; above 1 means bf16 is faster."""
+    def best(dtype: torch.dtype) -> float:
+        a = torch.randn(m, k).to(dtype)
+        w = torch.randn(n, k).to(dtype)
+        torch.nn.functional.linear(a, w)  # warm-up: kernel selection, allocation
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, w)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    with torch.inference_mode():
+        return best(torch.float32) / best(torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_is_faster() -> bool:
+    """True when bfloat16 is native on this CPU and faster than float32: always with AMX; with
+    AVX512-BF16 alone, when :func:`bf16_matmul_speedup` (measured once per process) is at least
+    ``BF16_MIN_SPEEDUP``."""
+    if not cpu_supports_bf16():
+        return False
+    if "amx_bf16" in _cpu_flags():
+        return True
+    return bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+
+
 def fast_precision() -> str:
-    """``bf16`` on a GPU with bfloat16 or a CPU with native bf16, else ``fp32``."""
+    """``bf16`` on a GPU with bfloat16 or a CPU where bf16 is faster (:func:`cpu_bf16_is_faster`), else ``fp32``."""
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+    return "bf16" if cpu_bf16_is_faster() else "fp32"

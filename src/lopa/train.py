@@ -110,7 +110,7 @@ class TrainArgs:
     seed: int = 0
     """seeds initialisation, data order and dropout"""
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
-    """bf16 autocast or fp32; auto = bf16 on a GPU with bf16 or a CPU with native bf16 (AVX512-BF16 or AMX), else fp32"""
+    """bf16 autocast or fp32; auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32"""
     resume: bool = False
     """continue the run in --out from its newest checkpoint"""
     overwrite: bool = False

@@ -30,7 +30,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .. import prefix
-from ..hardware import cpu_supports_bf16  # noqa: F401  (also imported from here by callers)
+from ..hardware import cpu_bf16_is_faster, cpu_supports_bf16  # noqa: F401  (also imported from here by callers)
 from ..models import load_base
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -119,14 +119,15 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that has it (else float16) or a CPU with native bf16, else float32."""
+    """``auto``: bfloat16 on a GPU that has it (else float16) or a CPU where native bf16 is faster than
+    float32 (:func:`lopa.hardware.cpu_bf16_is_faster`), else float32."""
     if dtype not in DTYPE_CHOICES:
         raise BackendError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_is_faster() else torch.float32
 
 
 class TransformersBackend:

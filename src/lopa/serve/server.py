@@ -61,7 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import (BACKENDS, DTYPE_CHOICES, Backend, BackendError, ClassifyRow, Completion, GenerateRow,
                        check_backend_name, classification_result, make_backend)
-from .batcher import Batcher, BatcherClosed, BatcherFull
+from .batcher import Batcher, BatcherClosed, BatcherFull, torch_threads_init
 from .wire import WireError, decode_soft_prompt
 
 log = logging.getLogger("lopa.serve")
@@ -89,7 +89,7 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)
     """require this key on /v1/* (Authorization: Bearer KEY or X-API-Key: KEY); default $LOPA_API_KEY, unset: no key"""
     dtype: str = field(default="auto", metadata={"choices": list(DTYPE_CHOICES)})
-    """model dtype; auto = bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16 or AMX), float32 on other CPUs"""
+    """model dtype; auto = bfloat16 on a GPU or a CPU where native bf16 (AMX; AVX512-BF16 if a timed matmul says so) beats float32, float32 elsewhere"""
     device: str = "auto"
     """where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     backend: str = field(default="transformers", metadata={"choices": list(BACKENDS)})
@@ -431,7 +431,8 @@ def create_app(backend: Backend, cfg: ServeConfig | None = None) -> FastAPI:
     metrics = Metrics()
     make_batcher = getattr(backend, "make_batcher", None)  # a backend that batches continuously itself (vllm)
     batcher = make_batcher() if make_batcher is not None else \
-        Batcher(backend, cfg.max_batch_size, cfg.max_wait_ms, on_batch=metrics.observe_batch)
+        Batcher(backend, cfg.max_batch_size, cfg.max_wait_ms, on_batch=metrics.observe_batch,
+                worker_init=torch_threads_init())
     started = int(time.time())
     dtype_name = str(backend.dtype).removeprefix("torch.")
 
