@@ -24,7 +24,7 @@ import torch
 import lopa
 from lopa.client import Client, ClientError, ServerError
 from lopa.serve.backends import ClassifyRow, GenerateRow, TransformersBackend
-from lopa.serve.batcher import Batcher, BatcherClosed
+from lopa.serve.batcher import Batcher, BatcherClosed, torch_threads_init
 from lopa.serve.wire import encode_soft_prompt
 from serverproc import free_port, start_server, stop_server, wait_healthy
 
@@ -392,6 +392,52 @@ def test_batcher_batches_isolates_failures_and_drains_on_close():
             await b.submit("classify", 1)
 
     asyncio.run(main())
+
+
+class _MatmulTimer:
+    """Times a matmul in the batcher's worker thread: process CPU seconds and wall seconds."""
+
+    def __init__(self) -> None:
+        self.a = torch.randn(1536, 1536)
+        self.threads: list[str] = []
+
+    def classify(self, rows):
+        self.threads.append(threading.current_thread().name)
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(8):
+            self.a @ self.a
+        return [(time.process_time() - c0, time.perf_counter() - t0) for _ in rows]
+
+    def generate(self, rows):
+        return rows
+
+
+def test_batcher_worker_keeps_the_servers_torch_thread_count():
+    """``--threads 1`` must hold in the worker thread, where the model runs: a thread started later computes
+    on every core unless it sets its own count (the server's throughput would then depend on idle cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    inits: list[str] = []
+    try:
+        init = torch_threads_init()
+
+        def worker_init():
+            inits.append(threading.current_thread().name)
+            init()
+
+        async def main():
+            be = _MatmulTimer()
+            b = Batcher(be, max_batch_size=4, max_wait_ms=1, worker_init=worker_init)
+            await b.start()
+            (cpu, wall), = [await b.submit("classify", 0)]
+            await b.close()
+            return be, cpu, wall
+
+        be, cpu, wall = asyncio.run(main())
+    finally:
+        torch.set_num_threads(before)
+    assert inits == be.threads and inits[0].startswith("lopa-backend")  # once, in the worker, before the batch
+    assert cpu <= 1.3 * wall + 0.02, f"the worker used {cpu / wall:.2f} cores with 1 torch thread"
 
 
 def test_graceful_shutdown_answers_requests_in_flight():

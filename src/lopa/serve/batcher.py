@@ -40,6 +40,18 @@ log = logging.getLogger("lopa.serve")
 KINDS = ("classify", "generate")
 
 
+def torch_threads_init() -> Callable[[], None]:
+    """A ``worker_init`` that gives the worker thread the calling thread's torch thread count.
+
+    ``torch.set_num_threads(1)`` in the main thread leaves a thread started later computing on every
+    core (measured here: a matmul in a pool thread took 2 cores' time after the main thread set 1);
+    the server's ``--threads`` must hold where the model runs.
+    """
+    import torch
+    n = torch.get_num_threads()
+    return lambda: torch.set_num_threads(n)
+
+
 class BatcherClosed(RuntimeError):
     """The batcher is shutting down and takes no new rows."""
 
@@ -66,10 +78,15 @@ class Batcher:
         max_wait_ms: how long the oldest row of a batch may wait for others to join.
         max_queue: rows allowed to wait at once; more are refused with :class:`BatcherFull`.
         on_batch: called as ``on_batch(kind, size)`` for each backend call (metrics).
+        worker_init: called once in the worker thread before its first batch. Per-thread settings
+            belong here: ``torch.set_num_threads`` applies to the thread that calls it, and a new thread
+            starts with one compute thread per core whatever the main thread set (see
+            :func:`torch_threads_init`).
     """
 
     def __init__(self, backend: Any, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 4096,
-                 on_batch: Callable[[str, int], None] | None = None):
+                 on_batch: Callable[[str, int], None] | None = None,
+                 worker_init: Callable[[], None] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -85,7 +102,7 @@ class Batcher:
         self._closing = False
         self._task: asyncio.Task | None = None
         # one thread: the backend is not thread-safe, and torch already uses every core inside a forward
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopa-backend")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopa-backend", initializer=worker_init)
 
     @property
     def queue_depth(self) -> int:
