@@ -30,7 +30,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .. import prefix
-from ..hardware import cpu_bf16_is_faster, cpu_supports_bf16  # noqa: F401  (also imported from here by callers)
+from ..hardware import cpu_bf16_is_faster
 from ..models import load_base
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
