@@ -101,7 +101,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._closing = False
         self._task: asyncio.Task | None = None
-        # one thread: the backend is not thread-safe, and torch already uses every core inside a forward
+        # one thread: the backend is not thread-safe, and torch runs each forward on the server's --threads cores
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopa-backend", initializer=worker_init)
 
     @property
