@@ -86,3 +86,31 @@ def test_sampling_is_repeatable_and_a_tiny_nucleus_is_greedy(tiny_base):
     with pytest.raises(ValueError, match="temperature > 0"):
         prefix.generate_ids(base, tok, batch, max_new_tokens=2, do_sample=True, temperature=0.0)
     assert prefix.generate_ids(base, tok, batch, max_new_tokens=0) == [[], [], [], []]
+
+
+def test_decoding_passes_the_cache_under_the_name_the_model_takes(tiny_base):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40): the loop
+    must use whichever the installed model's forward takes, with no deprecation path in between."""
+    import inspect
+    import warnings
+    base, tok = tiny_base
+    params = inspect.signature(type(base).forward).parameters
+    assert prefix.cache_kwarg(base) in params
+    batch = _batch(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = prefix.generate_ids(base, tok, batch, max_new_tokens=6)
+    # with the cache really used, decoding equals recomputing the whole row at every step
+    for i, row in enumerate(got):
+        emb = batch.inputs_embeds[i:i + 1]
+        mask = batch.attention_mask[i:i + 1]
+        want = []
+        with torch.no_grad():
+            for _ in range(len(row)):
+                logits = base(inputs_embeds=emb, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                              use_cache=False).logits[0, -1]
+                t = int(logits.argmax())
+                want.append(t)
+                emb = torch.cat([emb, base.get_input_embeddings()(torch.tensor([[t]]))], 1)
+                mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+        assert row == want

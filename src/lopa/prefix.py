@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -164,6 +166,28 @@ def _new_cache(base: Any) -> Any:
         return DynamicCache()
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(base: Any) -> str:
+    """The name under which ``base.forward`` takes its KV cache: ``cache`` (transformers >= 5.24, which
+    deprecates ``past_key_values`` and drops it in 5.40) or ``past_key_values`` (earlier releases and
+    models whose forward is their own). Passed under a dropped name, the cache would be silently
+    ignored and every decode step would see only its own token.
+
+    >>> class Older:
+    ...     def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+    >>> class Newer:
+    ...     def forward(self, input_ids=None, cache=None, use_cache=None): ...
+    >>> cache_kwarg(Older()), cache_kwarg(Newer())
+    ('past_key_values', 'cache')
+    """
+    return _cache_kwarg_of(type(base))
+
+
 def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
     """Greedy argmax, or a sample from the temperature-scaled distribution cut to its top-p nucleus."""
@@ -201,9 +225,9 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
     eos_t = torch.tensor(sorted(eos) or [-1], device=device)
     fill = min(eos) if eos else 0
     bsz = batch.inputs_embeds.shape[0]
-    cache = _new_cache(base)
+    cache = {cache_kwarg(base): _new_cache(base)}
     mask, pos = batch.attention_mask, batch.position_ids
-    out = base(**batch.model_inputs(), past_key_values=cache, use_cache=True,
+    out = base(**batch.model_inputs(), **cache, use_cache=True,
                logits_to_keep=_last_positions(batch, 1))
     rows: list[list[int]] = [[] for _ in range(bsz)]
     done = [False] * bsz
@@ -225,8 +249,7 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
         feed = torch.tensor([fill if d else r[-1] for d, r in zip(done, rows)], device=device)
         mask = torch.cat([mask, mask.new_ones(bsz, 1)], 1)
         pos = pos[:, -1:] + 1
-        out = base(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True)
+        out = base(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, **cache, use_cache=True)
     return rows
 
 
