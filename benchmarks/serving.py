@@ -648,6 +648,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "soft_prompts": f"{k_max} random N(0, {emb_std:.4f}^2) tensors of {args.m} x {hidden} "
                         f"(sigma = the embedding table's std), sent as {args.wire_dtype}"}
     wire = [encode_soft_prompt(work.soft[k], dtype=args.wire_dtype) for k in range(k_max)]
+    # the soft prompts as the server holds them after decoding the wire format (rounded to --wire-dtype):
+    # what the in-process contenders that take soft prompts get, so that they compute what the server does
+    work.soft_model = [decode_soft_prompt(w, hidden_size=hidden, max_soft_tokens=args.m, out_dtype=dtype)
+                       for w in wire]
     label_ids = work.label_ids
 
     log_path = Path(tempfile.mkstemp(prefix="lopa-serving-server-", suffix=".log")[1])
@@ -665,14 +669,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lora = LoraAdapters(lora_base, args)
         if "peft-pt" in args.contenders:
             pt_base, _ = lopa.load_base(args.model, dtype)
-            pt = PromptTuningAdapters(pt_base, work.soft, args)
+            pt = PromptTuningAdapters(pt_base, work.soft_model, args)
         inproc = None
         if "lopa-inproc" in args.contenders:
             from lopa.serve.backends import TransformersBackend
             inproc = TransformersBackend(args.model, dtype=dtype_name, device="cpu")
-            # the soft prompts as the server holds them after decoding the wire format
-            work.soft_model = [decode_soft_prompt(w, hidden_size=hidden, max_soft_tokens=args.m, out_dtype=dtype)
-                               for w in wire]
 
         # warm-up: one batch each, so first-call kernel set-up lands in no column
         rows = list(range(args.batch_size))
@@ -1046,10 +1047,15 @@ def notes(result: dict[str, Any]) -> list[str]:
     diffs = [cls[str(k)].get("max_abs_logprob_diff_lopa_vs_peft_pt") for k in ks]
     diffs = [d for d in diffs if d is not None]
     if diffs:
-        out.append("Sanity check: PEFT prompt-tuning adapter k holds task k's soft prompt; its label log-probs "
-                   + ("equal the server's exactly" if max(diffs) == 0 else
-                      f"differ from the server's by {max(diffs):.3g} at most ({result['dtype']} rounding may differ "
-                      f"with batch shapes)") + ": the two compute the same thing.")
+        worst = max(diffs)
+        tol = 1e-3 if result["dtype"] == "float32" else 5e-2  # rounding in differently shaped batches
+        out.append("Sanity check: PEFT prompt-tuning adapter k holds task k's soft prompt as the server decodes it; "
+                   "its label log-probs " + (
+                       "equal the server's exactly: the two compute the same thing." if worst == 0 else
+                       f"differ from the server's by {worst:.2g} at most ({result['dtype']} rounding in differently "
+                       f"shaped batches): the two compute the same thing." if worst <= tol else
+                       f"differ from the server's by {worst:.3g}, more than {result['dtype']} rounding explains "
+                       f"(tolerance {tol:g}): the two do NOT compute the same thing; check this run."))
     pb = {k: cls[str(k)]["contenders"].get("peft-pt", {}).get("batches_per_pass") for k in ks}
     if all(v is not None for v in pb.values()):
         out.append("PEFT prompt tuning's batches per pass: " + ", ".join(
