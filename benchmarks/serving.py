@@ -436,6 +436,38 @@ def run_backend(backend: Any, rows: list[list[int]], soft: list[Any], label_ids:
     return out
 
 
+def run_prefix(model: Any, rows: list[list[int]], soft: list[Any], label_ids: list[int], bs: int) -> list[list[float]]:
+    """What the server's backend runs for a batch (``lopa.prefix``), on the bare model in this process."""
+    import torch
+    from lopa import prefix
+    out: list[list[float]] = []
+    with torch.inference_mode():
+        for b in batches(list(range(len(rows))), bs):
+            batch = prefix.assemble(model, [soft[i] for i in b], [rows[i] for i in b])
+            out += prefix.classify(model, batch, label_ids).tolist()
+    return out
+
+
+def count_operators(fn: Any) -> dict[str, int]:
+    """The aten operators ``fn()`` dispatches: all, and those that are not views (on a GPU, each of those is
+    roughly one kernel launch, a fixed cost of microseconds whatever the operator's size)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.all = self.compute = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.all += 1
+            self.compute += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        fn()
+    return {"all": c.all, "non_view": c.compute}
+
+
 def run_lora(model: Any, rows: list[list[int]], tasks: list[int], label_ids: list[int], bs: int) -> list[list[float]]:
     import torch
     out: list[list[float]] = []
@@ -794,6 +826,18 @@ def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire
                 # the same on CPU time (the server process's, per request): what a busy machine cannot inflate
                 row["cpu_ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
                     [b / a for a, b in zip(cpu["lopa"], cpu[other])])
+        # operators per batch: one batch's worth of the stream (not timed); lopa's are its backend's, run here
+        one = idx[:args.batch_size]
+        calls = {"lopa": lambda: run_prefix(bare, [work.text[i] for i in one], [work.soft_model[tasks[i]] for i in one],
+                                            work.label_ids, args.batch_size),
+                 "bare": lambda: run_bare(bare, [work.plain[i] for i in one], work.label_ids, args.batch_size),
+                 "lora": lambda: run_lora(lora.model, [work.text[i] for i in one], [tasks[i] for i in one],
+                                          work.label_ids, args.batch_size),
+                 "peft-pt": lambda: run_peft_pt(pt.model, [work.text[i] for i in one], [tasks[i] for i in one],
+                                                work.label_ids, args.batch_size, args.m)}
+        for c in args.contenders:
+            if c in calls:
+                row["contenders"][c]["operators_per_batch"] = count_operators(calls[c])
         if "lopa" in answers and "peft-pt" in answers:
             # the same soft prompt on the same text: the server and PEFT prompt tuning compute the same thing
             row["max_abs_logprob_diff_lopa_vs_peft_pt"] = max(
@@ -986,6 +1030,19 @@ def render(result: dict[str, Any], image: str | None) -> str:
               "shows how the server's extra threads and the HTTP clients fare for cores.", ""]
     if image:
         L += [f"![requests/s vs K]({image})", ""]
+    counted = [c for c in have if all("operators_per_batch" in cls[str(k)]["contenders"].get(c, {}) for k in ks)]
+    if counted:
+        L += [f"Operators dispatched per batch of {s['batch_size']} requests (aten operators that are not views; all "
+              "operators in brackets), counted once per K outside the timed passes; lopa's are its server's backend "
+              "code (`lopa.prefix`) run in this process on the same rows. On a CPU each costs little next "
+              "to the matrix products; on a GPU each non-view operator is roughly one kernel launch, whose fixed "
+              "cost of microseconds does not shrink with the operator: these counts are what a run pays in "
+              "launches where launches rather than arithmetic bound it (not measured here).", "",
+              "| K |" + "".join(f" {NAMES[c]} |" for c in counted), "|---:|" + "---:|" * len(counted)]
+        for k in ks:
+            ops = [cls[str(k)]["contenders"][c]["operators_per_batch"] for c in counted]
+            L.append(f"| {k} | " + " | ".join(f"{o['non_view']:,} ({o['all']:,})" for o in ops) + " |")
+        L.append("")
     mem = result["memory"]
     if mem.get("server_rss_by_k") or mem.get("lora_by_k"):
         L += ["Memory as K grows (MiB): the server's resident set (the whole `lopa serve` process), against the "

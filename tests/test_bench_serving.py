@@ -39,6 +39,12 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
         # PEFT prompt tuning holds the server's soft prompts: the same numbers (fp32 tiny model here)
         assert row["max_abs_logprob_diff_lopa_vs_peft_pt"] < 1e-5
     assert result["classification"]["4"]["contenders"]["peft-pt"]["batches_per_pass"] == 4  # one per adapter
+    # operators per batch: lopa's and the bare model's do not depend on K; LoRA's mixed batch loops over its adapters
+    ops = {k: {c: x["operators_per_batch"] for c, x in row["contenders"].items()}
+           for k, row in result["classification"].items()}
+    assert all(0 < o["non_view"] < o["all"] for by_c in ops.values() for o in by_c.values())
+    assert ops["1"]["lopa"] == ops["4"]["lopa"] and ops["1"]["bare"] == ops["4"]["bare"]
+    assert ops["4"]["lora"]["non_view"] > ops["1"]["lora"]["non_view"] > ops["1"]["bare"]["non_view"]
 
     mem = result["memory"]
     assert set(mem["server_rss_by_k"]) == {"1", "4"} and all(v["rss_mib"] > 0 for v in mem["server_rss_by_k"].values())
@@ -59,6 +65,7 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     assert text.startswith("# Results\n\nkept above") and text.rstrip().endswith("kept below")
     assert text.count("<!-- serving:start -->") == 1 and "STALE-SECTION" not in text and "## Serving throughput" in text
     assert (doc.parent / "serving_throughput.png").stat().st_size > 1000
+    assert "Operators dispatched per batch" in text
     assert "wrote" in capsys.readouterr().out
 
 
