@@ -284,8 +284,10 @@ class Server:
         self.threads = threads or args.threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # --device cpu: every in-process contender runs on the CPU, and the server's default (auto) would take a
+        # GPU where there is one, comparing unlike machines; this benchmark measures CPUs only
         self.cmd = [sys.executable, "-m", "lopa", "serve", "--model", args.model, "--host", "127.0.0.1",
-                    "--port", str(self.port), "--dtype", args.dtype, "--threads", str(self.threads),
+                    "--port", str(self.port), "--dtype", args.dtype, "--device", "cpu", "--threads", str(self.threads),
                     "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
                     "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
                     "--log-level", "warning"]

@@ -59,7 +59,7 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
         assert gen["contenders"][c]["requests_per_s"] > 0 and gen["contenders"][c]["generated_tokens"] >= 0
     assert set(gen["ratios"]) == {"lopa_over_hf_fp32", "lopa_over_hf_bf16"}
     assert gen["threads"] == 2 and "--threads 2" in result["generation_server"]["command"]
-    assert "--threads 1" in result["server"]["command"]
+    assert "--threads 1" in result["server"]["command"] and "--device cpu" in result["server"]["command"]
 
     text = doc.read_text()
     assert text.startswith("# Results\n\nkept above") and text.rstrip().endswith("kept below")
