@@ -225,9 +225,9 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
     eos_t = torch.tensor(sorted(eos) or [-1], device=device)
     fill = min(eos) if eos else 0
     bsz = batch.inputs_embeds.shape[0]
-    cache = {cache_kwarg(base): _new_cache(base)}
+    cache_arg = {cache_kwarg(base): _new_cache(base)}  # the KV cache, under the name this model takes
     mask, pos = batch.attention_mask, batch.position_ids
-    out = base(**batch.model_inputs(), **cache, use_cache=True,
+    out = base(**batch.model_inputs(), **cache_arg, use_cache=True,
                logits_to_keep=_last_positions(batch, 1))
     rows: list[list[int]] = [[] for _ in range(bsz)]
     done = [False] * bsz
@@ -249,7 +249,7 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
         feed = torch.tensor([fill if d else r[-1] for d, r in zip(done, rows)], device=device)
         mask = torch.cat([mask, mask.new_ones(bsz, 1)], 1)
         pos = pos[:, -1:] + 1
-        out = base(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, **cache, use_cache=True)
+        out = base(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, **cache_arg, use_cache=True)
     return rows
 
 
