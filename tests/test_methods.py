@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lopa
-from lopa.methods import (METHODS, ConfigError, InitContext, SoftPromptConfig, build_generator, make_config)
+from lopa.methods import (METHODS, ConfigError, InitContext, SoftPromptConfig, build_generator, make_config,
+                          soft_prompt_methods)
 from lopa.methods.base import initial_prompt
 
 from conftest import TEXTS, VARIANT_IDS, VARIANTS, perturb_
@@ -21,7 +22,9 @@ E = 32  # tiny-random-bert's width
 
 
 def test_registry_has_every_method():
-    assert sorted(METHODS) == ["idpg", "lopa", "lopt-1", "lopt-2", "prompt-tuning"]
+    assert sorted(METHODS) == ["full", "idpg", "lopa", "lopt-1", "lopt-2", "lora", "prompt-tuning"]
+    assert soft_prompt_methods() == ["idpg", "lopa", "lopt-1", "lopt-2", "prompt-tuning"]
+    assert all(METHODS[m][0].server_weights for m in ("lora", "full"))
 
 
 # -- Z --------------------------------------------------------------------------------------------

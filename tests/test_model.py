@@ -234,3 +234,68 @@ def test_cache_is_bounded():
     assert feats.shape == (3, encoder.dim)
     assert len(encoder._cache) == 2 and "a" not in encoder._cache
     assert torch.allclose(encoder.encode(["a"])[0], feats[0], atol=1e-6)
+
+
+def test_generator_computes_in_float32_under_bf16_autocast(tiny_base):
+    """At initialisation LoPA's gate is within a few thousandths of 0.5; in bf16 it would round to
+    exactly 0.5 almost everywhere, erasing the instance part. The generator must stay in float32."""
+    base, tok = tiny_base
+    config = lopa.make_config("lopa", num_virtual_tokens=4, rank=2, hidden_size=16, encoder="self")
+    model = lopa.SoftPromptModel(base, tok, config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # heads scaled so the gate sits about 0.002 from 0.5, as at the real model's start
+        for head in (model.generator.u_head, model.generator.v_head):
+            for lin in (head.fc1, head.fc2):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model.soft_prompts(TEXTS)
+    assert z.dtype == torch.float32
+    gate = z / model.generator.shared.detach()
+    assert (gate - 0.5).abs().max() < 0.05  # still near its starting point ...
+    assert (gate != 0.5).float().mean() > 0.9  # ... but not rounded onto it
+    assert (gate[0] - gate[1]).abs().max() > 0  # and it differs between instances
+    with torch.no_grad():
+        fp32 = model.soft_prompts(TEXTS)
+    assert torch.allclose(z, fp32, atol=1e-6)
+
+
+def test_a_trained_encoder_trains_counts_and_travels_with_the_artifact(tiny_base, tmp_path):
+    base, tok = tiny_base
+    frozen = lopa.SoftPromptModel(base, tok, lopa.make_config("lopa", num_virtual_tokens=4, rank=2, hidden_size=16,
+                                                              encoder="tiny-random-bert"))
+    config = lopa.make_config("lopa", num_virtual_tokens=4, rank=2, hidden_size=16, encoder="tiny-random-bert",
+                              train_encoder=True, encoder_lr_scale=0.1)
+    model = lopa.SoftPromptModel(base, tok, config)
+    n_encoder = sum(p.numel() for p in model.encoder.parameters())
+    assert model.num_trainable_parameters() == frozen.num_trainable_parameters() + n_encoder
+    groups = model.trainable_param_groups()
+    assert groups[-1]["lr_scale"] == 0.1 and sum(p.numel() for p in groups[-1]["params"]) == n_encoder
+
+    model.train()
+    loss = model(TEXTS, label_ids=torch.tensor([5] * len(TEXTS)))
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.base.parameters())
+    with torch.no_grad():  # a changed encoder changes the features: nothing may come from a cache
+        before = model.encoder.encode(TEXTS[:1]).clone()
+        for p in model.encoder.parameters():
+            p.add_(0.05)
+        assert not torch.allclose(model.encoder.encode(TEXTS[:1]), before)
+    assert set(model.trainable_state_dict()) >= {"shared", "encoder.model.embeddings.word_embeddings.weight"}
+
+    model.eval()
+    with torch.no_grad():
+        z = model.soft_prompts(TEXTS)
+    model.save_pretrained(tmp_path / "art")
+    assert (tmp_path / "art" / "encoder.safetensors").is_file()
+    loaded = lopa.SoftPromptModel.from_pretrained(tmp_path / "art", base, tok).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.soft_prompts(TEXTS), z)
+    (tmp_path / "art" / "encoder.safetensors").unlink()
+    with pytest.raises(ValueError, match="encoder.safetensors"):
+        lopa.SoftPromptModel.from_pretrained(tmp_path / "art", base, tok)
+
+
+def test_train_encoder_needs_an_encoder_of_its_own():
+    with pytest.raises(lopa.methods.ConfigError, match="self"):
+        lopa.make_config("lopa", encoder="self", train_encoder=True)

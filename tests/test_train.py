@@ -156,3 +156,48 @@ def test_out_dir_with_another_run_is_refused(tmp_path, capsys):
     assert "another run" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert (out / "best").is_dir()
+
+
+@pytest.mark.parametrize("method,extra", [("lora", ["--r", "4", "--lr", "0.05"]), ("full", ["--lr", "0.01"])])
+def test_baselines_zero_shot_comes_from_the_unmodified_base(tmp_path, capsys, method, extra):
+    """PEFT injects LoRA into the base in place and full fine-tuning trains it: a zero-shot line
+    scored after training would score the trained model. It must equal a fresh bare model's score."""
+    task = _user_task(tmp_path, _reviews(200))
+    out = tmp_path / "run"
+    common = ["--template", "{text} It was", "--label-words", " terrible, great"]
+    assert main(["train", "--method", method, "--task", str(task), *common, "--out", str(out), "--max-steps", "6",
+                 "--eval-every", "3", "--batch-size", "4", *TINY[:3], "--zero-shot", "--precision", "fp32",
+                 *extra]) == 0
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--zero-shot", "--model", "tiny-random-llama", "--task", str(task), *common,
+                 "--precision", "fp32"]) == 0
+    fresh = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    zs = results["zero_shot"]
+    assert (zs["n"], zs["accuracy"], zs["macro_f1"]) == (fresh["n"], fresh["accuracy"], fresh["macro_f1"]) == (20, zs["accuracy"], zs["macro_f1"])
+    assert json.loads((out / "run_config.json").read_text())["method"] == method
+    assert (out / "zero_shot.json").is_file()
+
+
+def test_method_options_come_from_the_registry(tmp_path, capsys):
+    task = _user_task(tmp_path, _reviews())
+    common = ["--task", str(task), "--template", "{text} It was", "--label-words", " terrible, great", *TINY,
+              "--dry-run"]
+    assert main(["train", "--method", "lopt-2", "--activation", "relu", "--rank", "3", *common]) == 0
+    assert main(["train", "--method", "idpg", "--pooling", "cls", "--encoder", "tiny-random-bert", *common]) == 0
+    assert main(["train", "--method", "lora", "--r", "2", "--target-modules", "q_proj", *common]) == 0
+    with pytest.raises(SystemExit):  # an option of another method is refused by name
+        main(["train", "--method", "prompt-tuning", "--activation", "relu", *common])
+    assert "--activation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "lopt-2", "--activation", "gelu", *common])
+    assert "gelu" in capsys.readouterr().err
+
+
+def test_train_args_from_flat_splits_run_and_method_settings():
+    from lopa.train import TrainArgs
+    args = TrainArgs.from_flat(method="lopa", rank=2, hidden_size=16, lr=0.01, precision="fp32")
+    assert args.options == {"rank": 2, "hidden_size": 16} and args.learning_rate == 0.01
+    assert TrainArgs(method="lora", precision="fp32").learning_rate == 5e-4  # the method's own default
+    with pytest.raises(ValueError, match="unknown setting"):
+        TrainArgs.from_flat(method="prompt-tuning", rank=2, precision="fp32")

@@ -9,7 +9,7 @@ Example::
     >>> import lopa
     >>> from lopa.baselines import BaselineModel
     >>> base, tok = lopa.load_base("tiny-random-llama")
-    >>> BaselineModel(base, tok, "lora", lora_r=2).num_trainable_parameters()
+    >>> BaselineModel(base, tok, lopa.make_config("lora", r=2)).num_trainable_parameters()
     896
 """
 
@@ -22,36 +22,33 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .methods import MethodConfig
 from .model import SoftPromptModel
 
-KINDS = ("lora", "full", "zero-shot")
 BASELINE_CONFIG = "baseline_config.json"
 
 
 class BaselineModel(SoftPromptModel):
-    """``lora`` (PEFT LoRA on the attention projections), ``full`` (every weight trains) or
-    ``zero-shot`` (nothing trains)."""
+    """A method that changes the base model's weights (``lora``: PEFT LoRA on the attention
+    projections; ``full``: every weight trains), or, with no config, the bare model zero-shot."""
 
-    def __init__(self, base: nn.Module, tokenizer: Any, kind: str, lora_r: int = 8, lora_alpha: int = 16,
-                 lora_dropout: float = 0.05, target_modules: Sequence[str] | None = None,
+    def __init__(self, base: nn.Module, tokenizer: Any, config: MethodConfig | None = None,
                  task: dict[str, Any] | None = None, peft_model: nn.Module | None = None):
         nn.Module.__init__(self)  # no generator: the soft prompt is empty
-        if kind not in KINDS:
-            raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
-        self.kind, self.tokenizer, self.task, self.encoder = kind, tokenizer, dict(task or {}), None
-        self.settings = {"kind": kind}
+        if config is not None and not config.server_weights:
+            raise ValueError(f"method {config.method!r} is a soft-prompt method: use SoftPromptModel")
+        self.config, self.tokenizer, self.task, self.encoder = config, tokenizer, dict(task or {}), None
+        self.kind = config.method if config is not None else "zero-shot"
         self.peft = None
-        if kind == "lora":
+        if self.kind == "lora":
             if peft_model is None:
                 from peft import LoraConfig, get_peft_model
-                modules = list(target_modules or ["q_proj", "v_proj"])
-                self.settings.update(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                     target_modules=modules)
-                peft_model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                             target_modules=modules, task_type="CAUSAL_LM"))
+                peft_model = get_peft_model(base, LoraConfig(
+                    r=config.r, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,  # type: ignore[union-attr]
+                    target_modules=list(config.target_modules), task_type="CAUSAL_LM"))  # type: ignore[union-attr]
             self.peft = peft_model
             self.base = peft_model.base_model.model  # the HF model with LoRA layers injected in place
-        elif kind == "full":
+        elif self.kind == "full":
             self.base = base.requires_grad_(True)
         else:
             self.base = base.eval().requires_grad_(False)
@@ -92,8 +89,9 @@ class BaselineModel(SoftPromptModel):
         elif self.kind == "full":
             self.base.save_pretrained(str(directory))
             self.tokenizer.save_pretrained(str(directory))
+        settings = self.config.to_dict() if self.config is not None else {"method": "zero-shot"}
         (directory / BASELINE_CONFIG).write_text(json.dumps(
-            {**self.settings, "base_model": self.base_name, "task": self.task}, indent=2) + "\n")
+            {**settings, "base_model": self.base_name, "task": self.task}, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -103,16 +101,19 @@ class BaselineModel(SoftPromptModel):
         from .models import load_base
         directory = Path(directory)
         meta = json.loads((directory / BASELINE_CONFIG).read_text())
-        if meta["kind"] == "full":
+        base_model, task = meta.pop("base_model", None), meta.pop("task", None)
+        if "kind" in meta:  # older runs wrote {"kind": ..., "lora_r": ...}
+            meta = {"method": meta["kind"]}
+        config = MethodConfig.from_dict(meta) if meta.get("method") != "zero-shot" else None
+        if config is not None and config.method == "full":
             base, tokenizer = load_base(str(directory))
-            base.config.name_or_path = meta.get("base_model", str(directory))
-            model = cls(base, tokenizer, "zero-shot", task=meta.get("task"))
-            model.kind = "full"
+            base.config.name_or_path = base_model or str(directory)
+            model = cls(base, tokenizer, config, task=task)
             return model
         if base is None:
-            base, tokenizer = load_base(meta["base_model"])
-        if meta["kind"] == "lora":
+            base, tokenizer = load_base(base_model)
+        if config is not None and config.method == "lora":
             from peft import PeftModel
             peft_model = PeftModel.from_pretrained(base, str(directory))
-            return cls(base, tokenizer, "lora", task=meta.get("task"), peft_model=peft_model)
-        return cls(base, tokenizer, meta["kind"], task=meta.get("task"))
+            return cls(base, tokenizer, config, task=task, peft_model=peft_model)
+        return cls(base, tokenizer, config, task=task)

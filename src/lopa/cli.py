@@ -101,6 +101,22 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f"--{name}", type=tp, default=default, dest=f.name, **kwargs)
 
 
+def add_method_options(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str]) -> list[str]:
+    """For a verb whose args class has ``method_options`` (``lopa train``): the chosen method's own
+    options, read from its config dataclass in the method registry, as one argument group. Returns
+    their names, which :func:`main` gathers into the ``options`` dict."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=next(f.default for f in dataclasses.fields(cls) if f.name == "method"))
+    method = pre.parse_known_args(argv)[0].method
+    try:
+        opt_cls = cls.method_options(method)
+    except ValueError:
+        return []  # the main parser reports the unknown method with the list of choices
+    group = parser.add_argument_group(f"options of --method {method} (from its config; other methods have their own)")
+    add_dataclass_arguments(group, opt_cls)  # type: ignore[arg-type]
+    return [f.name for f in dataclasses.fields(opt_cls) if f.init and f.metadata.get("cli") is not False]
+
+
 def build_parser(verb_names: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lopa", description="Low-rank soft prompts: train, evaluate and serve "
                                      "customised tasks on one frozen model.")
@@ -123,10 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser(verb_names=[]).parse_args(argv or ["--help"])
         return 2
     parser = build_parser(verb_names=[verb])
-    ns = vars(parser.parse_args(argv))
-    ns.pop("verb")
     args_ref, fn_ref, _ = VERBS[verb]
     cls, fn = _load(args_ref), _load(fn_ref)
+    verb_parser = parser._subparsers._group_actions[0].choices[verb]  # type: ignore[union-attr]
+    option_names = add_method_options(verb_parser, cls, argv) if hasattr(cls, "method_options") else []
+    ns = vars(parser.parse_args(argv))
+    ns.pop("verb")
+    if option_names:
+        ns["options"] = {name: ns.pop(name) for name in option_names}
     try:
         args = cls(**ns)
     except (ValueError, TypeError) as e:  # the dataclass validated itself

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +42,36 @@ class Encoder(nn.Module):
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    @torch.no_grad()
+    @property
+    def trainable(self) -> bool:
+        """Whether the encoder trains with the generator (then nothing is cached: features change)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    def set_trainable(self, on: bool) -> "Encoder":
+        """Fine-tune the encoder's own weights (``--train-encoder``); off by default."""
+        if on == self.trainable:
+            return self  # a shared frozen encoder keeps its cache
+        if on and not any(True for _ in self.parameters()):
+            raise ValueError(f"encoder {self.name!r} has no weights of its own to train")
+        self.requires_grad_(on)
+        self.clear_cache()
+        return self
+
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Features of each text, in order, computing only the texts not seen before."""
+        """Features of each text, in order. A frozen encoder computes only the texts not seen before;
+        a trainable one computes every text, with gradients where autograd is on."""
+        if self.trainable:
+            return torch.cat([self._encode_batch(list(texts[i:i + self.batch_size]))
+                              for i in range(0, len(texts), self.batch_size)]).float()
+        with torch.no_grad():
+            return self._encode_cached(list(texts))
+
+    def warm(self, texts: list[str]) -> None:
+        """Fill the cache with ``texts`` in a fixed order (nothing to do for a trainable encoder)."""
+        if not self.trainable:
+            self.encode(texts)
+
+    def _encode_cached(self, texts: list[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         self.stats["hits"] += len(texts) - len(missing)
         for i in range(0, len(missing), self.batch_size):
@@ -102,6 +130,35 @@ class SelfEncoder(Encoder):
             ids = ids or [self.tokenizer.eos_token_id]
             out.append(self.embeddings.weight[torch.tensor(ids, device=self.embeddings.weight.device)].float().mean(0))
         return torch.stack(out)
+
+
+ENCODER_WEIGHTS = "encoder.safetensors"
+
+
+def save_encoder_weights(encoder: Encoder, directory: str | Path) -> Path:
+    """Write a fine-tuned encoder's weights next to an artifact (``encoder.safetensors``)."""
+    from safetensors.torch import save_file
+    path = Path(directory) / ENCODER_WEIGHTS
+    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}, str(path))
+    return path
+
+
+def load_encoder_weights(encoder: Encoder, directory: str | Path) -> None:
+    """Load the fine-tuned weights an artifact trained with ``--train-encoder`` carries."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(directory) / ENCODER_WEIGHTS
+    if not path.is_file():
+        raise ValueError(f"{directory} was trained with --train-encoder but holds no {ENCODER_WEIGHTS}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit encoder {encoder.name!r}: {str(e).splitlines()[0]}") from None
+    encoder.clear_cache()
 
 
 def load_encoder(name: str, pooling: str = "mean", base: nn.Module | None = None, tokenizer: Any = None) -> Encoder:

@@ -244,7 +244,7 @@ def eval_cli(args: EvalArgs) -> int:
     if args.zero_shot:
         from .baselines import BaselineModel
         base, tok = load_base(args.model or DEFAULT_BASE)
-        model = BaselineModel(base, tok, "zero-shot")
+        model = BaselineModel(base, tok)
     else:
         base = tok = None
         if args.model:

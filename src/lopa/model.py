@@ -23,8 +23,11 @@ import torch
 from torch import nn
 
 from . import prefix
-from .encoders import Encoder, load_encoder
-from .methods import InitContext, SoftPromptConfig, build_generator
+from .encoders import Encoder, load_encoder, load_encoder_weights, save_encoder_weights
+from .methods import InitContext, MethodConfig, SoftPromptConfig, build_generator
+
+
+ENCODER_PREFIX = "encoder."  # trainable-state keys of a fine-tuned encoder (generator keys never start so)
 
 
 class SoftPromptModel(nn.Module):
@@ -48,6 +51,8 @@ class SoftPromptModel(nn.Module):
         if config.instance_dependent and encoder is None:
             encoder = load_encoder(config.encoder, config.pooling, base=base, tokenizer=tokenizer)
         self.encoder = encoder if config.instance_dependent else None
+        if self.encoder is not None:
+            self.encoder.set_trainable(bool(getattr(config, "train_encoder", False)))
         ctx = InitContext(base.get_input_embeddings().weight, tokenizer,
                           encoder.dim if self.encoder is not None else None)
         self.generator = build_generator(config, ctx)
@@ -69,9 +74,16 @@ class SoftPromptModel(nn.Module):
 
     # -- the soft prompt -------------------------------------------------------------------------
     def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Z for each text: B × n × d (n = the generator's number of output tokens)."""
+        """Z for each text: B × n × d (n = the generator's number of output tokens), in float32.
+
+        The generator always computes in float32, also under a bf16 autocast of the base model: at
+        initialisation LoPA's gate sigmoid(u vᵀ) lies within a few thousandths of 0.5, which bf16
+        rounds to exactly 0.5, erasing the instance part in the forward pass.
+        """
         feats = self.encoder.encode(list(texts)) if self.generator.needs_features else None
-        return self.generator(feats, len(texts))
+        device = next(self.generator.parameters(), self.base.get_input_embeddings().weight).device
+        with torch.autocast(device.type, enabled=False):
+            return self.generator(feats.float() if feats is not None else None, len(texts)).float()
 
     def _batch(self, texts: Sequence[str], suffix_ids: Sequence[Sequence[int]] | None = None) -> prefix.PrefixBatch:
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -115,19 +127,39 @@ class SoftPromptModel(nn.Module):
                                do_sample=do_sample, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
 
     # -- what the trainer needs ------------------------------------------------------------------
+    @property
+    def _trained_encoder(self) -> Encoder | None:
+        return self.encoder if self.encoder is not None and self.encoder.trainable else None
+
     def trainable_param_groups(self) -> list[dict[str, Any]]:
-        """Optimiser groups, each with an ``lr_scale`` (the generator decides; one group by default)."""
-        return self.generator.param_groups()
+        """Optimiser groups, each with an ``lr_scale`` (the generator decides; one group by default),
+        plus the encoder's own group when it trains."""
+        groups = self.generator.param_groups()
+        if self._trained_encoder is not None:
+            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad],
+                           "lr_scale": self.config.encoder_lr_scale})  # type: ignore[attr-defined]
+        return groups
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.generator.state_dict()
+        state = dict(self.generator.state_dict())
+        if self._trained_encoder is not None:
+            state.update({f"{ENCODER_PREFIX}{k}": v for k, v in self.encoder.state_dict().items()})
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.load_state_dict(state)
+        enc = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        self.generator.load_state_dict({k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIX)})
+        if self._trained_encoder is not None:
+            self.encoder.load_state_dict(enc)
+            self.encoder.clear_cache()
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.generator.parameters() if p.requires_grad)
+        """The generator's parameters, and the encoder's when it trains (``--train-encoder``)."""
+        n = sum(p.numel() for p in self.generator.parameters() if p.requires_grad)
+        if self._trained_encoder is not None:
+            n += sum(p.numel() for p in self.encoder.parameters())
+        return n
 
     def num_all_parameters(self) -> int:
         seen = {id(p): p for p in self.parameters()}  # the self encoder shares the base's embeddings
@@ -141,8 +173,11 @@ class SoftPromptModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``soft_prompt_config.json`` and ``soft_prompt.safetensors`` (see :mod:`lopa.artifact`)."""
         from .artifact import save_artifact
-        return save_artifact(directory, self.generator, base_name=self.base_name, hidden_size=self.hidden_size,
+        path = save_artifact(directory, self.generator, base_name=self.base_name, hidden_size=self.hidden_size,
                              encoder_dim=self.encoder.dim if self.encoder is not None else None, task=self.task)
+        if self._trained_encoder is not None:
+            save_encoder_weights(self.encoder, path)
+        return path
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base: nn.Module, tokenizer: Any,
@@ -155,4 +190,21 @@ class SoftPromptModel(nn.Module):
             raise ValueError(f"artifact {directory} was trained with encoder features of width {art.encoder_dim}, "
                              f"but encoder {art.config.encoder!r} gives {model.encoder.dim}")
         model.generator.load_state_dict(art.generator.state_dict())
+        if model._trained_encoder is not None:
+            load_encoder_weights(model.encoder, directory)
         return model
+
+
+def build_model(base: nn.Module, tokenizer: Any, config: MethodConfig, task: dict[str, Any] | None = None) -> nn.Module:
+    """The wrapper a method's config asks for: :class:`SoftPromptModel` for a soft-prompt method, the
+    baselines' wrapper for a method that changes the base model's weights (``server_weights``).
+
+    >>> import lopa
+    >>> base, tok = lopa.load_base("tiny-random-llama")
+    >>> type(build_model(base, tok, lopa.make_config("lora", r=2))).__name__
+    'BaselineModel'
+    """
+    if config.server_weights:
+        from .baselines import BaselineModel
+        return BaselineModel(base, tokenizer, config, task=task)
+    return SoftPromptModel(base, tokenizer, config, task=task)

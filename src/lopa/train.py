@@ -29,14 +29,12 @@ import torch
 
 from . import checkpoint
 from .evaluate import (RUN_CONFIG, autocast, evaluate_classification, generation_dev_loss, load_run_model, score)
-from .methods import METHODS, ConfigError, make_config
+from .methods import METHODS, ConfigError, MethodConfig, get_method, make_config
 from .tasks import Task, TaskError, get_task
 from .tasks.metrics import paired_difference_ci95
 
-BASELINES = ("lora", "full")
-DEFAULT_LR = {"prompt-tuning": 3e-3, "lopt-1": 3e-3, "lopt-2": 1e-3, "idpg": 1e-3, "lopa": 1e-3,
-              "lora": 5e-4, "full": 2e-5}
 # settings that may change between a run and its --resume without changing the result
+ZERO_SHOT = "zero_shot.json"  # the bare model's test scores, taken before training
 RESUMABLE = {"resume", "overwrite", "dry_run", "progress", "max_steps", "patience"}
 
 
@@ -45,16 +43,16 @@ class TrainArgs:
     """Train a soft-prompt generator (or a LoRA / full fine-tuning baseline) on a task.
 
     Ends by scoring the best checkpoint on the test split next to the bare model's zero-shot score.
+    Each method has options of its own (its config's fields, from the method registry):
+    `lopa train --method M --help` lists M's.
     """
 
-    method: str = field(default="lopa", metadata={"choices": sorted(METHODS) + list(BASELINES)})
-    """the method: prompt-tuning, lopt-1, lopt-2, idpg, lopa; or lora / full (baselines)"""
+    method: str = field(default="lopa", metadata={"choices": sorted(METHODS)})
+    """the method: a soft-prompt method (prompt-tuning, lopt-1, lopt-2, idpg, lopa) or a baseline that changes the model's weights (lora, full)"""
     task: str = "rotten-tomatoes"
     """built-in task name (rotten-tomatoes, sst2, mrpc, rte, qnli, qqp, mnli, mbpp, cruxeval-o, ...) or a .jsonl/.csv file"""
     model: str = "smollm2-135m"
     """base causal LM: short name, hub id or local path"""
-    encoder: str | None = None
-    """instance encoder for idpg/lopa: short name, hub id, path or 'self' (default minilm-l6)"""
     out: str | None = None
     """run directory (default runs/TASK-METHOD)"""
     template: str | None = None
@@ -65,28 +63,8 @@ class TrainArgs:
     """where mbpp/, cruxeval/, glue/ live (default $LOPA_DATA_DIR or ../shared/data)"""
     max_steps: int = 600
     """optimiser steps"""
-    num_virtual_tokens: int = 10
-    """m, soft prompt length"""
-    rank: int = 4
-    """r for lopt-1, lopt-2 and lopa"""
-    hidden_size: int = 256
-    """h, the width of the idpg/lopa heads"""
-    combine: str = field(default="gate", metadata={"choices": ["gate", "add", "max", "concat"]})
-    """lopa: how the task and instance parts combine"""
-    gate_scale: float = 1.0
-    """lopa: the gate is gate_scale * sigmoid(u v^T); 1 is the paper's, 2 starts at Z = Z_S"""
-    shared_lr_scale: float = 1.0
-    """lopa: learning-rate multiplier of the task-wide part Z_S"""
-    init: str = field(default="vocab", metadata={"choices": ["vocab", "text", "random"]})
-    """initialisation of the task-wide prompt"""
-    init_text: str | None = None
-    """text for --init text"""
-    dropout: float = 0.1
-    """dropout on encoder features (idpg, lopa)"""
-    lora_r: int = 8
-    """lora baseline: rank"""
     lr: float | None = None
-    """peak learning rate (default per method: prompt tuning 3e-3, lopa 1e-3, lora 5e-4, full 2e-5, ...)"""
+    """peak learning rate (default: the method's own, from its config: prompt tuning 3e-3, lopa 1e-3, lora 5e-4, full 2e-5, ...)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     batch_size: int = 8
@@ -106,11 +84,11 @@ class TrainArgs:
     patience: int | None = None
     """stop after this many evaluations without a better dev metric"""
     zero_shot: bool = True
-    """also score the bare model on the test split with the same template"""
+    """also score the unmodified bare model on the test split with the same template (before training, so a baseline that changes the model's weights cannot leak into it)"""
     seed: int = 0
     """seeds initialisation, data order and dropout"""
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
-    """bf16 autocast or fp32; auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32"""
+    """bf16 autocast of the base model or fp32 (the soft-prompt generator always computes in fp32); auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32"""
     resume: bool = False
     """continue the run in --out from its newest checkpoint"""
     overwrite: bool = False
@@ -119,11 +97,11 @@ class TrainArgs:
     """print the model summary and trainable parameter count, then exit"""
     progress: bool = True
     """show a progress bar"""
+    options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
+    """the method's own settings: fields of its config (e.g. rank, hidden_size, init for lopa)"""
 
     def __post_init__(self) -> None:
-        known = set(METHODS) | set(BASELINES)
-        if self.method not in known:
-            raise ValueError(f"unknown method {self.method!r}; choose from {sorted(known)}")
+        get_method(self.method)  # a clear error that lists the known methods
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -139,22 +117,34 @@ class TrainArgs:
         if self.out is None:
             slug = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task
             self.out = str(Path("runs") / f"{slug}-{self.method}")
-        if self.method in METHODS:
-            self.method_config()  # range errors (rank, m, ...) surface before anything loads
+        self.method_config()  # range errors (rank, m, ...) surface before anything loads
+
+    @classmethod
+    def from_flat(cls, **kwargs: Any) -> "TrainArgs":
+        """Run settings and the method's own settings in one flat list of keywords.
+
+        >>> args = TrainArgs.from_flat(method="lopt-2", activation="relu", max_steps=5, precision="fp32")
+        >>> args.options, args.method_config().activation
+        ({'activation': 'relu'}, 'relu')
+        """
+        own = {f.name for f in dataclasses.fields(cls)}
+        run = {k: v for k, v in kwargs.items() if k in own}
+        options = {**run.pop("options", {}), **{k: v for k, v in kwargs.items() if k not in own}}
+        return cls(**run, options=options)
+
+    @staticmethod
+    def method_options(method: str) -> type:
+        """The dataclass whose fields are ``method``'s own options (for the command line)."""
+        return get_method(method)[0]
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else get_method(self.method)[0].default_lr
 
-    def method_config(self) -> Any:
-        entry_fields = {f.name for f in dataclasses.fields(METHODS[self.method][0])}
-        wanted = dict(num_virtual_tokens=self.num_virtual_tokens, rank=self.rank, hidden_size=self.hidden_size,
-                      combine=self.combine, gate_scale=self.gate_scale, shared_lr_scale=self.shared_lr_scale,
-                      init=self.init, init_text=self.init_text, dropout=self.dropout, seed=self.seed,
-                      encoder=self.encoder or "minilm-l6")
+    def method_config(self) -> MethodConfig:
         try:
-            return make_config(self.method, **{k: v for k, v in wanted.items() if k in entry_fields})
-        except ConfigError as e:
+            return make_config(self.method, **{**self.options, "seed": self.seed})
+        except (ConfigError, TypeError) as e:
             raise ValueError(str(e)) from None
 
 
@@ -164,12 +154,8 @@ def load_task(args: TrainArgs) -> Task:
 
 
 def build_model(args: TrainArgs, base: Any, tokenizer: Any, task: Task) -> Any:
-    from .baselines import BaselineModel
-    from .model import SoftPromptModel
-    settings = {**task.settings(), "data_dir": args.data_dir}
-    if args.method in BASELINES:
-        return BaselineModel(base, tokenizer, args.method, lora_r=args.lora_r, task=settings)
-    return SoftPromptModel(base, tokenizer, args.method_config(), task=settings)
+    from .model import build_model as wrap
+    return wrap(base, tokenizer, args.method_config(), task={**task.settings(), "data_dir": args.data_dir})
 
 
 def _prepare_out(args: TrainArgs) -> Path:
@@ -253,11 +239,61 @@ def _plot(out: Path, history: list[dict[str, Any]], metric_name: str) -> None:
     plt.close(fig)
 
 
+@dataclass
+class _Run:
+    """What one training run holds while it runs (built by :func:`_setup`)."""
+
+    args: TrainArgs
+    out: Path
+    task: Task
+    splits: dict[str, list]
+    accelerator: Any
+    base: Any
+    tokenizer: Any
+    model: Any
+    inner: Any
+    optimizer: Any
+    scheduler: Any
+    label_ids: list[int] | None
+    state: dict[str, Any] = field(default_factory=lambda: {"best": -math.inf, "best_step": 0, "bad_evals": 0,
+                                                          "elapsed_s": 0.0})
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.label_ids is not None else "neg_loss"
+
+    @property
+    def dev_set(self) -> list:
+        dev = self.splits["dev"]
+        return dev[:self.args.eval_limit] if self.args.eval_limit else dev
+
+    def log(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
 def train(args: TrainArgs) -> dict[str, Any]:
     """Run training end to end; returns the results (also written to ``results.json``)."""
+    run = _setup(args)
+    if isinstance(run, dict):  # --dry-run
+        return run
+    _resume(run)
+    _warm_encoder(run)
+    _fit(run)
+    return _finish(run)
+
+
+def _setup(args: TrainArgs) -> "_Run | dict[str, Any]":
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from .models import load_base
 
     out = _prepare_out(args)
@@ -265,136 +301,168 @@ def train(args: TrainArgs) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     base, tokenizer = load_base(args.model)
     splits = _check_task(task, tokenizer, args)  # every data error is raised before training starts
+    main = accelerator.is_main_process
+    if not args.dry_run and main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+        if args.zero_shot and "test" in splits:
+            _zero_shot(out, base, tokenizer, task, args)  # the base is still unmodified here
     set_seed(args.seed)
     model = build_model(args, base, tokenizer, task)
-    main = accelerator.is_main_process
+    if main:
+        print(f"method: {args.method}  task: {task.name} ({task.kind})  splits: "
+              + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), file=sys.stderr)
     if args.dry_run:
         if main:
             print(model)
-            print(f"method: {args.method}  task: {task.name} ({task.kind})  splits: "
-                  + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
             model.print_trainable_parameters()
         return {"trainable_params": model.num_trainable_parameters()}
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-
     lr = args.learning_rate
     groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in model.trainable_param_groups() if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args))
     # the scheduler stays unwrapped: accelerate would step it once per process, but our steps are global
     model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
-
-    classification = task.kind == "classification"
-    train_set, dev_set = splits["train"], splits["dev"][:args.eval_limit] if args.eval_limit else splits["dev"]
     label_ids = None
-    if classification:
+    if task.kind == "classification":
         from .prefix import label_token_ids
         label_ids = label_token_ids(tokenizer, task.label_words)
-    metric_name = "accuracy" if classification else "neg_loss"
-    state: dict[str, Any] = {"best": -math.inf, "best_step": 0, "bad_evals": 0, "elapsed_s": 0.0}
-    start_step = 0
-    if args.resume and (ck_path := checkpoint.latest(out / "checkpoints")) is not None:
+    return _Run(args, out, task, splits, accelerator, base, tokenizer, model, accelerator.unwrap_model(model),
+                optimizer, scheduler, label_ids)
+
+
+def _zero_shot(out: Path, base: Any, tokenizer: Any, task: Task, args: TrainArgs) -> None:
+    """Score the bare model once per run, before any method can change its weights in place (PEFT
+    injects LoRA into the base; full fine-tuning trains it), and keep the score for --resume."""
+    path = out / ZERO_SHOT
+    if path.exists():
+        return
+    from .baselines import BaselineModel
+    path.write_text(json.dumps(_final_scores(BaselineModel(base, tokenizer), task, args)) + "\n")
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the newest checkpoint (``--resume``) and drop what was logged after it."""
+    if run.args.resume and (ck_path := checkpoint.latest(run.out / "checkpoints")) is not None:
         ck = checkpoint.load(ck_path)
-        inner.load_trainable_state_dict(ck.weights)
-        optimizer.load_state_dict(ck.optimizer)
-        scheduler.load_state_dict(ck.trainer.pop("scheduler"))
+        run.inner.load_trainable_state_dict(ck.weights)
+        run.optimizer.load_state_dict(ck.optimizer)
+        run.scheduler.load_state_dict(ck.trainer.pop("scheduler"))
         torch.set_rng_state(ck.trainer.pop("torch_rng"))
-        state.update(ck.trainer)
-        start_step = ck.step
-    history = []
-    metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
-        history = [h for h in map(json.loads, metrics_path.read_text().splitlines()) if h["step"] <= start_step]
-        if main:
-            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        run.state.update(ck.trainer)
+        run.step = ck.step
+    metrics_path = run.out / "metrics.jsonl"
+    if metrics_path.exists():
+        run.history = [h for h in map(json.loads, metrics_path.read_text().splitlines()) if h["step"] <= run.step]
+        if run.main:
+            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in run.history))
 
-    def log(entry: dict[str, Any]) -> None:
-        history.append(entry)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
 
-    def dev_metric() -> float:
-        if classification:
-            return evaluate_classification(inner, dev_set, task.label_words, 32, args.precision)["accuracy"]
-        return -generation_dev_loss(inner, dev_set, args.batch_size, args.precision)
+def _warm_encoder(run: _Run) -> None:
+    """Encode every text this run will touch once now, in a fixed order: a feature must not depend on
+    which texts shared its encoder batch, or a resumed run would drift from an unbroken one."""
+    encoder, args = getattr(run.inner, "encoder", None), run.args
+    if encoder is None:
+        return
+    train_set, global_batch = run.splits["train"], args.batch_size * run.accelerator.num_processes
+    used = {i for s in range(args.max_steps * args.grad_accum)
+            for i in micro_batch(len(train_set), args.seed, s, global_batch)}
+    texts = [train_set[i].prompt for i in used] + [e.prompt for e in run.dev_set]
+    texts += [e.prompt for e in run.splits.get("test", [])[:args.test_limit]]
+    encoder.warm(sorted(set(texts), key=lambda t: (len(t), t)))
 
-    nproc, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = args.batch_size * nproc
-    if getattr(inner, "encoder", None) is not None:
-        # every text this run will touch, encoded once now in a fixed order: a feature must not depend
-        # on which texts shared its encoder batch, or a resumed run would drift from an unbroken one
-        used = {i for s in range(args.max_steps * args.grad_accum) for i in micro_batch(len(train_set), args.seed, s, global_batch)}
-        texts = [train_set[i].prompt for i in used] + [e.prompt for e in dev_set]
-        texts += [e.prompt for e in splits.get("test", [])[:args.test_limit]]
-        inner.encoder.encode(sorted(set(texts), key=lambda t: (len(t), t)))
-    bar = tqdm(total=args.max_steps, initial=start_step, desc=f"{args.method} on {task.name}", file=sys.stderr,
-               disable=not (args.progress and main), dynamic_ncols=True)
-    model.train()
-    t0, running, seen = time.time() - state["elapsed_s"], 0.0, 0
-    step = start_step
-    last_dev = None
-    while step < args.max_steps:
-        for micro in range(args.grad_accum):
-            idx = micro_batch(len(train_set), args.seed, step * args.grad_accum + micro, global_batch)
-            rows = [train_set[i] for i in idx[rank * args.batch_size:(rank + 1) * args.batch_size]]
-            texts = [r.prompt for r in rows]
-            with autocast(args.precision):
-                if classification:
-                    loss = model(texts, label_ids=torch.tensor([label_ids[r.label] for r in rows]))
-                else:
-                    loss = model(texts, targets=[r.target for r in rows])
-            accelerator.backward(loss / args.grad_accum)
-            running += float(loss.detach()) / args.grad_accum
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+
+def _train_step(run: _Run) -> float:
+    args, rank = run.args, run.accelerator.process_index
+    train_set, global_batch = run.splits["train"], args.batch_size * run.accelerator.num_processes
+    loss_sum = 0.0
+    for micro in range(args.grad_accum):
+        idx = micro_batch(len(train_set), args.seed, run.step * args.grad_accum + micro, global_batch)
+        rows = [train_set[i] for i in idx[rank * args.batch_size:(rank + 1) * args.batch_size]]
+        texts = [r.prompt for r in rows]
+        with autocast(args.precision):
+            if run.label_ids is not None:
+                loss = run.model(texts, label_ids=torch.tensor([run.label_ids[r.label] for r in rows]))
+            else:
+                loss = run.model(texts, targets=[r.target for r in rows])
+        run.accelerator.backward(loss / args.grad_accum)
+        loss_sum += float(loss.detach()) / args.grad_accum
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss_sum
+
+
+def _dev_metric(run: _Run) -> float:
+    if run.label_ids is not None:
+        return evaluate_classification(run.inner, run.dev_set, run.task.label_words, 32, run.args.precision)["accuracy"]
+    return -generation_dev_loss(run.inner, run.dev_set, run.args.batch_size, run.args.precision)
+
+
+def _fit(run: _Run) -> None:
+    from tqdm.auto import tqdm
+    args, state = run.args, run.state
+    bar = tqdm(total=args.max_steps, initial=run.step, desc=f"{args.method} on {run.task.name}", file=sys.stderr,
+               disable=not (args.progress and run.main), dynamic_ncols=True)
+    run.model.train()
+    t0, running, seen, last_dev = time.time() - state["elapsed_s"], 0.0, 0, None
+    while run.step < args.max_steps:
+        running += _train_step(run)
         seen += 1
         bar.update(1)
         bar.set_postfix(loss=f"{running / seen:.4f}", **({"dev": f"{last_dev:.4f}"} if last_dev is not None else {}))
-        if step % args.eval_every == 0 or step == args.max_steps:
-            last_dev = dev_metric()
-            improved = last_dev > state["best"]
-            if improved:
-                state.update(best=last_dev, best_step=step, bad_evals=0)
-                if main:
-                    inner.save_pretrained(out / "best")
-            else:
-                state["bad_evals"] += 1
-            state["elapsed_s"] = time.time() - t0
-            log({"step": step, "loss": running / seen, "lr": scheduler.get_last_lr()[0], "dev": last_dev,
-                 "dev_metric": metric_name, "elapsed_s": round(state["elapsed_s"], 2)})
+        if run.step % args.eval_every == 0 or run.step == args.max_steps:
+            last_dev = _dev_metric(run)
+            _evaluated(run, last_dev, running / seen, time.time() - t0)
             running, seen = 0.0, 0
-            if main:
-                checkpoint.save(out / "checkpoints", step, inner.trainable_state_dict(), optimizer.state_dict(),
-                                {**state, "scheduler": scheduler.state_dict()})
-            accelerator.wait_for_everyone()
             if args.patience is not None and state["bad_evals"] >= args.patience:
-                bar.write(f"early stop at step {step}: no better dev {metric_name} in {args.patience} evaluations")
+                bar.write(f"early stop at step {run.step}: no better dev {run.metric_name} in {args.patience} evaluations")
                 break
     bar.close()
-    accelerator.wait_for_everyone()
-    results: dict[str, Any] = {"method": args.method, "task": task.name, "steps": step,
+    state["train_s"] = round(time.time() - t0, 1)
+    run.accelerator.wait_for_everyone()
+
+
+def _evaluated(run: _Run, dev: float, loss: float, elapsed_s: float) -> None:
+    """Keep the best artifact, log the evaluation and write a checkpoint."""
+    state = run.state
+    if dev > state["best"]:
+        state.update(best=dev, best_step=run.step, bad_evals=0)
+        if run.main:
+            run.inner.save_pretrained(run.out / "best")
+    else:
+        state["bad_evals"] += 1
+    state["elapsed_s"] = elapsed_s
+    run.log({"step": run.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0], "dev": dev,
+             "dev_metric": run.metric_name, "elapsed_s": round(elapsed_s, 2)})
+    if run.main:
+        checkpoint.save(run.out / "checkpoints", run.step, run.inner.trainable_state_dict(),
+                        run.optimizer.state_dict(), {**state, "scheduler": run.scheduler.state_dict()})
+    run.accelerator.wait_for_everyone()
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """Score the best checkpoint on test, next to the zero-shot score taken before training."""
+    args, state, metric_name = run.args, run.state, run.metric_name
+    results: dict[str, Any] = {"method": args.method, "task": run.task.name, "steps": run.step,
                                "best_step": state["best_step"], f"best_dev_{metric_name}": state["best"],
-                               "trainable_params": inner.num_trainable_parameters(),
-                               "train_s": round(time.time() - t0, 1)}
-    if main:
-        _plot(out, history, metric_name)
-        if "test" in splits:
-            best = load_run_model(out, base, tokenizer) if args.method != "full" else inner
-            results["test"] = _final_scores(best, task, args)
-            if args.zero_shot:
-                from .baselines import BaselineModel
-                results["zero_shot"] = _final_scores(BaselineModel(base, tokenizer, "zero-shot"), task, args)
-                results.update(_paired_with_zero_shot(task, results["test"], results["zero_shot"]))
-            for r in (results.get("test"), results.get("zero_shot")):
-                if r:
-                    r.pop("predictions", None)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+                               "trainable_params": run.inner.num_trainable_parameters(),
+                               "train_s": state.get("train_s", 0.0)}
+    if not run.main:
+        return results
+    _plot(run.out, run.history, metric_name)
+    if "test" in run.splits:
+        # full fine-tuning is scored as it ended: reloading best/ would need a second copy of the model
+        best = load_run_model(run.out, run.base, run.tokenizer) if args.method != "full" else run.inner
+        results["test"] = _final_scores(best, run.task, args)
+        if (run.out / ZERO_SHOT).exists():
+            results["zero_shot"] = json.loads((run.out / ZERO_SHOT).read_text())
+            results.update(_paired_with_zero_shot(run.task, results["test"], results["zero_shot"]))
+        for r in (results.get("test"), results.get("zero_shot")):
+            if r:
+                r.pop("predictions", None)
+    (run.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

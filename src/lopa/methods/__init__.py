@@ -2,12 +2,12 @@
 
 >>> from lopa.methods import METHODS
 >>> sorted(METHODS)
-['idpg', 'lopa', 'lopt-1', 'lopt-2', 'prompt-tuning']
+['full', 'idpg', 'lopa', 'lopt-1', 'lopt-2', 'lora', 'prompt-tuning']
 """
 
-from .base import (METHODS, ConfigError, InitContext, InstanceConfig, SoftPromptConfig, SoftPromptGenerator,
-                   build_generator, get_method, make_config)
-from . import prompt_tuning, lopt_1, lopt_2, idpg, lopa  # noqa: F401  (registration)
+from .base import (METHODS, ConfigError, InitContext, InstanceConfig, MethodConfig, SoftPromptConfig,
+                   SoftPromptGenerator, build_generator, get_method, make_config, soft_prompt_methods)
+from . import prompt_tuning, lopt_1, lopt_2, idpg, lopa, weights  # noqa: F401  (registration)
 
-__all__ = ["METHODS", "ConfigError", "InitContext", "InstanceConfig", "SoftPromptConfig", "SoftPromptGenerator",
-           "build_generator", "get_method", "make_config"]
+__all__ = ["METHODS", "ConfigError", "InitContext", "InstanceConfig", "MethodConfig", "SoftPromptConfig",
+           "SoftPromptGenerator", "build_generator", "get_method", "make_config", "soft_prompt_methods"]

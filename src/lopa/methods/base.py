@@ -16,13 +16,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 INITS = ("vocab", "text", "random")
+POOLINGS = ("mean", "cls")
 
 
 class ConfigError(ValueError):
@@ -35,48 +36,41 @@ def _check_range(name: str, value: Any, lo: float, hi: float | None = None) -> N
         raise ConfigError(f"{name} must be a number {rng}, got {value!r}")
 
 
-@dataclass
-class SoftPromptConfig:
-    """Settings every method shares.
+def choice(default: str, choices: Sequence[str]) -> Any:
+    """A string field limited to ``choices``: the config checks it, and ``lopa train`` offers them."""
+    return field(default=default, metadata={"choices": tuple(choices)})
 
-    Attributes:
-        num_virtual_tokens: m, the soft prompt's length in virtual tokens.
-        init: how the task-wide prompt starts: ``vocab`` (random rows of the embedding table),
-            ``text`` (the embedded ``init_text``, cycled to m tokens) or ``random`` (N(0, 0.02)).
-        init_text: the text for ``init="text"``.
-        seed: seeds the initialisation, so the same config gives the same generator.
+
+@dataclass
+class MethodConfig:
+    """What every method's config shares: its registry name, its default learning rate, whether it
+    needs weights on the server, and a seed. Fields with ``choices`` metadata are checked here; a
+    field's attribute docstring is its ``--help`` text in ``lopa train``.
     """
 
     method: ClassVar[str] = ""
-    instance_dependent: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 1e-3
+    # True for the baselines (LoRA, full fine-tuning): they change the base model, so a server
+    # would have to hold per-task weights; soft-prompt methods leave the server untouched
+    server_weights: ClassVar[bool] = False
 
-    num_virtual_tokens: int = 10
-    init: str = "vocab"
-    init_text: str | None = None
-    seed: int = 0
+    seed: int = field(default=0, metadata={"cli": False})
+    """seeds the initialisation (``lopa train`` passes its --seed)"""
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
-                or not 1 <= self.num_virtual_tokens <= 1024:
-            raise ConfigError(f"num_virtual_tokens must be an integer in [1, 1024], got {self.num_virtual_tokens!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise ConfigError("init='text' needs init_text, the text whose embeddings start the prompt")
-
-    @property
-    def num_output_tokens(self) -> int:
-        """How many virtual tokens Z has (``concat`` doubles m)."""
-        return self.num_virtual_tokens
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ConfigError(f"{f.name} must be one of {list(allowed)}, got {getattr(self, f.name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SoftPromptConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
         d = dict(d)
         method = d.pop("method", cls.method)
-        klass = get_method(method)[0] if cls is SoftPromptConfig else cls
+        klass = get_method(method)[0] if cls in (MethodConfig, SoftPromptConfig) else cls
         known = {f.name for f in dataclasses.fields(klass)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -85,32 +79,63 @@ class SoftPromptConfig:
 
 
 @dataclass
-class InstanceConfig(SoftPromptConfig):
-    """Settings of methods that read the instance through a frozen encoder.
+class SoftPromptConfig(MethodConfig):
+    """Settings every soft-prompt method shares."""
 
-    Attributes:
-        encoder: the frozen encoder: a short name (``minilm-l6``), hub id, local path, or ``self``
-            (mean of the base model's own input embeddings; no second model).
-        pooling: ``mean`` or ``cls`` pooling of the encoder's last hidden states.
-        hidden_size: h, the width of each head's hidden layer.
-        dropout: dropout on the encoder features while training.
-    """
+    instance_dependent: ClassVar[bool] = False
+
+    num_virtual_tokens: int = 10
+    """m, the soft prompt's length in virtual tokens"""
+    init: str = choice("vocab", INITS)
+    """how the task-wide prompt starts: vocab (random rows of the embedding table), text (the embedded --init-text, cycled to m tokens) or random (N(0, init_std^2))"""
+    init_text: str | None = None
+    """the text for --init text"""
+    init_std: float = 0.02
+    """standard deviation of --init random (the LoPA reference code's Z_S starts at nn.Embedding's N(0, 1))"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
+                or not 1 <= self.num_virtual_tokens <= 1024:
+            raise ConfigError(f"num_virtual_tokens must be an integer in [1, 1024], got {self.num_virtual_tokens!r}")
+        if self.init == "text" and not self.init_text:
+            raise ConfigError("init='text' needs init_text, the text whose embeddings start the prompt")
+        _check_range("init_std", self.init_std, 1e-8, 100.0)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """How many virtual tokens Z has (``concat`` doubles m)."""
+        return self.num_virtual_tokens
+
+
+@dataclass
+class InstanceConfig(SoftPromptConfig):
+    """Settings of methods that read the instance through an encoder (frozen unless train_encoder)."""
 
     instance_dependent: ClassVar[bool] = True
 
     encoder: str = "minilm-l6"
-    pooling: str = "mean"
+    """the instance encoder: a short name (minilm-l6), hub id, local path, or self (mean of the base model's own input embeddings; no second model)"""
+    pooling: str = choice("mean", POOLINGS)
+    """pooling of the encoder's last hidden states"""
     hidden_size: int = 256
+    """h, the width of each head's hidden layer"""
     dropout: float = 0.1
+    """dropout on the encoder features while training"""
+    train_encoder: bool = False
+    """fine-tune the encoder too (as the LoPA reference's GLUE code does); its weights are then part of the artifact and of the trainable count, and features are no longer cached"""
+    encoder_lr_scale: float = 0.01
+    """with --train-encoder: the encoder's learning rate relative to the generator's"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.encoder:
             raise ConfigError("encoder must name a model or be 'self'")
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.train_encoder and self.encoder == "self":
+            raise ConfigError("train_encoder needs a separate encoder: 'self' shares the frozen base model's embeddings")
         _check_range("hidden_size", self.hidden_size, 1, 65536)
         _check_range("dropout", self.dropout, 0.0, 0.99)
+        _check_range("encoder_lr_scale", self.encoder_lr_scale, 0.0, 1e6)
 
 
 @dataclass(frozen=True)
@@ -161,7 +186,7 @@ def initial_prompt(config: SoftPromptConfig, ctx: InitContext, m: int | None = N
     emb = ctx.embedding_weight.detach().float()
     g = torch.Generator().manual_seed(config.seed)
     if config.init == "random":
-        return torch.randn(m, emb.shape[1], generator=g) * 0.02
+        return torch.randn(m, emb.shape[1], generator=g) * config.init_std
     if config.init == "text":
         if ctx.tokenizer is None:
             raise ConfigError("init='text' needs the base model's tokenizer")
@@ -175,7 +200,7 @@ def initial_prompt(config: SoftPromptConfig, ctx: InitContext, m: int | None = N
     return emb[torch.randint(0, hi, (m,), generator=g)].clone()
 
 
-MethodEntry = tuple[type[SoftPromptConfig], type[SoftPromptGenerator]]
+MethodEntry = tuple[type[MethodConfig], "type[SoftPromptGenerator] | None"]
 METHODS: dict[str, MethodEntry] = {}
 
 
@@ -183,12 +208,25 @@ def register(config_cls: type[SoftPromptConfig]) -> Callable[[type[SoftPromptGen
     """Class decorator on a generator: registers it with its config under ``config_cls.method``."""
 
     def deco(gen_cls: type[SoftPromptGenerator]) -> type[SoftPromptGenerator]:
-        if config_cls.method in METHODS:
-            raise ValueError(f"method {config_cls.method!r} registered twice")
-        METHODS[config_cls.method] = (config_cls, gen_cls)
+        _add(config_cls, gen_cls)
         return gen_cls
 
     return deco
+
+
+def register_config(config_cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator for a method with no generator: a baseline that tunes the base model's own
+    weights (``server_weights = True``); the wrapper that trains it lives outside ``methods/``."""
+    if not config_cls.server_weights:
+        raise ValueError(f"method {config_cls.method!r} has no generator, so it must set server_weights = True")
+    _add(config_cls, None)
+    return config_cls
+
+
+def _add(config_cls: type[MethodConfig], gen_cls: type[SoftPromptGenerator] | None) -> None:
+    if config_cls.method in METHODS:
+        raise ValueError(f"method {config_cls.method!r} registered twice")
+    METHODS[config_cls.method] = (config_cls, gen_cls)
 
 
 def get_method(name: str) -> MethodEntry:
@@ -198,7 +236,16 @@ def get_method(name: str) -> MethodEntry:
         raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
 
 
-def make_config(method: str, **kwargs: Any) -> SoftPromptConfig:
+def soft_prompt_methods() -> list[str]:
+    """The registered methods that need nothing on the server (every method but the baselines).
+
+    >>> soft_prompt_methods()
+    ['idpg', 'lopa', 'lopt-1', 'lopt-2', 'prompt-tuning']
+    """
+    return sorted(name for name, (cfg, _) in METHODS.items() if not cfg.server_weights)
+
+
+def make_config(method: str, **kwargs: Any) -> MethodConfig:
     """Build and validate the config of a method by name.
 
     >>> make_config("lopa", num_virtual_tokens=10, rank=4, hidden_size=256, encoder="minilm-l6").combine
@@ -214,8 +261,10 @@ def make_config(method: str, **kwargs: Any) -> SoftPromptConfig:
 
 def build_generator(config: SoftPromptConfig, ctx: InitContext) -> SoftPromptGenerator:
     """Instantiate the generator registered for ``config.method``."""
-    gen = get_method(config.method)[1](config, ctx)
-    return gen
+    gen_cls = get_method(config.method)[1]
+    if gen_cls is None:
+        raise ConfigError(f"method {config.method!r} tunes the base model's weights: it has no soft-prompt generator")
+    return gen_cls(config, ctx)
 
 
 class MLPHead(nn.Module):

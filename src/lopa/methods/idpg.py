@@ -28,6 +28,7 @@ class IDPGConfig(InstanceConfig):
     """S-IDPG: a frozen encoder and one MLP head of width ``hidden_size`` (h = 256 by default)."""
 
     method = "idpg"
+    default_lr = 1e-3
 
 
 @register(IDPGConfig)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import (ConfigError, InitContext, InstanceConfig, MLPHead, SoftPromptGenerator, _check_range,
+from .base import (InitContext, InstanceConfig, MLPHead, SoftPromptGenerator, _check_range, choice,
                    initial_prompt, register)
 
 COMBINES = ("gate", "add", "max", "concat")
@@ -37,24 +37,22 @@ COMBINES = ("gate", "add", "max", "concat")
 
 @dataclass
 class LoPAConfig(InstanceConfig):
-    """Attributes:
-        rank: r, the rank of the instance part u vᵀ.
-        combine: ``gate`` | ``add`` | ``max`` | ``concat``.
-        gate_scale: the gate is gate_scale · sigmoid(u vᵀ); 1.0 is the paper's.
-        shared_lr_scale: learning-rate multiplier for Z_S relative to the heads.
-    """
+    """LoPA: a task-wide Z_S gated (or combined) with a rank-r instance part from two heads."""
 
     method = "lopa"
+    default_lr = 1e-3
     rank: int = 4
-    combine: str = "gate"
+    """r, the rank of the instance part u v^T"""
+    combine: str = choice("gate", COMBINES)
+    """how Z_S and Z_I = u v^T meet: gate (the paper's), add, max or concat ([Z_S ; Z_I], 2m tokens)"""
     gate_scale: float = 1.0
+    """the gate is gate_scale * sigmoid(u v^T); 1 is the paper's, 2 starts at Z = Z_S exactly"""
     shared_lr_scale: float = 1.0
+    """learning-rate multiplier of the task-wide part Z_S relative to the heads"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_range("rank", self.rank, 1, 4096)
-        if self.combine not in COMBINES:
-            raise ConfigError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         _check_range("gate_scale", self.gate_scale, 1e-6, 100.0)
         _check_range("shared_lr_scale", self.shared_lr_scale, 0.0, 1e6)
 

@@ -24,12 +24,12 @@ from .base import InitContext, SoftPromptConfig, SoftPromptGenerator, _check_ran
 
 @dataclass
 class LoPT1Config(SoftPromptConfig):
-    """Attributes:
-        rank: r, the rank of Z.
-    """
+    """LoPT-1: Z = U V, r(m + d) parameters."""
 
     method = "lopt-1"
+    default_lr = 3e-3
     rank: int = 4
+    """r, the rank of Z"""
 
     def __post_init__(self) -> None:
         super().__post_init__()

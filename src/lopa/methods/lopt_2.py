@@ -21,27 +21,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ConfigError, InitContext, SoftPromptConfig, SoftPromptGenerator, _check_range, initial_prompt, register
+from .base import InitContext, SoftPromptConfig, SoftPromptGenerator, _check_range, choice, initial_prompt, register
 
 ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda x: x}
 
 
 @dataclass
 class LoPT2Config(SoftPromptConfig):
-    """Attributes:
-        rank: r, the width of the bottleneck.
-        activation: σ: ``tanh`` (default), ``sigmoid``, ``relu`` or ``identity``.
-    """
+    """LoPT-2: Z = σ(X₀ U) V, 2rd parameters."""
 
     method = "lopt-2"
+    default_lr = 1e-3
     rank: int = 4
-    activation: str = "tanh"
+    """r, the width of the bottleneck"""
+    activation: str = choice("tanh", ACTIVATIONS)
+    """σ (the paper does not say which; tanh by default)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_range("rank", self.rank, 1, 4096)
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
 
 @register(LoPT2Config)

@@ -24,6 +24,7 @@ class PromptTuningConfig(SoftPromptConfig):
     """Prompt tuning: m·d parameters. ``init="random"`` is known to cost a lot of accuracy."""
 
     method = "prompt-tuning"
+    default_lr = 3e-3
 
 
 @register(PromptTuningConfig)
