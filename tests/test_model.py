@@ -291,6 +291,9 @@ def test_a_trained_encoder_trains_counts_and_travels_with_the_artifact(tiny_base
     loaded = lopa.SoftPromptModel.from_pretrained(tmp_path / "art", base, tok).eval()
     with torch.no_grad():
         assert torch.equal(loaded.soft_prompts(TEXTS), z)
+    from lopa.client import Client
+    with Client(tmp_path / "art") as client:  # the client computes the same prompts from the same files
+        assert torch.equal(client.soft_prompt(TEXTS), z)
     (tmp_path / "art" / "encoder.safetensors").unlink()
     with pytest.raises(ValueError, match="encoder.safetensors"):
         lopa.SoftPromptModel.from_pretrained(tmp_path / "art", base, tok)

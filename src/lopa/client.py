@@ -42,7 +42,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .artifact import Artifact, ArtifactError, load_artifact
-from .encoders import Encoder, load_encoder
+from .encoders import Encoder
+from .soft_prompt import compute, load_instance_encoder
 from .serve.backends import ClassifyRow, GenerateRow, classification_result
 from .serve.wire import encode_soft_prompt
 
@@ -77,6 +78,7 @@ class Client:
     def __init__(self, artifact_dir: str | Path, url: str | None = None, api_key: str | None = None,
                  model: str | None = None, *, dtype: str = "float32", wire_dtype: str = "float32",
                  timeout: float = 120.0, concurrency: int = 16, batch_size: int = 32):
+        self.artifact_dir = Path(artifact_dir)
         self.artifact: Artifact = load_artifact(artifact_dir)
         self.config = self.artifact.config
         self.url = url.rstrip("/") if url else None
@@ -126,20 +128,16 @@ class Client:
                           f"(same width {width}): check that this is the same model", stacklevel=3)
 
     def _load_encoder(self) -> Encoder | None:
-        if not self.config.instance_dependent:
-            return None
-        name = self.config.encoder  # type: ignore[attr-defined]
-        if name == "self":
-            if self._backend is None:
-                raise ClientError("this artifact's encoder is 'self' (the base model's own embeddings), so it "
-                                  "needs the base model's weights: run it in-process (url=None)")
-            enc = load_encoder("self", base=self._backend.base, tokenizer=self._backend.tokenizer)
-        else:
-            enc = load_encoder(name, self.config.pooling)  # type: ignore[attr-defined]
-        if self.artifact.encoder_dim is not None and enc.dim != self.artifact.encoder_dim:
-            raise ClientError(f"the artifact was trained on encoder features of width {self.artifact.encoder_dim}, "
-                              f"but encoder {name!r} gives {enc.dim}")
-        return enc
+        if getattr(self.config, "encoder", None) == "self" and self._backend is None:
+            raise ClientError("this artifact's encoder is 'self' (the base model's own embeddings), so it "
+                              "needs the base model's weights: run it in-process (url=None)")
+        backend = self._backend
+        try:
+            return load_instance_encoder(self.config, self.artifact_dir, base=getattr(backend, "base", None),
+                                         tokenizer=getattr(backend, "tokenizer", None),
+                                         encoder_dim=self.artifact.encoder_dim)
+        except ValueError as e:
+            raise ClientError(str(e)) from None
 
     def close(self) -> None:
         if self._http is not None:
@@ -170,9 +168,7 @@ class Client:
     def soft_prompt(self, texts: Sequence[str]) -> torch.Tensor:
         """Z for each text (B × m × d, float32, CPU): the generator reads the encoder's features of the
         text when its method is instance-dependent, and ignores the text otherwise."""
-        texts = list(texts)
-        feats = self.encoder.encode(texts) if self.encoder is not None else None
-        return self.artifact.generator(feats, len(texts)).float().cpu()
+        return compute(self.artifact.generator, self.encoder, texts).cpu()
 
     def _chunks(self, texts: Sequence[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
         texts = list(texts)

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import prefix
-from .encoders import Encoder, load_encoder, load_encoder_weights, save_encoder_weights
+from . import prefix, soft_prompt
+from .encoders import Encoder, load_encoder_weights, save_encoder_weights
 from .methods import InitContext, MethodConfig, SoftPromptConfig, build_generator
 
 
@@ -49,7 +49,7 @@ class SoftPromptModel(nn.Module):
         self.config = config
         self.task = dict(task or {})
         if config.instance_dependent and encoder is None:
-            encoder = load_encoder(config.encoder, config.pooling, base=base, tokenizer=tokenizer)
+            encoder = soft_prompt.load_instance_encoder(config, base=base, tokenizer=tokenizer)
         self.encoder = encoder if config.instance_dependent else None
         if self.encoder is not None:
             self.encoder.set_trainable(bool(getattr(config, "train_encoder", False)))
@@ -74,16 +74,9 @@ class SoftPromptModel(nn.Module):
 
     # -- the soft prompt -------------------------------------------------------------------------
     def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Z for each text: B × n × d (n = the generator's number of output tokens), in float32.
-
-        The generator always computes in float32, also under a bf16 autocast of the base model: at
-        initialisation LoPA's gate sigmoid(u vᵀ) lies within a few thousandths of 0.5, which bf16
-        rounds to exactly 0.5, erasing the instance part in the forward pass.
-        """
-        feats = self.encoder.encode(list(texts)) if self.generator.needs_features else None
-        device = next(self.generator.parameters(), self.base.get_input_embeddings().weight).device
-        with torch.autocast(device.type, enabled=False):
-            return self.generator(feats.float() if feats is not None else None, len(texts)).float()
+        """Z for each text: B × n × d (n = the generator's number of output tokens), in float32
+        (see :func:`lopa.soft_prompt.compute`)."""
+        return soft_prompt.compute(self.generator, self.encoder, texts)
 
     def _batch(self, texts: Sequence[str], suffix_ids: Sequence[Sequence[int]] | None = None) -> prefix.PrefixBatch:
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -81,6 +81,8 @@ class TrainArgs:
     """dev items scored at each evaluation (all if unset)"""
     test_limit: int | None = None
     """test items scored at the end (all if unset)"""
+    test: bool = True
+    """score the best checkpoint (and the bare model) on the test split; --no-test keeps a study of settings on dev data alone"""
     patience: int | None = None
     """stop after this many evaluations without a better dev metric"""
     zero_shot: bool = True
@@ -305,7 +307,7 @@ def _setup(args: TrainArgs) -> "_Run | dict[str, Any]":
     if not args.dry_run and main:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-        if args.zero_shot and "test" in splits:
+        if args.zero_shot and args.test and "test" in splits:
             _zero_shot(out, base, tokenizer, task, args)  # the base is still unmodified here
     set_seed(args.seed)
     model = build_model(args, base, tokenizer, task)
@@ -368,7 +370,8 @@ def _warm_encoder(run: _Run) -> None:
     used = {i for s in range(args.max_steps * args.grad_accum)
             for i in micro_batch(len(train_set), args.seed, s, global_batch)}
     texts = [train_set[i].prompt for i in used] + [e.prompt for e in run.dev_set]
-    texts += [e.prompt for e in run.splits.get("test", [])[:args.test_limit]]
+    if args.test:
+        texts += [e.prompt for e in run.splits.get("test", [])[:args.test_limit]]
     encoder.warm(sorted(set(texts), key=lambda t: (len(t), t)))
 
 
@@ -452,7 +455,7 @@ def _finish(run: _Run) -> dict[str, Any]:
     if not run.main:
         return results
     _plot(run.out, run.history, metric_name)
-    if "test" in run.splits:
+    if args.test and "test" in run.splits:
         # full fine-tuning is scored as it ended: reloading best/ would need a second copy of the model
         best = load_run_model(run.out, run.base, run.tokenizer) if args.method != "full" else run.inner
         results["test"] = _final_scores(best, run.task, args)

@@ -1,0 +1,103 @@
+"""The LoPA study: which settings let LoPA learn, chosen on dev data only (never a test split).
+
+Each variant is one ``lopa train`` run on a task's dev split (``--no-test``: the test split is never
+scored); the table ranks variants by their best dev accuracy and the curves show whether each run
+had flattened. Resumable: a variant whose run finished is read back, not trained again, so the study
+can run in parts. Writes ``OUT/study.json`` and, with ``--docs``, ``docs/lopa_study.md`` + a PNG.
+
+    python scripts/lopa_study.py --task sst2 --workers 2 --only lopa-current,prompt-tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# one run's settings on top of the shared protocol; names say what differs from "lopa-current"
+VARIANTS: dict[str, dict] = {
+    "lopa-current": dict(method="lopa"),
+    "lopa-zs-normal1": dict(method="lopa", init="random", init_std=1.0),
+    "lopa-lr3e-3": dict(method="lopa", lr=3e-3),
+    "lopa-lr3e-4": dict(method="lopa", lr=3e-4),
+    "lopa-h384": dict(method="lopa", hidden_size=384),
+    "lopa-constant": dict(method="lopa", schedule="constant"),
+    "lopa-gate2": dict(method="lopa", gate_scale=2.0),
+    "lopa-zs-lr10x": dict(method="lopa", shared_lr_scale=10.0),
+    "lopa-zs-normal1-h384": dict(method="lopa", init="random", init_std=1.0, hidden_size=384),
+    "lopa-zs-normal1-lr3e-3": dict(method="lopa", init="random", init_std=1.0, lr=3e-3),
+    "lopa-zs-lr10x-lr3e-3": dict(method="lopa", shared_lr_scale=10.0, lr=3e-3),
+    "lopa-fp32": dict(method="lopa", precision="fp32"),
+    "prompt-tuning": dict(method="prompt-tuning"),
+    "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
+    "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
+    "idpg": dict(method="idpg"),
+    "idpg-lr3e-4": dict(method="idpg", lr=3e-4),
+}
+
+
+def run_variant(name: str, settings: dict, proto: dict, out_root: str) -> dict:
+    import torch
+    torch.set_num_threads(proto.pop("threads"))
+    from lopa.train import TrainArgs, train
+    out = Path(out_root) / name
+    done = out / "results.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    kw = {**proto, **settings, "out": str(out), "test": False, "zero_shot": False, "progress": False}
+    kw["resume"] = (out / "run_config.json").exists()
+    return train(TrainArgs.from_flat(**kw))
+
+
+def curves(out_root: Path, name: str) -> list[dict]:
+    path = out_root / name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-limit", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None, help="comma-separated variant names (default: all, in order)")
+    p.add_argument("--workers", type=int, default=1, help="runs at once (each with --threads torch threads)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="results/lopa-study")
+    p.add_argument("--docs", action="store_true", help="write docs/lopa_study.md and docs/lopa_study.png")
+    a = p.parse_args(argv)
+    names = a.only.split(",") if a.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    proto = dict(task=a.task, data_dir=a.data_dir, model=a.model, max_steps=a.max_steps, eval_every=a.eval_every,
+                 eval_limit=a.eval_limit, seed=a.seed, threads=a.threads)
+    out_root = Path(a.out) / f"{a.task}-s{a.seed}"
+    with ProcessPoolExecutor(a.workers) as pool:
+        futures = {n: pool.submit(run_variant, n, VARIANTS[n], dict(proto), str(out_root)) for n in names}
+        results = {}
+        for n, f in futures.items():
+            try:
+                results[n] = f.result()
+            except Exception as e:  # one failed variant must not lose the others' results
+                print(f"{n}: failed: {e}", file=sys.stderr)
+    summary = {n: {"settings": VARIANTS[n], "best_dev_accuracy": r.get("best_dev_accuracy"),
+                   "best_step": r.get("best_step"), "train_s": r.get("train_s"),
+                   "trainable": r.get("trainable_params"),
+                   "dev_curve": [(h["step"], h["dev"]) for h in curves(out_root, n)]}
+               for n, r in results.items()}
+    (out_root / "study.json").write_text(json.dumps({"protocol": proto, "variants": summary}, indent=2) + "\n")
+    for n, s in sorted(summary.items(), key=lambda kv: -(kv[1]["best_dev_accuracy"] or 0)):
+        print(f"{n:28s} dev {100 * (s['best_dev_accuracy'] or 0):5.1f}  curve "
+              + " ".join(f"{100 * d:.1f}" for _, d in s["dev_curve"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
