@@ -63,6 +63,9 @@ def test_train_then_eval_round_trip(tmp_path, capsys):
     assert abs(vs["difference"] - (results["test"]["accuracy"] - zs["accuracy"])) < 1e-9
     assert vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1] or vs["difference"] == 0
     assert "predictions" not in results["test"] and "predictions" not in results["zero_shot"]
+    preds = json.loads((out / "predictions.json").read_text())  # kept apart, for paired comparisons
+    assert len(preds["test"]) == len(preds["zero_shot"]) == len(preds["labels"]) == 6
+    assert sum(p == y for p, y in zip(preds["test"], preds["labels"])) / 6 == results["test"]["accuracy"]
 
 
 def test_dry_run_prints_count(tmp_path, capsys):

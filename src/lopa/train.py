@@ -35,6 +35,7 @@ from .tasks.metrics import paired_difference_ci95
 
 # settings that may change between a run and its --resume without changing the result
 ZERO_SHOT = "zero_shot.json"  # the bare model's test scores, taken before training
+PREDICTIONS = "predictions.json"  # per-item test predictions (and labels), for paired comparisons
 RESUMABLE = {"resume", "overwrite", "dry_run", "progress", "max_steps", "patience"}
 
 
@@ -462,9 +463,13 @@ def _finish(run: _Run) -> dict[str, Any]:
         if (run.out / ZERO_SHOT).exists():
             results["zero_shot"] = json.loads((run.out / ZERO_SHOT).read_text())
             results.update(_paired_with_zero_shot(run.task, results["test"], results["zero_shot"]))
-        for r in (results.get("test"), results.get("zero_shot")):
-            if r:
-                r.pop("predictions", None)
+        # per-item predictions, so two runs scored on the same items can be compared pairwise
+        preds = {k: r.pop("predictions") for k, r in (("test", results["test"]), ("zero_shot", results.get("zero_shot")))
+                 if r and "predictions" in r}
+        if preds:
+            limit = results["test"]["n"]
+            preds["labels"] = [e.label for e in run.task.split("test")[:limit]]
+            (run.out / PREDICTIONS).write_text(json.dumps(preds) + "\n")
     (run.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
