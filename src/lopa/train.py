@@ -296,8 +296,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
     metric_name = "accuracy" if classification else "neg_loss"
     state: dict[str, Any] = {"best": -math.inf, "best_step": 0, "bad_evals": 0, "elapsed_s": 0.0}
     start_step = 0
-    if args.resume and (ck_path := checkpoint.latest(out / "checkpoints")) is not None:
-        ck = checkpoint.load(ck_path)
+    if args.resume and (ck := checkpoint.load_resumable(
+            out / "checkpoints", max_steps=args.max_steps, weights=inner.trainable_state_dict(), optimizer=optimizer,
+            trainer={**state, "scheduler": scheduler.state_dict()},
+            log=lambda msg: main and print(msg, file=sys.stderr))) is not None:
         inner.load_trainable_state_dict(ck.weights)
         optimizer.load_state_dict(ck.optimizer)
         scheduler.load_state_dict(ck.trainer.pop("scheduler"))
