@@ -270,9 +270,11 @@ def verify(path: str | Path, *, max_steps: int, weights: Mapping[str, torch.Tens
 
 def _check_sums(path: Path, bad: Callable[[str], CheckpointError], log: Callable[[str], Any]) -> None:
     sums = path / SUMS
-    if not sums.exists():  # written before checksums existed: the value checks below still run
+    if not os.path.lexists(sums):  # written before checksums existed: the value checks below still run
         log(f"checkpoint {path} has no {SUMS} (written by an older lopa): its values are checked, its bytes cannot be")
         return
+    if not sums.is_file() or sums.is_symlink():
+        raise bad(f"{SUMS} is not a regular file")
     try:
         text = sums.read_text(encoding="ascii") if sums.stat().st_size < 4096 else ""
         listed = dict(reversed(line.split("  ", 1)) for line in text.splitlines())
