@@ -14,6 +14,8 @@ import signal
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lopa
@@ -522,3 +524,39 @@ def test_malformed_peft_config_is_the_artifact_error(tmp_path, changes, named):
     save_file({"prompt_embeddings": torch.zeros(4, D)}, adapter / PEFT_WEIGHTS)
     with pytest.raises(ArtifactError, match=re.escape(named)):
         import_peft(adapter)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+FIELDS = ["format", "format_version", "method", "config", "base_model", "hidden_size", "encoder_dim",
+          "num_output_tokens", "task", "lopa_version"]
+CONFIG_FIELDS = ["method", "num_virtual_tokens", "init", "init_text", "seed", "encoder", "pooling", "hidden_size",
+                 "dropout", "rank", "combine", "gate_scale", "init_std", "train_encoder"]
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(where=st.sampled_from(["top", "config", "task"]), key=st.sampled_from(FIELDS + CONFIG_FIELDS + ["template",
+                                                                                                    "label_words"]),
+       value=JSON)
+def test_any_json_in_any_field_loads_or_is_the_artifact_error(artifact_dir_for_fuzz, where, key, value):
+    directory, original = artifact_dir_for_fuzz
+    meta = json.loads(original)
+    target = meta if where == "top" else meta[where]
+    target[key] = value
+    (directory / CONFIG_NAME).write_text(json.dumps(meta))
+    try:
+        load_artifact(directory)
+    except ArtifactError as e:
+        assert str(directory / CONFIG_NAME) in str(e) or str(directory / WEIGHTS_NAME) in str(e)
+
+
+@pytest.fixture(scope="module")
+def artifact_dir_for_fuzz(tmp_path_factory, tiny_base, tiny_encoder):
+    """One artifact for every fuzzed example (hypothesis reruns the test body, not the fixtures)."""
+    base, tok = tiny_base
+    model = build_model(base, tok, tiny_encoder, "lopa", num_virtual_tokens=3, rank=2, hidden_size=8,
+                        encoder="tiny-random-bert")
+    model.task = {"template": "{text} It was", "label_words": [" terrible", " great"]}
+    directory = model.save_pretrained(tmp_path_factory.mktemp("fuzz") / "art")
+    return directory, (directory / CONFIG_NAME).read_text()
