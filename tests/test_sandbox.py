@@ -11,8 +11,10 @@ import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from lopa.sandbox import FEATURES, available_protections, run_many, run_program
+from lopa.sandbox import FEATURES, STATUSES, available_protections, run_many, run_program
 
 PROTECTIONS = available_protections()
 
@@ -259,6 +261,54 @@ def test_fallback_without_namespaces_still_enforces_limits():
     assert (ok.status, ok.protections) == ("passed", ("rlimits", "clean-env"))
     assert run_program("while True: pass", timeout_s=1, features=()).status == "timeout"
     assert run_program("x = bytearray(1 << 33)", timeout_s=5, memory_mb=128, features=()).status == "memory"
+
+
+def test_output_cut_by_the_file_size_limit_says_so(marker):
+    # The interpreter ignores SIGXFSZ, so the write fails with EFBIG, and the error message cannot be
+    # written to the full stderr either: the limit must be read from the stream's size.
+    r = run_program("import sys\nfor _ in range(1024): sys.stderr.write('e' * (1 << 20))", timeout_s=20, fsize_mb=1,
+                    output_limit=256, argv=[marker])
+    assert r.status == "fsize" and "file-size limit 1 MB" in r.reason and "stderr" in r.reason, r
+    assert r.duration_s < 20
+
+
+@pytest.mark.parametrize("source", ["print('\ud800')", "\ud800", "x = '\udcff' * 3", "\0", "\x00print(1)",
+                                    "\ufeffprint('bom')", "print('\U0010ffff')", b"\xff\xfe", ""])
+def test_any_program_text_gives_a_result(source):
+    r = run_program(source, timeout_s=5)
+    assert r.status in ("passed", "failed"), r
+    if isinstance(source, str) and "\ud800" in source:
+        assert r.status == "failed" and "SyntaxError" in r.reason
+
+
+# Surrogates included (hypothesis leaves them out of text by default); each example starts an
+# interpreter, so a few examples bound the time.
+PIECES = ["print(", "'", "\ud800", "\udfff", "\0", ")", "\n", "import sys", "#", "\\", "\ufeff"]
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=40) | st.lists(
+    st.sampled_from(PIECES), max_size=12).map("".join)
+
+
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@example("print('\ud800')")
+@given(ANY_TEXT)
+def test_arbitrary_text_never_raises(source):
+    r = run_program(source, timeout_s=5)
+    assert r.status in STATUSES and r.status != "error", r
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(timeout_s=0), "timeout_s"), (dict(timeout_s=1e12), "timeout_s"), (dict(timeout_s=float("nan")), "timeout_s"),
+    (dict(timeout_s=float("inf")), "timeout_s"), (dict(timeout_s="5"), "timeout_s"), (dict(memory_mb=1.5), "memory_mb"),
+    (dict(memory_mb=10 ** 30), "memory_mb"), (dict(fsize_mb=-1), "fsize_mb"), (dict(max_procs=True), "max_procs"),
+    (dict(tmp_mb=0), "tmp_mb"), (dict(output_limit=10), "output_limit"), (dict(output_limit=1 << 40), "output_limit"),
+    (dict(argv="abc"), "argv"), (dict(argv=[1]), "argv"), (dict(argv=["a\0b"]), "NUL"),
+    (dict(argv=["\ud800"]), "argv"), (dict(features=["teleport"]), "teleport"),
+])
+def test_arguments_out_of_bounds_are_a_clear_value_error(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        run_program("pass", **kwargs)
+    with pytest.raises(ValueError, match="source"):
+        run_program(None)
 
 
 def test_bad_arguments_raise():

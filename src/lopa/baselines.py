@@ -100,6 +100,7 @@ class BaselineModel(SoftPromptModel):
         """Reload a saved baseline (``base`` is needed for LoRA; full loads its own weights)."""
         from .models import load_base
         directory = Path(directory)
+        refuse_pickled_weights(directory)
         meta = json.loads((directory / BASELINE_CONFIG).read_text())
         base_model, task = meta.pop("base_model", None), meta.pop("task", None)
         if "kind" in meta:  # older runs wrote {"kind": ..., "lora_r": ...}
@@ -117,3 +118,30 @@ class BaselineModel(SoftPromptModel):
             peft_model = PeftModel.from_pretrained(base, str(directory))
             return cls(base, tokenizer, config, task=task, peft_model=peft_model)
         return cls(base, tokenizer, config, task=task)
+
+
+# pickled weight files and the safetensors file each loader would prefer in their place
+PICKLED = {"adapter_model.bin": "adapter_model.safetensors", "pytorch_model.bin": "model.safetensors"}
+
+
+def refuse_pickled_weights(directory: str | Path) -> None:
+    """Raise a ValueError if ``directory``'s weights exist only as pickles (``*.bin``): lopa never
+    unpickles, not even with ``weights_only=True``; the message says how to convert them.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "adapter_model.bin").write_bytes(b"")
+    >>> refuse_pickled_weights(d)
+    Traceback (most recent call last):
+    ...
+    ValueError: ...adapter_model.bin is a pickle and lopa never unpickles; if you trust it, convert it once ...
+    """
+    directory = Path(directory)
+    shards = sorted(p.name for p in directory.glob("pytorch_model-*.bin"))
+    for name in [*PICKLED, *shards]:
+        safe = PICKLED.get(name, "model-*.safetensors")
+        if (directory / name).exists() and not list(directory.glob(safe)):
+            raise ValueError(
+                f"{directory / name} is a pickle and lopa never unpickles; if you trust it, convert it once "
+                f"with: python -c \"import torch; from safetensors.torch import save_file; "
+                f"save_file(torch.load('{name}', weights_only=True), '{PICKLED.get(name, name[:-4] + '.safetensors')}')\" "
+                f"(for a whole model, transformers' save_pretrained(dir, safe_serialization=True) does it)")

@@ -99,7 +99,7 @@ class SandboxResult:
 # ---------------------------------------------------------------------------- evaluator side
 
 
-def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 512, *,
+def run_program(source: str | bytes, timeout_s: float = 10.0, memory_mb: int = 512, *,
                 argv: Sequence[str] = (), fsize_mb: int = 16, max_procs: int = 64,
                 tmp_mb: int = 64, output_limit: int = 4096,
                 features: Sequence[str] | None = None) -> SandboxResult:
@@ -108,9 +108,16 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 512, *,
     ``argv`` becomes ``sys.argv[1:]``. ``timeout_s`` is wall-clock time including interpreter
     start-up (~50 ms); CPU time is capped just above it. ``features`` overrides the probed
     protections (mostly for tests); None uses all of ``available_protections()``.
+
+    Any ``source`` comes back as a result (text that is not valid Python, lone surrogates included,
+    is ``failed`` as a syntax error); only an argument out of its bounds (``LIMITS``) raises a
+    ValueError, before anything runs.
     """
-    if timeout_s <= 0 or memory_mb <= 0 or fsize_mb <= 0 or max_procs <= 0 or output_limit < 64:
-        raise ValueError("timeout_s, memory_mb, fsize_mb, max_procs must be > 0, output_limit >= 64")
+    if not isinstance(source, (str, bytes)):
+        raise ValueError(f"source must be the program's text (str or bytes), not {type(source).__name__}")
+    _check_bounds(timeout_s=timeout_s, memory_mb=memory_mb, fsize_mb=fsize_mb, max_procs=max_procs,
+                  tmp_mb=tmp_mb, output_limit=output_limit)
+    argv = _check_argv(argv)
     feats = tuple(available_protections() if features is None else features)
     unknown = set(feats) - set(FEATURES)
     if unknown:
@@ -123,8 +130,10 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 512, *,
         workdir = tempfile.mkdtemp(prefix="lopa-sbx-")
         home = os.path.join(workdir, "home")
         os.mkdir(home)
-        with open(os.path.join(workdir, PROGRAM_NAME), "w", encoding="utf-8") as f:
-            f.write(source)
+        with open(os.path.join(workdir, PROGRAM_NAME), "wb") as f:
+            # A lone surrogate has no UTF-8 form: written as is, the interpreter rejects the file
+            # with a SyntaxError, which is what the text is (not a failure of the sandbox).
+            f.write(source if isinstance(source, bytes) else source.encode("utf-8", "surrogatepass"))
         if uid is not None and "mountns" not in feats:
             for path in (workdir, home, os.path.join(workdir, PROGRAM_NAME)):
                 os.chown(path, uid, uid)
@@ -139,6 +148,9 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 512, *,
             report, hung, launcher_rc = _launch(cfg, out, err, timeout_s + LAUNCHER_GRACE_S)
             duration = time.monotonic() - start
             stdout, stderr = _clip(out, output_limit), _clip(err, output_limit)
+            # a stream that reached the file-size limit was cut by it, whatever the exit looked like
+            full = [name for name, f in (("stdout", out), ("stderr", err))
+                    if os.fstat(f.fileno()).st_size >= fsize_mb << 20]
     except OSError as e:  # our own machinery failed (disk full, no fork): still a result
         return SandboxResult(False, "error", f"sandbox: {e}", None, "", "",
                              time.monotonic() - start, protections)
@@ -148,7 +160,47 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 512, *,
         if uid is not None:
             _give_uid(uid)
     status, reason, rc = _classify(report, hung, launcher_rc, stderr, timeout_s)
+    if full and status in ("failed", "killed"):
+        status, reason = "fsize", f"file-size limit {fsize_mb} MB ({' and '.join(full)} reached it)"
     return SandboxResult(status == "passed", status, reason, rc, stdout, stderr, duration, protections)
+
+
+# Upper bounds on the arguments: beyond them a value is a mistake, and some (a timer of 1e12 s)
+# would overflow the C types underneath.
+LIMITS = {"timeout_s": 86_400.0, "memory_mb": 1 << 24, "fsize_mb": 1 << 24, "max_procs": 1 << 22,
+          "tmp_mb": 1 << 24, "output_limit": 1 << 26}
+
+
+def _check_bounds(**values: float) -> None:
+    """Raise a ValueError naming the first argument that is not a number within its bounds.
+
+    >>> _check_bounds(timeout_s=1e12)
+    Traceback (most recent call last):
+    ...
+    ValueError: timeout_s must be a number in (0, 86400], not 1000000000000.0
+    """
+    for name, value in values.items():
+        integral, top = name != "timeout_s", LIMITS[name]
+        low = 64 if name == "output_limit" else 0
+        number = not isinstance(value, bool) and isinstance(value, int if integral else (int, float))
+        inside = number and math.isfinite(value) and (low <= value if low else value > 0) and value <= top
+        if not inside:
+            span = f"[{low}, {top:g}]" if low else f"(0, {top:g}]"
+            raise ValueError(f"{name} must be {'an integer' if integral else 'a number'} in {span}, not {value!r}")
+
+
+def _check_argv(argv: Sequence[str]) -> list[str]:
+    if (isinstance(argv, (str, bytes)) or not isinstance(argv, (list, tuple))
+            or not all(isinstance(a, str) for a in argv)):
+        raise ValueError(f"argv must be a sequence of strings, not {argv!r:.200}")
+    for a in argv:
+        if "\0" in a:
+            raise ValueError(f"argv item {a!r:.200} holds a NUL character, which no process argument can")
+        try:
+            os.fsencode(a)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"argv item {a!r:.200} cannot be passed to a process: {e.reason}") from None
+    return list(argv)
 
 
 def run_many(sources: Sequence[str], timeout_s: float = 10.0, memory_mb: int = 512,
@@ -355,7 +407,7 @@ def _classify(report: list[str], hung: bool, launcher_rc: int, stderr: str,
         if num == signal.SIGXCPU:
             return "timeout", "cpu time limit", -num
         if num == signal.SIGXFSZ:
-            return "fsize", "file size limit", -num
+            return "fsize", "file-size limit", -num
         if _MEMORY.search(stderr):
             return "memory", f"memory limit (signal {sig})", -num
         return "killed", f"signal {sig}", -num
@@ -364,7 +416,7 @@ def _classify(report: list[str], hung: bool, launcher_rc: int, stderr: str,
     if _MEMORY.search(stderr):
         return "memory", "memory limit", num
     if _FSIZE.search(stderr):
-        return "fsize", "file size limit", num
+        return "fsize", "file-size limit", num
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
     return "failed", last[:200] or f"exit {num}", num
 

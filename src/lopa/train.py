@@ -346,8 +346,10 @@ def _zero_shot(out: Path, base: Any, tokenizer: Any, task: Task, args: TrainArgs
 
 def _resume(run: _Run) -> None:
     """Continue from the newest checkpoint (``--resume``) and drop what was logged after it."""
-    if run.args.resume and (ck_path := checkpoint.latest(run.out / "checkpoints")) is not None:
-        ck = checkpoint.load(ck_path)
+    if run.args.resume and (ck := checkpoint.load_resumable(
+            run.out / "checkpoints", max_steps=run.args.max_steps, weights=run.inner.trainable_state_dict(),
+            optimizer=run.optimizer, trainer={**run.state, "scheduler": run.scheduler.state_dict()},
+            log=lambda msg: run.main and print(msg, file=sys.stderr))) is not None:
         run.inner.load_trainable_state_dict(ck.weights)
         run.optimizer.load_state_dict(ck.optimizer)
         run.scheduler.load_state_dict(ck.trainer.pop("scheduler"))

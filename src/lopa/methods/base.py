@@ -58,6 +58,8 @@ class MethodConfig:
     """seeds the initialisation (``lopa train`` passes its --seed)"""
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         for f in dataclasses.fields(self):
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:

@@ -56,13 +56,13 @@ import csv
 import json
 import random
 import re
-import string
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import templates
 from ._util import package_file, resolve_data_dir, seeded_partition
 from .base import Example, Task, TaskError, register_task
 
@@ -107,18 +107,9 @@ def template_slots(template: str) -> list[str]:
     ['premise', 'hypothesis']
     """
     try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise TaskError(f"template {template!r} is malformed ({e}); write literal braces as {{{{ }}}}") from e
-    slots: list[str] = []
-    for _, name, _, _ in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier():
-            raise TaskError(f"template slot {{{name}}} in {template!r} must be a plain column name")
-        if name not in slots:
-            slots.append(name)
-    return slots
+        return templates.template_slots(template)
+    except templates.TemplateError as e:
+        raise TaskError(str(e)) from None
 
 
 def check_template(template: str, columns: Iterable[str], where: str) -> list[str]:

@@ -1,0 +1,57 @@
+"""Prompt templates: ``str.format`` strings whose slots are plain field names, nothing more.
+
+A template may come from a file someone else wrote (an artifact's config, a task file), and
+``str.format`` does more than fill slots: ``{text:>8000000000}`` pads to 8 GB, ``{text!r}`` changes the
+text, ``{a.b}`` and ``{a[0]}`` reach into objects. So a slot is a bare identifier; anything else is refused.
+
+>>> template_slots("{premise} ? {hypothesis} Answer:")
+['premise', 'hypothesis']
+>>> template_slots("{text:>8000000000} It was")
+Traceback (most recent call last):
+...
+lopa.templates.TemplateError: template slot {text:>8000000000} in '{text:>8000000000} It was' has a format spec; a slot is a plain field name such as {text}
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+# far above any prompt template; a bound keeps a hostile one from costing anything to inspect
+MAX_TEMPLATE_CHARS = 100_000
+
+
+class TemplateError(ValueError):
+    """A template that is not plain text with ``{field}`` slots; the message says what is wrong."""
+
+
+def template_slots(template: Any) -> list[str]:
+    """The ``{slot}`` names of ``template``, in order, each once; a TemplateError unless every slot is a
+    bare identifier (no format spec, conversion, attribute or index) and the text is valid Unicode."""
+    if not isinstance(template, str):
+        raise TemplateError(f"a template must be a string, not {type(template).__name__}")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"template of {len(template):,d} characters is longer than {MAX_TEMPLATE_CHARS:,d}")
+    try:
+        template.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TemplateError(f"template {template[:80]!r} is not valid Unicode ({e.reason} at {e.start})") from None
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise TemplateError(f"template {template[:200]!r} is malformed ({e}); write literal braces as {{{{ }}}}") from None
+    slots: list[str] = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name.isidentifier():
+            raise TemplateError(f"template slot {shown} in {template[:200]!r} must be a plain column name "
+                                f"(no attribute, index or position)")
+        for what, present in (("a conversion", conversion), ("a format spec", spec)):
+            if present:
+                raise TemplateError(f"template slot {shown[:100]} in {template[:200]!r} has {what}; a slot is a "
+                                    f"plain field name such as {{{name}}}")
+        if name not in slots:
+            slots.append(name)
+    return slots

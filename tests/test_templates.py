@@ -1,0 +1,44 @@
+"""Templates are plain text with ``{field}`` slots: anything str.format would do beyond filling a slot
+is refused, by the task parser as by the artifact loader."""
+
+from __future__ import annotations
+
+import pytest
+
+from lopa.tasks import TaskError
+from lopa.tasks.classification import UserTask, check_template
+from lopa.templates import MAX_TEMPLATE_CHARS, TemplateError, template_slots
+
+
+def test_plain_slots_in_order_each_once():
+    assert template_slots("{premise} ? {hypothesis} {premise} Answer: {{literal}}") == ["premise", "hypothesis"]
+    assert template_slots("no slots at all") == []
+
+
+@pytest.mark.parametrize("template,named", [
+    ("{text:>8000000000}", "has a format spec"),
+    ("{text:{width}}", "has a format spec"),
+    ("{text!r}", "has a conversion"),
+    ("{text!s:10}", "has a conversion"),
+    ("{text.__class__}", "plain column name"),
+    ("{text[0]}", "plain column name"),
+    ("{}", "plain column name"),
+    ("{0}", "plain column name"),
+    ("{text", "malformed"),
+    ("text}", "malformed"),
+    ("{text}\ud800", "not valid Unicode"),
+    (None, "must be a string"),
+    ("x" * (MAX_TEMPLATE_CHARS + 1), "longer than"),
+])
+def test_everything_beyond_a_plain_slot_is_refused(template, named):
+    with pytest.raises(TemplateError, match=named):
+        template_slots(template)
+
+
+def test_the_task_parser_refuses_them_as_task_errors(tmp_path):
+    with pytest.raises(TaskError, match="format spec"):
+        check_template("{text:>8000000000} It was", ["text", "label"], "reviews.csv")
+    path = tmp_path / "reviews.jsonl"
+    path.write_text('{"text": "fine", "label": 0}\n')
+    with pytest.raises(TaskError, match="conversion"):
+        UserTask(path, template="{text!r} It was", label_words=" terrible, great")
