@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lopa.report import prepare_benchmark, write_section  # noqa: E402
+from lopa.benchmarks.common import prepare_benchmark, write_section
 
 MARK_START, MARK_END = "<!-- code:start -->", "<!-- code:end -->"
 TRAINABLE = ("prompt-tuning", "lopt-1", "lopt-2", "idpg", "lopa", "lora", "full")

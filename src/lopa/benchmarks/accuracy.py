@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopa.report import prepare_benchmark, write_section  # noqa: E402
+from lopa.benchmarks.common import prepare_benchmark, write_section
 
 MARK_START, MARK_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 

@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lopa.report import prepare_benchmark, write_section  # noqa: E402
+from lopa.benchmarks.common import prepare_benchmark, write_section
 
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="generation requests per contender and pass, 0 skips generation (default 32, one batch; --quick: 8)")
     a("--new-tokens", type=int, default=None, help="new tokens per generation request, greedy (default 16; "
                                                    "--quick: 4)")
-    a("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"),
+    a("--vllm-python", default=str(Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"),
       help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in this "
            "repository, which scripts/setup-vllm.sh builds)")
     a("--vllm-cmd", default=VLLM_CMD,
@@ -292,7 +292,7 @@ class Server:
                     "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
                     "--log-level", "warning"]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "LOPA_API_KEY": ""}
-        src = str(Path(__file__).resolve().parents[1] / "src")
+        src = str(Path(__file__).resolve().parents[3] / "src")
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -923,7 +923,7 @@ def run_vllm(args: argparse.Namespace, n: int) -> dict[str, Any]:
                                m=args.m, text_tokens=args.text_tokens, new_tokens=args.new_tokens, seed=args.seed,
                                threads=args.threads)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[3] / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log(f"  vLLM: {cmd}")
     t0 = time.perf_counter()
