@@ -30,7 +30,7 @@ def test_quick_runs_every_path_and_resumes(tmp_path, capsys):
     out, docs = tmp_path / "acc", tmp_path / "docs"
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n\n## Speed\n\nkept as is\n")
-    argv = ["--quick", "--out", str(out), "--docs", str(docs)]
+    argv = ["--quick", "--out", str(out), "--doc", str(docs / "results.md")]  # the plots go beside it
     assert bench_cli(BenchArgs("accuracy", argv)) == 0
     printed = capsys.readouterr().out
     assert "planned:" in printed and "estimated" in printed
