@@ -1,4 +1,4 @@
-"""Training-step speed (issue 3): lopa's prompt tuning against PEFT's, and LoPA, side by side.
+"""Training-step speed: lopa's prompt tuning against PEFT's, and LoPA, side by side.
 
 One timed step is everything from a batch's texts to updated weights: tokenisation, forward,
 backward and the AdamW step, on the same frozen model, the same fixed batches (so the same shapes
@@ -30,6 +30,8 @@ time (each shape separately) and averages the per-batch ratios geometrically; ``
 ``per_batch`` on process CPU time, which other processes cannot inflate when ``--threads 1``. On a machine shared with other jobs use ``--threads 1``: with more threads than free
 cores, every parallel region waits for a descheduled thread and steps take 5-20x longer.
 
+Output: ``OUT/train_speed.json`` (``--out``, default ``results``; ``--quick``: a temporary folder).
+
 Example::
 
     $ lopa bench train-speed --precision both          # smollm2-135m, batch 8, rotten-tomatoes
@@ -41,10 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -54,7 +53,11 @@ from typing import Any, Callable
 
 import torch
 
-TARGETS = {  # ratio name -> (comparison, bound): issue 3's goals
+from lopa.benchmarks.common import BenchmarkParser, machine, require_positive, write_json
+
+OUTPUT = "train_speed.json"
+
+TARGETS = {  # ratio name -> (comparison, bound): the goals these ratios are held to
     "peft_over_lopa_pt/fp32": (">=", 1.3),
     "peft_fp32_over_lopa_pt_bf16": (">=", 1.8),
     "lopa_over_lopa_pt/fp32": ("<=", 1.1),
@@ -62,52 +65,47 @@ TARGETS = {  # ratio name -> (comparison, bound): issue 3's goals
 }
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="lopa bench train-speed",
-        description="Time one training step (tokenise + forward + backward + AdamW) of lopa's prompt tuning, "
-                    "PEFT's prompt tuning and LoPA on the same model and fixed batches, interleaved, and print "
-                    "the step-time ratios. Writes a JSON file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="base causal LM: short name, hub id or local path")
-    p.add_argument("--encoder", default="minilm-l6", help="LoPA's frozen instance encoder")
-    p.add_argument("--task", default="rotten-tomatoes", help="classification task whose train prompts form the batches")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    p.add_argument("--num-batches", type=int, default=3,
-                   help="distinct fixed batches (drawn with --seed); every contender steps on each of them")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed passes over all batches per contender before timing (first calls set kernels up)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed passes over all batches; each column is the median of repeats × num-batches steps")
-    p.add_argument("--num-virtual-tokens", type=int, default=10, help="m, the soft prompt length, for every method")
-    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32",
-                   help="fp32, bf16 autocast (PEFT then also runs in fp32 as the baseline), or both in one run")
-    p.add_argument("--pad-to-multiple", type=int, default=None,
-                   help="round lengths up to a multiple of N to limit the number of distinct shapes (lopa: the total length, "
-                        "prefix.assemble's pad_to_multiple; PEFT: the token part, the tokenizer's pad_to_multiple_of)")
-    p.add_argument("--probe-shapes", type=int, default=0,
-                   help="after timing, step lopa-pt twice on each of N unseen batches (new lengths) per precision: "
-                        "the first-call cost of a new shape is the first step minus the second")
-    p.add_argument("--no-reencode", action="store_true", help="skip lopa-reencode (the encoder-every-step column)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's own, one per core); 1 is steadier on a busy machine")
-    p.add_argument("--seed", type=int, default=0, help="seeds batch choice and initialisation")
-    p.add_argument("--out", default="results/train_speed.json", help="where to write the JSON results")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: defaults become tiny-random-llama, tiny-random-bert, batch size 4, 2 batches, "
-                        "1 warm-up pass, 2 repeats (options given explicitly still win)")
-    if p.parse_known_args(argv)[0].quick:  # new defaults: options given explicitly still win
-        p.set_defaults(model="tiny-random-llama", encoder="tiny-random-bert", batch_size=4, num_batches=2, warmup=1,
-                       repeats=2)
-    args = p.parse_args(argv)
-    for name in ("batch_size", "num_batches", "repeats", "num_virtual_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+QUICK = "tiny-random-llama, tiny-random-bert, batch size 4, 2 batches, 1 warm-up pass, 2 repeats"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = BenchmarkParser(
+        "train-speed",
+        "Time one training step (tokenise + forward + backward + AdamW) of lopa's prompt tuning, PEFT's prompt "
+        "tuning and LoPA on the same model and fixed batches, interleaved, and print the step-time ratios. "
+        "Writes OUT/train_speed.json.",
+        "lopa bench train-speed --precision both   (--quick for a smoke run on tiny models)")
+    a = p.add_argument
+    p.add_outputs("results", OUTPUT, quick_help=QUICK, doc=False)
+    p.add_models()
+    a("--task", default="rotten-tomatoes", help="classification task whose train prompts form the batches "
+                                                 "(default rotten-tomatoes)")
+    p.quick("--batch-size", 8, 4, "examples per step", type=int)
+    p.quick("--num-batches", 3, 2, "distinct fixed batches (drawn with --seed); every contender steps on each of "
+                                   "them", type=int)
+    p.quick("--warmup", 2, 1, "untimed passes over all batches per contender before timing (first calls set "
+                              "kernels up)", type=int)
+    p.quick("--repeats", 5, 2, "timed passes over all batches; each column is the median of repeats × num-batches "
+                               "steps", type=int)
+    a("--num-virtual-tokens", type=int, default=10, help="m, the soft prompt length, for every method (default 10)")
+    a("--precision", choices=["fp32", "bf16", "both"], default="fp32",
+      help="fp32, bf16 autocast (PEFT then also runs in fp32 as the baseline), or both in one run (default fp32)")
+    a("--pad-to-multiple", type=int,
+      help="round lengths up to a multiple of N to limit the number of distinct shapes (lopa: the total length, "
+           "prefix.assemble's pad_to_multiple; PEFT: the token part, the tokenizer's pad_to_multiple_of)")
+    a("--probe-shapes", type=int, default=0,
+      help="after timing, step lopa-pt twice on each of N unseen batches (new lengths) per precision: "
+           "the first-call cost of a new shape is the first step minus the second (default 0)")
+    a("--no-reencode", action="store_true", help="skip lopa-reencode (the encoder-every-step column)")
+    a("--threads", type=int,
+      help="torch intra-op threads (default: torch's own, one per core); 1 is steadier on a busy machine")
+    a("--seed", type=int, default=0, help="seeds batch choice and initialisation (default 0)")
+    args = p.parse(argv)
+    require_positive(p, args, ("batch_size", "num_batches", "repeats", "num_virtual_tokens"))
+    require_positive(p, args, ["pad_to_multiple"], optional=True)
     if args.warmup < 0 or args.probe_shapes < 0:
         p.error("--warmup and --probe-shapes must be >= 0")
-    if args.pad_to_multiple is not None and args.pad_to_multiple < 1:
-        p.error("--pad-to-multiple must be at least 1")
-    return args
+    return p.finish(args, writes=[OUTPUT])
 
 
 # -- the contenders: each is a callable (texts, answer token ids) -> loss that does a whole step ----------
@@ -306,9 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "train_speed",
         "settings": {**vars(args), "threads_used": torch.get_num_threads()},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "processor": platform.processor() or None,
-                        "cpu_count": os.cpu_count(),
+        "environment": {**machine(),
                         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()},
         "step": "tokenise + forward + backward + AdamW step, from a batch's texts",
         "batches": [{"batch_size": len(texts), **l} for (texts, _), l in zip(timed_batches, lens)],
@@ -420,7 +416,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -428,9 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
     finally:  # main may run inside a longer process (lopa bench, tests)
         torch.set_num_threads(threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out) / OUTPUT
+    write_json(out, result)
     print(table(result))
     print(f"wrote {out}")
     return 0
