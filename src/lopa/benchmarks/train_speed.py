@@ -251,74 +251,50 @@ def _ratio(wall: dict[str, list[float]], cpu: dict[str, list[float]], num: str, 
             "cpu_value": _per_batch_ratio(cpu[num], cpu[den], nb)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def pick_batches(task: Any, tok: Any, args: argparse.Namespace) -> tuple[list, list]:
+    """Seeded fixed batches of (prompts, answer token ids) from the task's train split: the timed ones and
+    the ``--probe-shapes`` ones."""
     from lopa import prefix
-    from lopa.tasks import get_task
-
-    task = get_task(args.task)
-    if task.kind != "classification":
-        raise SystemExit(f"train-speed times classification steps; {args.task!r} is a {task.kind} task")
-    steps, info, tok = build(args)
     answer_ids = prefix.label_token_ids(tok, task.label_words)
     train = list(task.split("train"))
-    rng = random.Random(args.seed)
     nb = args.num_batches
-    picked = rng.sample(range(len(train)), (nb + args.probe_shapes) * args.batch_size)
+    picked = random.Random(args.seed).sample(range(len(train)), (nb + args.probe_shapes) * args.batch_size)
     rows = [train[i] for i in picked]
     batches = [rows[i * args.batch_size:(i + 1) * args.batch_size] for i in range(nb + args.probe_shapes)]
     batches = [([e.prompt for e in b], [answer_ids[e.label] for e in b]) for b in batches]
-    timed_batches, probe_batches = batches[:nb], batches[nb:]
+    return batches[:nb], batches[nb:]
 
-    encoder = info["lopa"]["encoder"]
-    encoder.encode(sorted({t for texts, _ in batches for t in texts}))  # once, as lopa train does
-    hits0, encoded0 = encoder.stats["hits"], encoder.stats["encoded"]
 
-    cols = contenders(args.precision, not args.no_reencode)
+def time_steps(steps: dict[str, Callable], cols: list[tuple[str, str]], batches: list,
+               args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Step every contender on every batch, interleaved, ``warmup`` untimed passes then ``repeats`` timed
+    ones; per key (``METHOD/PRECISION``): warm-up, wall and CPU seconds, and the losses."""
     keys = [f"{m}/{p}" for m, p in cols]
-    warmup: dict[str, list[float]] = {k: [] for k in keys}
-    wall: dict[str, list[float]] = {k: [] for k in keys}
-    cpu: dict[str, list[float]] = {k: [] for k in keys}
-    losses: dict[str, list[float]] = {k: [] for k in keys}
+    times: dict[str, dict[str, list[float]]] = {w: {k: [] for k in keys} for w in ("warmup", "wall", "cpu", "loss")}
+    nb = len(batches)
     total = (args.warmup + args.repeats) * nb
-    t_start = time.time()
     # every key's timed steps are stored in the same (repetition, batch) order: entry i is batch i % nb,
     # and the paired ratios compare steps run back to back on the same batch
     for r in range(args.warmup + args.repeats):
-        for b, (texts, answers) in enumerate(timed_batches):
+        warm = r < args.warmup
+        for b, (texts, answers) in enumerate(batches):
             k = (r * nb + b) % len(cols)  # rotate who goes first
             for (method, precision), key in zip(cols[k:] + cols[:k], keys[k:] + keys[:k]):
                 out: list[float] = []
                 w, c = _timed(lambda: out.append(steps[method](texts, answers, precision)))
-                if r < args.warmup:
-                    warmup[key].append(w)
-                else:
-                    wall[key].append(w)
-                    cpu[key].append(c)
-                losses[key].append(out[0])
-            last = warmup if r < args.warmup else wall
-            print(f"  [{r * nb + b + 1}/{total}] {'warm-up' if r < args.warmup else 'timed'} pass {r + 1}, "
-                  f"batch {b + 1}: " + "  ".join(f"{key} {last[key][-1]:.3f}s" for key in keys),
-                  file=sys.stderr, flush=True)
+                times["warmup" if warm else "wall"][key].append(w)
+                if not warm:
+                    times["cpu"][key].append(c)
+                times["loss"][key].append(out[0])
+            last = times["warmup" if warm else "wall"]
+            print(f"  [{r * nb + b + 1}/{total}] {'warm-up' if warm else 'timed'} pass {r + 1}, batch {b + 1}: "
+                  + "  ".join(f"{key} {last[key][-1]:.3f}s" for key in keys), file=sys.stderr, flush=True)
+    return times
 
-    lens = [lengths(tok, texts, args) for texts, _ in timed_batches]
-    result: dict[str, Any] = {
-        "benchmark": "train_speed",
-        "settings": {**vars(args), "threads_used": torch.get_num_threads()},
-        "environment": {**machine(),
-                        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()},
-        "step": "tokenise + forward + backward + AdamW step, from a batch's texts",
-        "batches": [{"batch_size": len(texts), **l} for (texts, _), l in zip(timed_batches, lens)],
-        "contenders": {},
-        "ratios": {},
-        "encoder": {},
-        "wall_s": round(time.time() - t_start, 1),
-    }
-    for (method, precision), key in zip(cols, keys):
-        result["contenders"][key] = {
-            "method": method, "precision": precision, "trainable_params": info[method]["trainable_params"],
-            **_stats(wall[key]), "cpu_median_s": statistics.median(cpu[key]),
-            "batch_median_s": [statistics.median(wall[key][i::nb]) for i in range(nb)],
-            "times_s": wall[key], "cpu_times_s": cpu[key], "warmup_s": warmup[key], "first_loss": losses[key][0]}
+
+def ratios(wall: dict[str, list[float]], cpu: dict[str, list[float]], nb: int) -> dict[str, Any]:
+    """Every ratio whose two columns ran, with its target where it has one."""
+    out: dict[str, Any] = {}
 
     def add(name: str, num: str, den: str, what: str) -> None:
         if num in wall and den in wall:
@@ -328,7 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 op, bound = TARGETS[name]
                 r["target"] = f"{op} {bound}"
                 r["meets_target"] = r["value"] >= bound if op == ">=" else r["value"] <= bound
-            result["ratios"][name] = r
+            out[name] = r
 
     for p in ("fp32", "bf16"):
         add(f"peft_over_lopa_pt/{p}", f"peft-pt/{p}", f"lopa-pt/{p}",
@@ -339,22 +315,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"LoPA encoding every step / LoPA with cached features, both {p}")
     add("peft_fp32_over_lopa_pt_bf16", "peft-pt/fp32", "lopa-pt/bf16",
         "PEFT prompt tuning in fp32 / lopa prompt tuning in bf16 autocast: mixed precisions")
+    return out
 
-    steps_timed = sum(len(wall[k]) + len(warmup[k]) for k in keys if k.startswith("lopa/"))
-    result["encoder"] = {
+
+def encoder_report(info: dict[str, Any], times: dict[str, dict[str, list[float]]],
+                   before: tuple[int, int]) -> dict[str, Any]:
+    """What LoPA's encoder did while timed (cache hits only, if the one-off encoding covered every text),
+    and what re-encoding at every step cost."""
+    encoder, wall = info["lopa"]["encoder"], times["wall"]
+    steps_timed = sum(len(wall[k]) + len(times["warmup"][k]) for k in wall if k.startswith("lopa/"))
+    report: dict[str, Any] = {
         "name": encoder.name,
-        "cached_run": {"steps": steps_timed, "hits": encoder.stats["hits"] - hits0,
-                       "encoded": encoder.stats["encoded"] - encoded0,
+        "cached_run": {"steps": steps_timed, "hits": encoder.stats["hits"] - before[0],
+                       "encoded": encoder.stats["encoded"] - before[1],
                        "note": "lopa's steps after the one-off encoding: every feature came from the cache"},
     }
     if "lopa-reencode" in info:
         for p, enc_t in info["lopa-reencode"]["encode_times"].items():
             if enc_t:
-                result["encoder"][f"encode_batch_median_s/{p}"] = statistics.median(enc_t)
+                report[f"encode_batch_median_s/{p}"] = statistics.median(enc_t)
         for p in ("fp32", "bf16"):
             if f"lopa/{p}" in wall and f"lopa-reencode/{p}" in wall:
-                result["encoder"][f"reencode_extra_s/{p}"] = (statistics.median(wall[f"lopa-reencode/{p}"])
-                                                             - statistics.median(wall[f"lopa/{p}"]))
+                report[f"reencode_extra_s/{p}"] = (statistics.median(wall[f"lopa-reencode/{p}"])
+                                                  - statistics.median(wall[f"lopa/{p}"]))
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lopa.tasks import get_task
+
+    task = get_task(args.task)
+    if task.kind != "classification":
+        raise SystemExit(f"train-speed times classification steps; {args.task!r} is a {task.kind} task")
+    steps, info, tok = build(args)
+    timed_batches, probe_batches = pick_batches(task, tok, args)
+    encoder = info["lopa"]["encoder"]
+    # every text encoded once before timing, as lopa train does
+    encoder.encode(sorted({t for texts, _ in timed_batches + probe_batches for t in texts}))
+    before = (encoder.stats["hits"], encoder.stats["encoded"])
+
+    cols = contenders(args.precision, not args.no_reencode)
+    t_start = time.time()
+    times = time_steps(steps, cols, timed_batches, args)
+    wall, cpu, nb = times["wall"], times["cpu"], len(timed_batches)
+    lens = [lengths(tok, texts, args) for texts, _ in timed_batches]
+    result: dict[str, Any] = {
+        "benchmark": "train_speed",
+        "settings": {**vars(args), "threads_used": torch.get_num_threads()},
+        "environment": {**machine(),
+                        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()},
+        "step": "tokenise + forward + backward + AdamW step, from a batch's texts",
+        "batches": [{"batch_size": len(texts), **l} for (texts, _), l in zip(timed_batches, lens)],
+        "contenders": {},
+        "ratios": ratios(wall, cpu, nb),
+        "encoder": encoder_report(info, times, before),
+        "wall_s": round(time.time() - t_start, 1),
+    }
+    for method, precision in cols:
+        key = f"{method}/{precision}"
+        result["contenders"][key] = {
+            "method": method, "precision": precision, "trainable_params": info[method]["trainable_params"],
+            **_stats(wall[key]), "cpu_median_s": statistics.median(cpu[key]),
+            "batch_median_s": [statistics.median(wall[key][i::nb]) for i in range(nb)],
+            "times_s": wall[key], "cpu_times_s": cpu[key], "warmup_s": times["warmup"][key],
+            "first_loss": times["loss"][key][0]}
     if probe_batches:
         result["shape_probe"] = probe(steps["lopa-pt"], probe_batches, tok, args, timed_batches)
     return result
