@@ -59,12 +59,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopa.benchmarks.common import (BenchmarkParser, ServerProcess, command_line, lopa_env, machine,
-                                    prepare_benchmark, repo_root, require_positive, rss_mib, split_list, write_json,
-                                    write_section)
+from lopa.benchmarks.common import (BenchmarkParser, ServerProcess, command_line, load_average, lopa_env,
+                                    machine, prepare_benchmark, repo_root, require_positive, rss_mib, split_list,
+                                    write_json, write_section)
 
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
@@ -547,38 +548,23 @@ def environment(threads: int) -> dict[str, Any]:
             "bf16_faster": cpu_bf16_is_faster(), "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+def build_workload(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any, Workload, list[dict], dict[str, Any]]:
+    """The bare model and its tokenizer, the requests, the soft prompts on the wire, and a description of
+    the workload for the JSON."""
     import lopa
-    from lopa.serve.backends import resolve_device, resolve_dtype
     from lopa.serve.wire import decode_soft_prompt, encode_soft_prompt
-
-    torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
-    dtype_name = str(dtype).removeprefix("torch.")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    result: dict[str, Any] = {
-        "benchmark": "serving", "command": command_line("serving", args.argv),
-        "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "dtype": dtype_name,
-        "environment": environment(args.threads), "classification": {}, "memory": {}, "generation": {},
-        "notes": []}
-
     bare, tok = lopa.load_base(args.model, dtype)
     bare.eval()
     emb = bare.get_input_embeddings().weight
     hidden = int(emb.shape[1])
     emb_std = float(emb[:4096].float().std())
     k_max = max(args.tasks)
-    n_rows = max(args.requests, args.gen_requests)
-    work = Workload(tok, hidden, emb_std, args, n_rows, k_max)
-    result["workload"] = {
+    work = Workload(tok, hidden, emb_std, args, max(args.requests, args.gen_requests), k_max)
+    soft_positions = args.m + args.text_tokens
+    described = {
         "text_source": work.source, "label_words": LABEL_WORDS, "m": args.m, "text_tokens": args.text_tokens,
-        "positions_per_request": {"lopa": args.m + args.text_tokens, "peft-pt": args.m + args.text_tokens,
-                                  "lopa-inproc": args.m + args.text_tokens,
-                                  "bare": args.m + args.text_tokens, "lora": args.text_tokens},
+        "positions_per_request": {"lopa": soft_positions, "peft-pt": soft_positions, "lopa-inproc": soft_positions,
+                                  "bare": soft_positions, "lora": args.text_tokens},
         "soft_prompts": f"{k_max} random N(0, {emb_std:.4f}^2) tensors of {args.m} x {hidden} "
                         f"(sigma = the embedding table's std), sent as {args.wire_dtype}"}
     wire = [encode_soft_prompt(work.soft[k], dtype=args.wire_dtype) for k in range(k_max)]
@@ -586,46 +572,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # what the in-process contenders that take soft prompts get, so that they compute what the server does
     work.soft_model = [decode_soft_prompt(w, hidden_size=hidden, max_soft_tokens=args.m, out_dtype=dtype)
                        for w in wire]
-    label_ids = work.label_ids
+    return bare, tok, work, wire, described
+
+
+def in_process_contenders(args: argparse.Namespace, dtype: Any, work: Workload) -> tuple[Any, Any, Any]:
+    """PEFT LoRA, PEFT prompt tuning and lopa's backend, each on its own copy of the model, where asked for."""
+    import lopa
+    lora = pt = inproc = None
+    if "lora" in args.contenders:
+        lora = LoraAdapters(lopa.load_base(args.model, dtype)[0], args)
+    if "peft-pt" in args.contenders:
+        pt = PromptTuningAdapters(lopa.load_base(args.model, dtype)[0], work.soft_model, args)
+    if "lopa-inproc" in args.contenders:
+        from lopa.serve.backends import TransformersBackend
+        inproc = TransformersBackend(args.model, dtype=str(dtype).removeprefix("torch."), device="cpu")
+    return lora, pt, inproc
+
+
+def warm_up(args: argparse.Namespace, work: Workload, wire: list[dict], server: Any, bare: Any, lora: Any, pt: Any,
+            inproc: Any) -> None:
+    """One batch through every contender, so that first-call kernel set-up lands in no column."""
+    rows = list(range(args.batch_size))
+    text, label_ids, bs = [work.text[i] for i in rows], work.label_ids, args.batch_size
+    if server is not None:
+        server.drive("/v1/classify", [json.dumps({"token_ids": t, "soft_prompt": wire[0],
+                                                  "label_words": LABEL_WORDS}).encode() for t in text])
+    run_bare(bare, [work.plain[i] for i in rows], label_ids, bs)
+    if lora is not None:
+        run_lora(lora.model, text, [0] * len(rows), label_ids, bs)
+    if pt is not None:
+        run_peft_pt(pt.model, text, [0] * len(rows), label_ids, bs, args.m)
+    if inproc is not None:
+        run_backend(inproc, text, [work.soft_model[0]] * len(rows), label_ids, bs)
+
+
+def add_vllm(args: argparse.Namespace, gen: dict[str, Any]) -> None:
+    """The vLLM row of the generation workload, and lopa's ratios to every generation contender."""
+    gen["contenders"]["vllm"] = run_vllm(args, args.gen_requests)
+    gen["ratios"] = {f"lopa_over_{c.replace('-', '_')}": gen["contenders"]["lopa"]["requests_per_s"]
+                     / gen["contenders"][c]["requests_per_s"]
+                     for c in ("hf-fp32", "hf-bf16", "vllm") if gen["contenders"][c].get("requests_per_s")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from lopa.serve.backends import resolve_device, resolve_dtype
+
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    load_start = load_average()
+    result: dict[str, Any] = {
+        "benchmark": "serving", "command": command_line("serving", args.argv),
+        "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "dtype": str(dtype).removeprefix("torch."),
+        "environment": environment(args.threads), "classification": {}, "memory": {}, "generation": {},
+        "notes": []}
+    bare, tok, work, wire, result["workload"] = build_workload(args, dtype)
 
     log_path = Path(tempfile.mkstemp(prefix="lopa-serving-server-", suffix=".log")[1])
     reuse = args.gen_requests and args.gen_threads == args.threads  # the generation workload's server too
     server = Server(args, log_path) if "lopa" in args.contenders or reuse else None
     try:
         if server is not None:
-            result["server"] = {"command": server.process.command,
-                                "start_s": round(server.start_s, 1), "health": server.health,
-                                "rss_idle": server.rss()}
+            result["server"] = {"command": server.process.command, "start_s": round(server.start_s, 1),
+                                "health": server.health, "rss_idle": server.rss()}
             log(f"server up on {server.url} in {server.start_s:.1f}s, RSS {server.rss().get('rss_mib', 0):.0f} MiB")
-        lora = pt = None
-        if "lora" in args.contenders:
-            lora_base, _ = lopa.load_base(args.model, dtype)
-            lora = LoraAdapters(lora_base, args)
-        if "peft-pt" in args.contenders:
-            pt_base, _ = lopa.load_base(args.model, dtype)
-            pt = PromptTuningAdapters(pt_base, work.soft_model, args)
-        inproc = None
-        if "lopa-inproc" in args.contenders:
-            from lopa.serve.backends import TransformersBackend
-            inproc = TransformersBackend(args.model, dtype=dtype_name, device="cpu")
-
-        # warm-up: one batch each, so first-call kernel set-up lands in no column
-        rows = list(range(args.batch_size))
-        if server is not None:
-            body = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[0], "label_words": LABEL_WORDS}).encode()
-                    for i in rows]
-            server.drive("/v1/classify", body)
-        run_bare(bare, [work.plain[i] for i in rows], label_ids, args.batch_size)
-        if lora is not None:
-            run_lora(lora.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size)
-        if pt is not None:
-            run_peft_pt(pt.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size, args.m)
-        if inproc is not None:
-            run_backend(inproc, [work.text[i] for i in rows], [work.soft_model[0]] * len(rows), label_ids,
-                        args.batch_size)
+        lora, pt, inproc = in_process_contenders(args, dtype, work)
+        warm_up(args, work, wire, server, bare, lora, pt, inproc)
         result["memory"]["server_rss_after_warmup"] = server.rss() if server is not None else None
-
-        sweep(args, result, work, wire, server, bare, lora, pt, inproc)
+        sweep(args, result, Field(args, work, server, bare, lora, pt, inproc), wire)
         del lora, pt, inproc
         gc.collect()
         if args.gen_requests:
@@ -649,35 +665,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # vLLM reserves a share of the machine's free memory at start: run it alone, everything else freed
         del bare
         gc.collect()
-        gen = result["generation"]
-        gen["contenders"]["vllm"] = run_vllm(args, args.gen_requests)
-        gen["ratios"] = {f"lopa_over_{c.replace('-', '_')}": gen["contenders"]["lopa"]["requests_per_s"]
-                         / gen["contenders"][c]["requests_per_s"]
-                         for c in ("hf-fp32", "hf-bf16", "vllm") if gen["contenders"][c].get("requests_per_s")}
-    result["load_average"] = {"start": [round(x, 2) for x in load_start],
-                              "end": [round(x, 2) for x in os.getloadavg()]}
+        add_vllm(args, result["generation"])
+    result["load_average"] = {"start": load_start, "end": load_average()}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     return result
 
 
-def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire: list[dict], server: Any, bare: Any,
-          lora: Any, pt: Any, inproc: Any) -> None:
-    n = args.requests
-    idx = list(range(n))
-    positions = result["workload"]["positions_per_request"]
-    cls = result["classification"]
+@dataclass
+class Field:
+    """The K sweep's contenders on one workload: each runs a stream of requests (``idx``, of ``tasks``)."""
+
+    args: argparse.Namespace
+    work: Workload
+    server: Any
+    bare: Any
+    lora: Any
+    pt: Any
+    inproc: Any
+
+    def one_pass(self, c: str, idx: list[int], tasks: list[int], bodies: list[bytes],
+                 extra: dict[str, Any]) -> tuple[float, float, list[list[float]]]:
+        """(seconds, CPU seconds per request, the answers) of contender ``c`` on the stream; the server's
+        passes and PEFT prompt tuning's batch count go to ``extra``."""
+        a, w = self.args, self.work
+        if c == "lopa":
+            t = self.server.timed("/v1/classify", "classify", bodies, a.lead_in, a.batch_size)
+            answers = [o["logprobs"] for o in t.pop("answers")]
+            extra.setdefault("lopa_passes", []).append(t)
+            return t["seconds"], t["server_cpu_s_per_request"], answers
+        text = [w.text[i] for i in idx]
+        t0, p0 = time.perf_counter(), time.process_time()
+        if c == "lopa-inproc":
+            answers = run_backend(self.inproc, text, [w.soft_model[t] for t in tasks], w.label_ids, a.batch_size)
+        elif c == "bare":
+            answers = run_bare(self.bare, [w.plain[i] for i in idx], w.label_ids, a.batch_size)
+        elif c == "lora":
+            answers = run_lora(self.lora.model, text, tasks, w.label_ids, a.batch_size)
+        else:
+            answers, extra["peft_pt_batches"] = run_peft_pt(self.pt.model, text, tasks, w.label_ids, a.batch_size,
+                                                             a.m)
+        return time.perf_counter() - t0, (time.process_time() - p0) / len(idx), answers
+
+    def operators(self, c: str, idx: list[int], tasks: list[int]) -> dict[str, int] | None:
+        """Operators dispatched for one batch of the stream (not timed); lopa's are its backend's, run here."""
+        a, w = self.args, self.work
+        one = idx[:a.batch_size]
+        text, mine = [w.text[i] for i in one], [tasks[i] for i in one]
+        calls = {"lopa": lambda: run_prefix(self.bare, text, [w.soft_model[t] for t in mine], w.label_ids,
+                                            a.batch_size),
+                 "bare": lambda: run_bare(self.bare, [w.plain[i] for i in one], w.label_ids, a.batch_size),
+                 "lora": lambda: run_lora(self.lora.model, text, mine, w.label_ids, a.batch_size),
+                 "peft-pt": lambda: run_peft_pt(self.pt.model, text, mine, w.label_ids, a.batch_size, a.m)}
+        return count_operators(calls[c]) if c in calls else None
+
+
+def sweep(args: argparse.Namespace, result: dict[str, Any], field: Field, wire: list[dict]) -> None:
+    """Every K: the adapters grown to K, the contenders interleaved on the same stream, a row of results."""
+    idx = list(range(args.requests))
     mem = result["memory"]
     mem["server_rss_by_k"], mem["lora_by_k"] = {}, {}
     for K in args.tasks:
         tasks = [i % K for i in idx]
-        if lora is not None:
-            lora.grow(K)
-            mem["lora_by_k"][str(K)] = {"adapters": K, "adapter_mib": lora.adapter_bytes() / 2 ** 20,
-                                       "process_rss_growth_mib": lora.rss_growth, "build_s": lora.build_s,
-                                       "adapter_dtype": str(lora.dtype).removeprefix("torch.")}
-        if pt is not None:
-            pt.grow(K)
-        bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[tasks[i]],
+        if field.lora is not None:
+            field.lora.grow(K)
+            mem["lora_by_k"][str(K)] = {"adapters": K, "adapter_mib": field.lora.adapter_bytes() / 2 ** 20,
+                                       "process_rss_growth_mib": field.lora.rss_growth,
+                                       "build_s": field.lora.build_s,
+                                       "adapter_dtype": str(field.lora.dtype).removeprefix("torch.")}
+        if field.pt is not None:
+            field.pt.grow(K)
+        bodies = [json.dumps({"token_ids": field.work.text[i], "soft_prompt": wire[tasks[i]],
                               "label_words": LABEL_WORDS}).encode() for i in idx]
         seconds: dict[str, list[float]] = {c: [] for c in args.contenders}
         cpu: dict[str, list[float]] = {c: [] for c in args.contenders}  # CPU seconds per request, each pass
@@ -685,68 +742,48 @@ def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire
         extra: dict[str, Any] = {}
         for r in range(args.repeats):
             for c in rotate(list(args.contenders), r + args.tasks.index(K)):
-                if c == "lopa":
-                    t = server.timed("/v1/classify", "classify", bodies, args.lead_in, args.batch_size)
-                    dt = t["seconds"]
-                    cpu[c].append(t["server_cpu_s_per_request"])
-                    answers[c] = [o["logprobs"] for o in t.pop("answers")]
-                    extra.setdefault("lopa_passes", []).append(t)
-                else:
-                    t0, p0 = time.perf_counter(), time.process_time()
-                    if c == "lopa-inproc":
-                        answers[c] = run_backend(inproc, [work.text[i] for i in idx],
-                                                 [work.soft_model[t] for t in tasks], work.label_ids, args.batch_size)
-                    elif c == "bare":
-                        answers[c] = run_bare(bare, [work.plain[i] for i in idx], work.label_ids, args.batch_size)
-                    elif c == "lora":
-                        answers[c] = run_lora(lora.model, [work.text[i] for i in idx], tasks, work.label_ids,
-                                              args.batch_size)
-                    else:
-                        answers[c], nb = run_peft_pt(pt.model, [work.text[i] for i in idx], tasks, work.label_ids,
-                                                     args.batch_size, args.m)
-                        extra["peft_pt_batches"] = nb
-                    dt = time.perf_counter() - t0
-                    cpu[c].append((time.process_time() - p0) / n)
+                dt, per_request, answers[c] = field.one_pass(c, idx, tasks, bodies, extra)
                 seconds[c].append(dt)
-                log(f"  K={K:<4d} pass {r + 1}/{args.repeats}  {c:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
-        row: dict[str, Any] = {"requests": n, "distinct_tasks_in_stream": len(set(tasks)), "contenders": {}}
-        for c, ts in seconds.items():
-            rps = n * len(ts) / sum(ts)
-            row["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * positions[c],
-                                    "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts],
-                                    "cpu_s_per_request": statistics.mean(cpu[c])}
-        if "lopa_passes" in extra:
-            row["contenders"]["lopa"].update(server_passes(extra["lopa_passes"], n))
-        if "peft_pt_batches" in extra:
-            row["contenders"]["peft-pt"]["batches_per_pass"] = extra["peft_pt_batches"]
-        row["ratios"], row["cpu_ratios"] = {}, {}
-        for other in ("bare", "lora", "peft-pt", "lopa-inproc"):
-            if "lopa" in seconds and other in seconds:
-                # per pass: both ran the same stream back to back; the geometric mean over passes
-                row["ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
-                    [b / a for a, b in zip(seconds["lopa"], seconds[other])])
-                # the same on CPU time (the server process's, per request): what a busy machine cannot inflate
-                row["cpu_ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
-                    [b / a for a, b in zip(cpu["lopa"], cpu[other])])
-        # operators per batch: one batch's worth of the stream (not timed); lopa's are its backend's, run here
-        one = idx[:args.batch_size]
-        calls = {"lopa": lambda: run_prefix(bare, [work.text[i] for i in one], [work.soft_model[tasks[i]] for i in one],
-                                            work.label_ids, args.batch_size),
-                 "bare": lambda: run_bare(bare, [work.plain[i] for i in one], work.label_ids, args.batch_size),
-                 "lora": lambda: run_lora(lora.model, [work.text[i] for i in one], [tasks[i] for i in one],
-                                          work.label_ids, args.batch_size),
-                 "peft-pt": lambda: run_peft_pt(pt.model, [work.text[i] for i in one], [tasks[i] for i in one],
-                                                work.label_ids, args.batch_size, args.m)}
+                cpu[c].append(per_request)
+                log(f"  K={K:<4d} pass {r + 1}/{args.repeats}  {c:<8s} {len(idx) / dt:8.2f} requests/s  ({dt:.2f}s)")
+        row = classification_row(len(idx), len(set(tasks)), result["workload"]["positions_per_request"], seconds,
+                                 cpu, extra)
         for c in args.contenders:
-            if c in calls:
-                row["contenders"][c]["operators_per_batch"] = count_operators(calls[c])
+            ops = field.operators(c, idx, tasks)
+            if ops is not None:
+                row["contenders"][c]["operators_per_batch"] = ops
         if "lopa" in answers and "peft-pt" in answers:
             # the same soft prompt on the same text: the server and PEFT prompt tuning compute the same thing
             row["max_abs_logprob_diff_lopa_vs_peft_pt"] = max(
                 abs(a - b) for x, y in zip(answers["lopa"], answers["peft-pt"]) for a, b in zip(x, y))
-        cls[str(K)] = row
-        if server is not None:
-            mem["server_rss_by_k"][str(K)] = server.rss()
+        result["classification"][str(K)] = row
+        if field.server is not None:
+            mem["server_rss_by_k"][str(K)] = field.server.rss()
+
+
+def classification_row(n: int, distinct: int, positions: dict[str, int], seconds: dict[str, list[float]],
+                       cpu: dict[str, list[float]], extra: dict[str, Any]) -> dict[str, Any]:
+    """One K's results: each contender's rates, and lopa's ratios to the others on wall and CPU time."""
+    row: dict[str, Any] = {"requests": n, "distinct_tasks_in_stream": distinct, "contenders": {}}
+    for c, ts in seconds.items():
+        rps = n * len(ts) / sum(ts)
+        row["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * positions[c],
+                                "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts],
+                                "cpu_s_per_request": statistics.mean(cpu[c])}
+    if "lopa_passes" in extra:
+        row["contenders"]["lopa"].update(server_passes(extra["lopa_passes"], n))
+    if "peft_pt_batches" in extra:
+        row["contenders"]["peft-pt"]["batches_per_pass"] = extra["peft_pt_batches"]
+    row["ratios"], row["cpu_ratios"] = {}, {}
+    for other in ("bare", "lora", "peft-pt", "lopa-inproc"):
+        if "lopa" in seconds and other in seconds:
+            # per pass: both ran the same stream back to back; the geometric mean over passes
+            row["ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
+                [b / a for a, b in zip(seconds["lopa"], seconds[other])])
+            # the same on CPU time (the server process's, per request): what a busy machine cannot inflate
+            row["cpu_ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
+                [b / a for a, b in zip(cpu["lopa"], cpu[other])])
+    return row
 
 
 def server_passes(passes: list[dict[str, Any]], n: int) -> dict[str, Any]:
