@@ -147,6 +147,14 @@ def build_parser() -> BenchmarkParser:
     p.quick("--gen-requests", 32, 8, "generation requests per contender and pass, 0 skips generation", type=int,
             shown="32, one batch")
     p.quick("--new-tokens", 16, 4, "new tokens per generation request, greedy", type=int)
+    add_vllm_options(p)
+    a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
+    return p
+
+
+def add_vllm_options(p: BenchmarkParser) -> None:
+    """Where the vLLM-CPU row's Python is and how it runs."""
+    a = p.add_argument
     a("--vllm-python", default=str(repo_root() / ".venv-vllm" / "bin" / "python"),
       help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in the "
            "source checkout, or the working folder, which scripts/setup-vllm.sh builds)")
@@ -156,8 +164,6 @@ def build_parser() -> BenchmarkParser:
            "(default: python -m lopa.serve.vllm_backend ...)")
     a("--vllm-timeout", type=float, default=600.0, help="seconds before the vLLM row is given up (default 600)")
     a("--no-vllm", action="store_true", help="skip the vLLM row (always skipped with --quick)")
-    a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
-    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -924,9 +930,16 @@ def _f(x: Any, fmt: str = ".1f") -> str:
 
 
 def render(result: dict[str, Any], image: str | None) -> str:
-    s, env, cls = result["settings"], result["environment"], result["classification"]
-    ks = sorted(int(k) for k in cls)
-    have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    """The markdown section: how it ran, the K sweep, operators, memory, generation, notes."""
+    L = (render_setup(result) + render_sweep(result, image) + render_operators(result) + render_memory(result)
+         + render_generation(result))
+    L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
+    return "\n".join(L)
+
+
+def render_setup(result: dict[str, Any]) -> list[str]:
+    """The command, the machine and the classification stream."""
+    s, env = result["settings"], result["environment"]
     L = [MARK_START, "## Serving throughput", "",
          f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cores']} cores, "
          f"shared; load average {result['load_average']['start'][0]} at the start, "
@@ -941,6 +954,15 @@ def render(result: dict[str, Any], image: str | None) -> str:
           + (", timed in steady state (see the notes)" if s.get("lead_in") else ", timed from the first send")
           + "; LoRA, prompt tuning and the bare model run in this process. Tokens/s counts the positions run (soft "
           "ones included; LoRA's rows are the text alone).", ""]
+    return L
+
+
+def render_sweep(result: dict[str, Any], image: str | None) -> list[str]:
+    """Requests/s of every contender at every K, and lopa's ratios to them."""
+    cls = result["classification"]
+    ks = sorted(int(k) for k in cls)
+    have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    L: list[str] = []
     head = "| K |" + "".join(f" {NAMES[c]} req/s (tok/s) |" for c in have)
     ratio_names = [r for r in ("lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt", "lopa_over_lopa_inproc")
                    if any(r in cls[str(k)]["ratios"] for k in ks)]
@@ -967,6 +989,15 @@ def render(result: dict[str, Any], image: str | None) -> str:
               "shows how the server's extra threads and the HTTP clients fare for cores.", ""]
     if image:
         L += [f"![requests/s vs K]({image})", ""]
+    return L
+
+
+def render_operators(result: dict[str, Any]) -> list[str]:
+    """Operators dispatched per batch, where every K counted them."""
+    s, cls = result["settings"], result["classification"]
+    ks = sorted(int(k) for k in cls)
+    have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    L: list[str] = []
     counted = [c for c in have if all("operators_per_batch" in cls[str(k)]["contenders"].get(c, {}) for k in ks)]
     if counted:
         L += [f"Operators dispatched per batch of {s['batch_size']} requests (aten operators that are not views; all "
@@ -980,6 +1011,14 @@ def render(result: dict[str, Any], image: str | None) -> str:
             ops = [cls[str(k)]["contenders"][c]["operators_per_batch"] for c in counted]
             L.append(f"| {k} | " + " | ".join(f"{o['non_view']:,} ({o['all']:,})" for o in ops) + " |")
         L.append("")
+    return L
+
+
+def render_memory(result: dict[str, Any]) -> list[str]:
+    """The server's memory as K grows, against LoRA's adapters."""
+    cls = result["classification"]
+    ks = sorted(int(k) for k in cls)
+    L: list[str] = []
     mem = result["memory"]
     if mem.get("server_rss_by_k") or mem.get("lora_by_k"):
         L += ["Memory as K grows (MiB): the server's resident set (the whole `lopa serve` process), against the "
@@ -991,6 +1030,13 @@ def render(result: dict[str, Any], image: str | None) -> str:
             L.append(f"| {k} | {_f(srv.get('rss_mib'), '.0f')} | {_f(lo.get('adapter_mib'), '.1f')} | "
                      f"{_f(lo.get('process_rss_growth_mib'), '.0f')} |")
         L.append("")
+    return L
+
+
+def render_generation(result: dict[str, Any]) -> list[str]:
+    """The generation workload's table."""
+    s = result["settings"]
+    L: list[str] = []
     gen = result.get("generation") or {}
     if gen:
         L += [f"Generation: {gen['requests']} requests, {gen['new_tokens']} new tokens each, greedy, batches of "
@@ -1012,11 +1058,17 @@ def render(result: dict[str, Any], image: str | None) -> str:
                 L.append(f"| {NAMES[c]} | {_f(x.get('requests_per_s'), '.2f')} | {_f(x.get('tokens_per_s'), '.1f')} | "
                          f"{shown} |")
         L.append("")
-    L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
-    return "\n".join(L)
+    return L
 
 
 def notes(result: dict[str, Any]) -> list[str]:
+    """The report's notes: what each contender is, whether they computed the same thing, how the timing
+    went, and how vLLM ran."""
+    return notes_setup(result) + notes_checks(result) + notes_timing(result) + notes_vllm(result)
+
+
+def notes_setup(result: dict[str, Any]) -> list[str]:
+    """What each contender is and what it is compared on."""
     s, cls, out = result["settings"], result["classification"], []
     ks = sorted(int(k) for k in cls)
     out.append(f"The bare model is the limit: the same model, dtype, threads and batch size, in process (no HTTP, no "
@@ -1038,6 +1090,13 @@ def notes(result: dict[str, Any]) -> list[str]:
     if big:
         out.append(f"With K ≥ {s['requests']} (the stream's length) every request belongs to a different task, "
                    f"so at K = {' and '.join(map(str, big))} the runs differ only in how many adapters PEFT holds.")
+    return out
+
+
+def notes_checks(result: dict[str, Any]) -> list[str]:
+    """Whether PEFT prompt tuning computed what the server did, and how it batched."""
+    s, cls, out = result["settings"], result["classification"], []
+    ks = sorted(int(k) for k in cls)
     diffs = [cls[str(k)].get("max_abs_logprob_diff_lopa_vs_peft_pt") for k in ks]
     diffs = [d for d in diffs if d is not None]
     if diffs:
@@ -1054,6 +1113,13 @@ def notes(result: dict[str, Any]) -> list[str]:
     if all(v is not None for v in pb.values()):
         out.append("PEFT prompt tuning's batches per pass: " + ", ".join(
             f"K = {k}: {v} of ≈{s['requests'] / v:.0f} row(s)" for k, v in pb.items()) + ".")
+    return out
+
+
+def notes_timing(result: dict[str, Any]) -> list[str]:
+    """How flat lopa stayed in K, how the server was timed and batched, and the machine's load."""
+    s, cls, out = result["settings"], result["classification"], []
+    ks = sorted(int(k) for k in cls)
     flat = [cls[str(k)]["ratios"].get("lopa_over_bare") for k in ks]
     if len(ks) > 1 and all(x is not None for x in flat):
         lo = [cls[str(k)]["contenders"]["lopa"]["requests_per_s"] for k in ks]
@@ -1081,6 +1147,12 @@ def notes(result: dict[str, Any]) -> list[str]:
     out.append(f"Timings are from a shared machine: load average {result['load_average']['start'][0]} → "
                f"{result['load_average']['end'][0]} on {result['environment']['cores']} cores. The contenders "
                f"ran one at a time, interleaved at each K, so the ratios are steadier than the absolute numbers.")
+    return out
+
+
+def notes_vllm(result: dict[str, Any]) -> list[str]:
+    """How the vLLM row ran, or why it did not."""
+    out: list[str] = []
     gen = result.get("generation") or {}
     v = gen.get("contenders", {}).get("vllm", {})
     if v.get("skipped"):
