@@ -320,54 +320,46 @@ def render(summary: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    prepare_benchmark(cfg.threads)
+def print_plan(cfg: argparse.Namespace, todo: list[str], est: dict[str, float]) -> None:
     import torch
-    started = time.time()
-    out = Path(cfg.out)
-    summary = ResultStore(out / OUTPUT, "parts")
-    hashes = {m: settings_hash(part_settings(cfg, m)) for m in cfg.methods}
-    todo = [m for m in cfg.methods if not summary.done(m, hashes[m])]
-    est = {m: estimate(cfg, m) for m in todo}
     print(f"code benchmark: {cfg.task}, base {cfg.model}, {cfg.steps} steps per trained method, "
           f"{cfg.limit or 'all'} test problems, greedy, max {cfg.max_new_tokens} new tokens, {cfg.precision}, "
-          f"{torch.get_num_threads()} torch threads; out {out}")
+          f"{torch.get_num_threads()} torch threads; out {Path(cfg.out)}")
     for m in cfg.methods:
         state = f"to do, est {est[m] / 60:.1f} min" if m in todo else "done (recorded in summary.json)"
         print(f"  {m:<14} {state}")
     print(f"estimated: {sum(est.values()) / 60:.0f} min", flush=True)
-    if cfg.plan:
-        return 0
 
+
+def run_parts(cfg: argparse.Namespace, summary: ResultStore, todo: list[str], hashes: dict[str, str]) -> list[str]:
+    """Run and record every part still to do, one at a time; the parts that failed."""
     failed = []
-    if not cfg.report_only:
-        if todo:  # the machine that ran (the last of) the parts
-            summary.data["machine"] = machine()
-        for m in todo:
-            print(f"[{m}] starting", flush=True)
-            t0 = time.time()
-            try:
-                part = run_zero_shot(cfg) if m == "zero-shot" else run_trained(cfg, m, hashes[m])
-            except Exception:  # noqa: BLE001 - one failed part must not cost the others
-                traceback.print_exc()
-                failed.append(m)
-                print(f"FAILED {m} (rerun the command to retry it)", flush=True)
-                continue
-            finally:
-                gc.collect()
-            part.update(method=m, hash=hashes[m], settings=part_settings(cfg, m), wall_s=round(time.time() - t0, 1),
-                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            summary.add(m, part)
-            lo, hi = part["ci95"]
-            print(f"[{m}] pass@1 {part['pass@1']:.3f} [{lo:.3f}, {hi:.3f}] ({part['passed']}/{part['n']})  "
-                  f"generate {part['generate_s_per_problem']:.2f} s/problem, sandbox "
-                  f"{part['sandbox_s_per_problem']:.2f} s/problem  ({part['wall_s']:.0f} s)", flush=True)
-    if not summary.entries:
-        print("nothing recorded yet: nothing to report", file=sys.stderr)
-        return 1
-    # the report covers this command's methods, finished with this command's settings
-    current = {m: summary.entries[m] for m in cfg.methods if summary.done(m, hashes[m])}
+    if todo:  # the machine that ran (the last of) the parts
+        summary.data["machine"] = machine()
+    for m in todo:
+        print(f"[{m}] starting", flush=True)
+        t0 = time.time()
+        try:
+            part = run_zero_shot(cfg) if m == "zero-shot" else run_trained(cfg, m, hashes[m])
+        except Exception:  # noqa: BLE001 - one failed part must not cost the others
+            traceback.print_exc()
+            failed.append(m)
+            print(f"FAILED {m} (rerun the command to retry it)", flush=True)
+            continue
+        finally:
+            gc.collect()
+        part.update(method=m, hash=hashes[m], settings=part_settings(cfg, m), wall_s=round(time.time() - t0, 1),
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        summary.add(m, part)
+        lo, hi = part["ci95"]
+        print(f"[{m}] pass@1 {part['pass@1']:.3f} [{lo:.3f}, {hi:.3f}] ({part['passed']}/{part['n']})  "
+              f"generate {part['generate_s_per_problem']:.2f} s/problem, sandbox "
+              f"{part['sandbox_s_per_problem']:.2f} s/problem  ({part['wall_s']:.0f} s)", flush=True)
+    return failed
+
+
+def record_settings(cfg: argparse.Namespace, summary: ResultStore, current: dict[str, Any], started: float) -> None:
+    """The command, settings, wall time and paper figures the report is written from, saved with the parts."""
     n_test = next(iter(current.values()))["n"] if current else (cfg.limit or 0)
     # --report-only keeps the command that ran the parts (minus the flag), not its own
     summary.data.update(
@@ -377,15 +369,34 @@ def main(argv: list[str] | None = None) -> int:
                       limit=cfg.limit, n_test=n_test, max_new_tokens=cfg.max_new_tokens,
                       eval_batch_size=cfg.eval_batch_size, timeout=cfg.timeout, m=cfg.m, rank=cfg.rank,
                       hidden=cfg.hidden, lora_r=cfg.lora_r, precision=cfg.precision, threads=cfg.threads,
-                      seed=cfg.seed, lrs=cfg.lrs, quick=cfg.quick, out=str(out)),
+                      seed=cfg.seed, lrs=cfg.lrs, quick=cfg.quick, out=str(Path(cfg.out))),
         wall_s={"this_invocation": round(time.time() - started, 1),
                 "all_parts": round(sum(p["wall_s"] for p in current.values()), 1)},
         paper={"model": PAPER_MODEL, "pass@1_percent": PAPER})
     summary.data.setdefault("machine", machine())
     summary.save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    prepare_benchmark(cfg.threads)
+    started = time.time()
+    summary = ResultStore(Path(cfg.out) / OUTPUT, "parts")
+    hashes = {m: settings_hash(part_settings(cfg, m)) for m in cfg.methods}
+    todo = [m for m in cfg.methods if not summary.done(m, hashes[m])]
+    print_plan(cfg, todo, {m: estimate(cfg, m) for m in todo})
+    if cfg.plan:
+        return 0
+    failed = [] if cfg.report_only else run_parts(cfg, summary, todo, hashes)
+    if not summary.entries:
+        print("nothing recorded yet: nothing to report", file=sys.stderr)
+        return 1
+    # the report covers this command's methods, finished with this command's settings
+    current = {m: summary.entries[m] for m in cfg.methods if summary.done(m, hashes[m])}
+    record_settings(cfg, summary, current, started)
     if current:
         write_section(Path(cfg.doc), render({**summary.data, "parts": current}), MARK_START, MARK_END)
-        print(f"wrote {out / 'summary.json'} and the {MARK_START} section of {cfg.doc} "
+        print(f"wrote {summary.path} and the {MARK_START} section of {cfg.doc} "
               f"({(time.time() - started) / 60:.1f} min this invocation)", flush=True)
     if failed:
         print(f"{len(failed)} parts failed: {', '.join(failed)}", file=sys.stderr)
