@@ -486,6 +486,26 @@ def class_counts(task_name: str) -> dict[str, dict[str, int]]:
             for split, rows in task.splits().items()}
 
 
+def gate_choice(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The paper's gate against gate×2 on the first task: the dev winner (on the seeds both rows ran) and
+    the library default it suggests; None unless both rows ran."""
+    by = {r["row"]: r for r in rows}
+    if "lopa" not in by or "lopa-gate2" not in by:
+        return None
+    a, b = by["lopa"], by["lopa-gate2"]
+    # compare on the seeds both rows ran, so that a 1-seed row meets the same seed of a 3-seed row
+    common = sorted(set(a["dev_per_seed"]) & set(b["dev_per_seed"]), key=int)
+    dev_a = statistics.fmean(a["dev_per_seed"][k] for k in common)
+    dev_b = statistics.fmean(b["dev_per_seed"][k] for k in common)
+    winner = "lopa-gate2" if dev_b > dev_a else "lopa"
+    return {"dev": {"lopa": dev_a, "lopa-gate2": dev_b},
+            "test": {"lopa": a["mean"], "lopa-gate2": b["mean"]},
+            "dev_seeds": [int(k) for k in common],
+            "dev_winner": winner, "test_verdict": verdict(b, a)["verdict"],
+            "candidate_default": ({"gate_scale": 2.0, "shared_lr_scale": b["settings"]["shared_lr_scale"]}
+                                  if winner == "lopa-gate2" else {"gate_scale": 1.0, "shared_lr_scale": 1.0})}
+
+
 def summarize(cfg, store: ResultStore, groups: dict[str, list[Job]], lr_table: dict[str, Any],
               invocation_s: float) -> dict[str, Any]:
     def records(jobs: list[Job]) -> list[dict[str, Any]]:
@@ -517,22 +537,7 @@ def summarize(cfg, store: ResultStore, groups: dict[str, list[Job]], lr_table: d
                       "ci95": rec["test"]["accuracy_ci95"], "macro_f1": rec["test"]["macro_f1"],
                       "dev_accuracy": rec["best_dev_accuracy"], "trainable_params": rec["trainable_params"],
                       "wall_s": rec["wall_s"], "key": rec["key"]})
-    first = tasks.get(cfg.tasks[0], {"rows": []})
-    by = {r["row"]: r for r in first["rows"]}
-    default = None
-    if "lopa" in by and "lopa-gate2" in by:
-        a, b = by["lopa"], by["lopa-gate2"]
-        # compare on the seeds both rows ran, so that a 1-seed row meets the same seed of a 3-seed row
-        common = sorted(set(a["dev_per_seed"]) & set(b["dev_per_seed"]), key=int)
-        dev_a = statistics.fmean(a["dev_per_seed"][k] for k in common)
-        dev_b = statistics.fmean(b["dev_per_seed"][k] for k in common)
-        winner = "lopa-gate2" if dev_b > dev_a else "lopa"
-        default = {"dev": {"lopa": dev_a, "lopa-gate2": dev_b},
-                   "test": {"lopa": a["mean"], "lopa-gate2": b["mean"]},
-                   "dev_seeds": [int(k) for k in common],
-                   "dev_winner": winner, "test_verdict": verdict(b, a)["verdict"],
-                   "candidate_default": ({"gate_scale": 2.0, "shared_lr_scale": b["settings"]["shared_lr_scale"]}
-                                         if winner == "lopa-gate2" else {"gate_scale": 1.0, "shared_lr_scale": 1.0})}
+    default = gate_choice(tasks.get(cfg.tasks[0], {"rows": []})["rows"])
     all_s = sum(r.get("wall_s") or 0 for r in store.entries.values() if not r.get("reused_from"))
     settings = {k: getattr(cfg, k) for k in ("model", "encoder", "tasks", "rows", "other_rows", "main_rows", "steps",
                                              "other_steps", "seeds", "other_seeds", "batch_size", "warmup",
@@ -554,12 +559,26 @@ def summarize(cfg, store: ResultStore, groups: dict[str, list[Job]], lr_table: d
 # --------------------------------------------------------------------------- plots
 
 def plots(cfg, summary: dict[str, Any], store: ResultStore, docs: Path) -> list[str]:
+    """The PNG plots, written into ``docs``; their file names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     docs.mkdir(parents=True, exist_ok=True)
     made = []
+    for name, draw in (("accuracy_vs_params.png", lambda: plot_accuracy(plt, summary)),
+                       ("lopa_sweep.png", lambda: plot_sweep(plt, summary)),
+                       ("convergence.png", lambda: plot_convergence(plt, cfg, summary, store))):
+        fig = draw()
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(docs / name, dpi=80)
+            plt.close(fig)
+            made.append(name)
+    return made
 
+
+def plot_accuracy(plt: Any, summary: dict[str, Any]) -> Any:
+    """Test accuracy against trainable parameters, a panel per task."""
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     tasks = list(summary["tasks"].items())
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.2 * max(1, len(tasks)), 4.2), squeeze=False)
@@ -579,32 +598,33 @@ def plots(cfg, summary: dict[str, Any], store: ResultStore, docs: Path) -> list[
         ax.set(xlabel="trainable parameters (log)", ylabel="test accuracy", title=f"{task} ({t['steps']} steps)")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("test accuracy vs trainable parameters (bars: 95% CI)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(docs / "accuracy_vs_params.png", dpi=80)
-    plt.close(fig)
-    made.append("accuracy_vs_params.png")
+    return fig
 
+
+def plot_sweep(plt: Any, summary: dict[str, Any]) -> Any:
+    """The sweep's test accuracy on the m × r grid (None where no sweep ran)."""
     pts = summary["sweep"]["points"]
-    if pts:
-        ms, rs = sorted({p["m"] for p in pts}), sorted({p["r"] for p in pts})
-        grid = [[math.nan] * len(rs) for _ in ms]
-        for p in pts:
-            grid[ms.index(p["m"])][rs.index(p["r"])] = p["accuracy"]
-        fig, ax = plt.subplots(figsize=(4.8, 3.6))
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        for p in pts:
-            ax.text(rs.index(p["r"]), ms.index(p["m"]), f"{p['accuracy']:.3f}\n{p['trainable_params'] / 1e6:.2f}M",
-                    ha="center", va="center", fontsize=7, color="w")
-        ax.set_xticks(range(len(rs)), [str(r) for r in rs])
-        ax.set_yticks(range(len(ms)), [str(m) for m in ms])
-        ax.set(xlabel="rank r", ylabel="prompt length m",
-               title=f"LoPA sweep on {summary['sweep']['task']}: test acc")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(docs / "lopa_sweep.png", dpi=80)
-        plt.close(fig)
-        made.append("lopa_sweep.png")
+    if not pts:
+        return None
+    ms, rs = sorted({p["m"] for p in pts}), sorted({p["r"] for p in pts})
+    grid = [[math.nan] * len(rs) for _ in ms]
+    for p in pts:
+        grid[ms.index(p["m"])][rs.index(p["r"])] = p["accuracy"]
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for p in pts:
+        ax.text(rs.index(p["r"]), ms.index(p["m"]), f"{p['accuracy']:.3f}\n{p['trainable_params'] / 1e6:.2f}M",
+                ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(rs)), [str(r) for r in rs])
+    ax.set_yticks(range(len(ms)), [str(m) for m in ms])
+    ax.set(xlabel="rank r", ylabel="prompt length m",
+           title=f"LoPA sweep on {summary['sweep']['task']}: test acc")
+    fig.colorbar(im, ax=ax)
+    return fig
 
+
+def plot_convergence(plt: Any, cfg, summary: dict[str, Any], store: ResultStore) -> Any:
+    """Training loss and dev accuracy of the main soft-prompt rows on the first task, every seed."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     task = cfg.tasks[0]
     first = summary["tasks"].get(task, {"rows": []})
@@ -626,11 +646,7 @@ def plots(cfg, summary: dict[str, Any], store: ResultStore, docs: Path) -> list[
     a.set(xlabel="step", ylabel="training loss", title=f"training loss ({task}, every seed)")
     b.set(xlabel="step", ylabel="dev accuracy", title=f"dev accuracy ({task})")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(docs / "convergence.png", dpi=80)
-    plt.close(fig)
-    made.append("convergence.png")
-    return made
+    return fig
 
 
 # --------------------------------------------------------------------------- markdown
@@ -685,7 +701,18 @@ def _majority(task_summary: dict[str, Any]) -> float | None:
 
 
 def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
+    """The markdown section: setup, learning rates, a table per task, the sweep, LoPA's gate, plots, notes."""
     s = summary
+    L = render_setup(cfg, s) + render_lrs(cfg, s)
+    for task, t in s["tasks"].items():
+        L += render_task(task, t)
+    L += render_sweep(s) + render_gate(s) + render_notes(cfg, s, images)
+    return "\n".join(L + ["", MARK_END]) + "\n"
+
+
+def render_setup(cfg, s: dict[str, Any]) -> list[str]:
+    """The command, the machine, the wall time and the protocol."""
+    st = s["settings"]
     mach = s["machine"]
     L = [MARK_START, "## Accuracy", ""]
     L.append("The LoPA paper's comparison reproduced on our models. Base "
@@ -699,7 +726,6 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
              f"load average at start {mach['load_avg_at_start']}")
     L.append(f"- **Wall time**: {s['wall_s']['all_runs'] / 60:.1f} min summed over all {s['counts']['runs']} "
              f"recorded runs (this invocation: {s['wall_s']['this_invocation'] / 60:.1f} min)")
-    st = s["settings"]
     L.append(f"- **Protocol**: batch {st['batch_size']}, AdamW (no weight decay), linear warm-up "
              f"{st['warmup']:.0%} then linear decay, {st['precision']}; {st['steps']} steps on `{cfg.tasks[0]}`"
              + (f", {st['other_steps']} on the others" if len(cfg.tasks) > 1 else "")
@@ -708,6 +734,13 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
              f"scored on {st['test_limit']} test items; seeds: {st['seeds']} for "
              f"{', '.join(st['main_rows'])} on `{cfg.tasks[0]}`, {st['other_seeds']} elsewhere, 1 for the rest.")
     L.append("")
+    return L
+
+
+def render_lrs(cfg, s: dict[str, Any]) -> list[str]:
+    """How the learning rates were chosen, and the pilots' scores."""
+    st = s["settings"]
+    L: list[str] = []
     L.append("### Learning rates")
     L.append("")
     L.append(f"Chosen on `{cfg.tasks[0]}`'s dev split by a pilot: each family trains {st['pilot_steps']} steps "
@@ -725,50 +758,67 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
         cands = ", ".join(f"{lr}: {pct(acc)}" for lr, acc in t["candidates"].items()) or "fixed by --lr"
         L.append(f"| {fam} | {cands} | **{t['chosen']:g}** |")
     L.append("")
-    for task, t in s["tasks"].items():
-        counts = "; ".join(f"{sp} " + ", ".join(f"{k} {v}" for k, v in c.items())
-                           for sp, c in t["class_counts"].items())
-        L.append(f"### {task} ({t['steps']} steps)")
+    return L
+
+
+def render_task(task: str, t: dict[str, Any]) -> list[str]:
+    """One task's table of methods and the differences claimed."""
+    L: list[str] = []
+    counts = "; ".join(f"{sp} " + ", ".join(f"{k} {v}" for k, v in c.items())
+                       for sp, c in t["class_counts"].items())
+    L.append(f"### {task} ({t['steps']} steps)")
+    L.append("")
+    L.append(f"Class counts: {counts}.")
+    L.append("")
+    L.append("| method | test acc % (mean ± std) | 95% CI | macro-F1 % | trainable params | LR | wall / run | "
+             "seeds | paper SST-2 / RTE / MRPC |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for r in t["rows"]:
+        std = f" ± {100 * r['std']:.1f}" if r["std"] is not None else ""
+        ci = f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] ({r['ci_kind']})"
+        paper = " / ".join(f"{v:.1f}" for v in r["paper"].values()) if r["paper"] else "—"
+        lr = f"{r['lr']:g}" if r["lr"] else "—"
+        L.append(f"| {r['label']} | {pct(r['mean'])}{std} | {ci} | {pct(r['macro_f1'])} | "
+                 f"{_params(r['trainable_params'])} | {lr} | {r['wall_s']:.0f} s | {len(r['seeds'])} | {paper} |")
+    L.append("")
+    if t["comparisons"]:
+        L.append("Differences (A − B, points; claimed only where the 95% intervals do not overlap): "
+                 + "; ".join(f"{c['a']} − {c['b']} {100 * c['diff']:+.1f} → {c['verdict']}"
+                             for c in t["comparisons"]) + ".")
         L.append("")
-        L.append(f"Class counts: {counts}.")
-        L.append("")
-        L.append("| method | test acc % (mean ± std) | 95% CI | macro-F1 % | trainable params | LR | wall / run | "
-                 "seeds | paper SST-2 / RTE / MRPC |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
-        for r in t["rows"]:
-            std = f" ± {100 * r['std']:.1f}" if r["std"] is not None else ""
-            ci = f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] ({r['ci_kind']})"
-            paper = " / ".join(f"{v:.1f}" for v in r["paper"].values()) if r["paper"] else "—"
-            lr = f"{r['lr']:g}" if r["lr"] else "—"
-            L.append(f"| {r['label']} | {pct(r['mean'])}{std} | {ci} | {pct(r['macro_f1'])} | "
-                     f"{_params(r['trainable_params'])} | {lr} | {r['wall_s']:.0f} s | {len(r['seeds'])} | {paper} |")
-        L.append("")
-        if t["comparisons"]:
-            L.append("Differences (A − B, points; claimed only where the 95% intervals do not overlap): "
-                     + "; ".join(f"{c['a']} − {c['b']} {100 * c['diff']:+.1f} → {c['verdict']}"
-                                 for c in t["comparisons"]) + ".")
-            L.append("")
-    if s["sweep"]["points"]:
-        L.append(f"### LoPA sweep: m × r on {s['sweep']['task']} ({s['sweep']['steps']} steps, seed 0)")
-        L.append("")
-        L.append("| m | r | test acc % | 95% CI (Wilson) | trainable params |")
-        L.append("|---|---|---|---|---|")
-        for p in s["sweep"]["points"]:
-            L.append(f"| {p['m']} | {p['r']} | {pct(p['accuracy'])} | [{pct(p['ci95'][0])}, {pct(p['ci95'][1])}] | "
-                     f"{_params(p['trainable_params'])} |")
-        L.append("")
+    return L
+
+
+def render_sweep(s: dict[str, Any]) -> list[str]:
+    """The LoPA m × r sweep, where it ran."""
+    sweep = s["sweep"]
+    if not sweep["points"]:
+        return []
+    return ([f"### LoPA sweep: m × r on {sweep['task']} ({sweep['steps']} steps, seed 0)", "",
+             "| m | r | test acc % | 95% CI (Wilson) | trainable params |", "|---|---|---|---|---|"]
+            + [f"| {p['m']} | {p['r']} | {pct(p['accuracy'])} | [{pct(p['ci95'][0])}, {pct(p['ci95'][1])}] | "
+               f"{_params(p['trainable_params'])} |" for p in sweep["points"]] + [""])
+
+
+def render_gate(s: dict[str, Any]) -> list[str]:
+    """The paper's gate against gate×2, where both ran."""
     d = s["lopa_default"]
-    if d:
-        L.append("### LoPA's formulation: the paper's gate or gate×2")
-        L.append("")
-        L.append(f"Dev accuracy ({st['dev_limit']} items, best evaluation; mean over the seeds both ran: "
-                 f"{d['dev_seeds']}): "
-                 f"paper's gate {pct(d['dev']['lopa'])}, gate×2 with Z_S at prompt tuning's LR "
-                 f"{pct(d['dev']['lopa-gate2'])} → dev winner **{d['dev_winner']}**; on test: "
-                 f"{pct(d['test']['lopa'])} vs {pct(d['test']['lopa-gate2'])} ({d['test_verdict']}). "
-                 f"Candidate library default: `{json.dumps(d['candidate_default'])}` (library defaults are "
-                 "unchanged by this benchmark).")
-        L.append("")
+    if not d:
+        return []
+    return ["### LoPA's formulation: the paper's gate or gate×2", "",
+            f"Dev accuracy ({s['settings']['dev_limit']} items, best evaluation; mean over the seeds both ran: "
+            f"{d['dev_seeds']}): "
+            f"paper's gate {pct(d['dev']['lopa'])}, gate×2 with Z_S at prompt tuning's LR "
+            f"{pct(d['dev']['lopa-gate2'])} → dev winner **{d['dev_winner']}**; on test: "
+            f"{pct(d['test']['lopa'])} vs {pct(d['test']['lopa-gate2'])} ({d['test_verdict']}). "
+            f"Candidate library default: `{json.dumps(d['candidate_default'])}` (library defaults are "
+            "unchanged by this benchmark).", ""]
+
+
+def render_notes(cfg, s: dict[str, Any], images: list[str]) -> list[str]:
+    """The plots, and where this setting differs from the paper's."""
+    st = s["settings"]
+    L: list[str] = []
     L.append("### Plots")
     L.append("")
     for img in images:
@@ -791,22 +841,15 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
     L.append("- A single run's interval (Wilson) covers only test-set sampling, not seed-to-seed variation, so "
              "single-seed rows look more certain than they are; with 3 seeds the t-interval is wide "
              "(t = 4.30), so only large gaps are claimed.")
-    return "\n".join(L + ["", MARK_END]) + "\n"
+    return L
 
 
 # --------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    prepare_benchmark(cfg.threads)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # reloading best/ onto the base
-    started = time.time()
-    out = Path(cfg.out)
-    store = ResultStore(out / "runs.json")
-    speed = SPEED["tiny" if cfg.model.startswith("tiny-") else "real"]
-    tokens = {t: prompt_tokens(t, cfg.model) for t in cfg.tasks}
-
+def plan(cfg, store: ResultStore, tokens: dict[str, float],
+         speed: dict[str, Any]) -> tuple[dict[str, list[Job]], dict[str, Any], float]:
+    """The jobs (main and sweep ones only once every LR they need is known), the LR table so far, and
+    the estimated seconds of what is left, printed as the plan."""
     pilots = pilot_jobs(cfg)
     lrs, lr_table = choose_lrs(cfg, store, pilots)
     known = (all(ROW_BY_SLUG[r].method in lrs for r in cfg.rows)
@@ -827,26 +870,49 @@ def main(argv: list[str] | None = None) -> int:
     if load > 0.5 * cores and not cfg.threads:
         print(f"note: load average {load:.1f} on {cores} cores; other jobs are running, so the times will be "
               f"longer, and --threads 1 may be several times faster than torch's {cores} threads", flush=True)
+    return groups, lr_table, total
+
+
+def run_jobs(cfg, store: ResultStore, runner: Runner, groups: dict[str, list[Job]], tokens: dict[str, float],
+             speed: dict[str, Any]) -> dict[str, Any] | None:
+    """Zero-shot, the pilots, then the main and sweep runs at the chosen LRs (``groups`` updated); the LR
+    table, or None when a pilot failed and left a family without an LR."""
+    for task in cfg.tasks:
+        zero_shot(cfg, store, task)
+    for job in groups["pilot"]:
+        runner.run(job)
+    lrs, lr_table = choose_lrs(cfg, store, groups["pilot"])
+    missing = sorted({ROW_BY_SLUG[r].method for r in cfg.rows} - set(lrs))
+    if missing:
+        print(f"no learning rate for {missing}: their pilots failed; fix and rerun", file=sys.stderr)
+        return None
+    print("chosen learning rates: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), flush=True)
+    groups["main"], groups["sweep"] = main_jobs(cfg, lrs), sweep_jobs(cfg, lrs)
+    for j in groups["main"] + groups["sweep"]:
+        j.est_s = estimate(j, tokens[j.task], speed)
+    for job in groups["main"] + groups["sweep"]:
+        runner.run(job)
+    return lr_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    prepare_benchmark(cfg.threads)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # reloading best/ onto the base
+    started = time.time()
+    out = Path(cfg.out)
+    store = ResultStore(out / "runs.json")
+    speed = SPEED["tiny" if cfg.model.startswith("tiny-") else "real"]
+    tokens = {t: prompt_tokens(t, cfg.model) for t in cfg.tasks}
+    groups, lr_table, total = plan(cfg, store, tokens, speed)
     if cfg.plan:
         return 0
-
     runner = Runner(cfg, store, total)
     if not cfg.report_only:
-        for task in cfg.tasks:
-            zero_shot(cfg, store, task)
-        for job in pilots:
-            runner.run(job)
-        lrs, lr_table = choose_lrs(cfg, store, pilots)
-        missing = sorted({ROW_BY_SLUG[r].method for r in cfg.rows} - set(lrs))
-        if missing:
-            print(f"no learning rate for {missing}: their pilots failed; fix and rerun", file=sys.stderr)
+        lr_table = run_jobs(cfg, store, runner, groups, tokens, speed)
+        if lr_table is None:
             return 1
-        print("chosen learning rates: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), flush=True)
-        groups["main"], groups["sweep"] = main_jobs(cfg, lrs), sweep_jobs(cfg, lrs)
-        for j in groups["main"] + groups["sweep"]:
-            j.est_s = estimate(j, tokens[j.task], speed)
-        for job in groups["main"] + groups["sweep"]:
-            runner.run(job)
     cfg.ran_now = runner.count
     summary = summarize(cfg, store, groups, lr_table, time.time() - started)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
