@@ -8,13 +8,11 @@ import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 
 from lopa.bench import BenchArgs, bench_cli
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS = ["prompt-tuning", "lopt-1", "lopt-2", "idpg", "lopa", "lopa-gate2", "lopa-add", "lopa-max", "lopa-concat",
         "lora", "full"]
 TASKS = ["rotten-tomatoes", "rotten-tomatoes-3"]
@@ -28,12 +26,11 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_quick_runs_every_path_and_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LOPA_BENCHMARKS", str(REPO / "benchmarks"))
+def test_quick_runs_every_path_and_resumes(tmp_path, capsys):
     out, docs = tmp_path / "acc", tmp_path / "docs"
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n\n## Speed\n\nkept as is\n")
-    argv = ["--quick", "--out", str(out), "--docs", str(docs)]
+    argv = ["--quick", "--out", str(out), "--doc", str(docs / "results.md")]  # the plots go beside it
     assert bench_cli(BenchArgs("accuracy", argv)) == 0
     printed = capsys.readouterr().out
     assert "planned:" in printed and "estimated" in printed
@@ -112,8 +109,7 @@ def test_quick_runs_every_path_and_resumes(tmp_path, monkeypatch, capsys):
     assert md2.count("<!-- accuracy:start -->") == 1 and md2.startswith("# Results\n\n## Speed\n\nkept as is\n")
 
 
-def test_plan_prints_runs_and_estimate(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("LOPA_BENCHMARKS", str(REPO / "benchmarks"))
+def test_plan_prints_runs_and_estimate(capsys, tmp_path):
     assert bench_cli(BenchArgs("accuracy", ["--plan", "--out", str(tmp_path / "x")])) == 0
     out = capsys.readouterr().out
     assert re.search(r"planned: \d+ runs to do, estimated \d+ min on 2 idle cores", out), out

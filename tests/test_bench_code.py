@@ -89,8 +89,5 @@ def test_help_explains_every_option(capsys):
     for option in ["--quick", "--plan", "--out", "--doc", "--steps", "--limit", "--methods", "--max-new-tokens",
                    "--threads", "--precision", "--lr", "--report-only"]:
         assert option in text, option
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_code", Path(__file__).resolve().parents[1] / "benchmarks" / "code.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert all(a.help for a in module.build_parser()._actions), "an option without help"
+    from lopa.benchmarks import code
+    assert all(a.help for a in code.build_parser()._actions), "an option without help"

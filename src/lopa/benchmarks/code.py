@@ -1,4 +1,4 @@
-"""Code: pass@1 on CRUXEval-O, the LoPA paper's headline code task, scored by running tests (issue 6).
+"""Code: pass@1 on CRUXEval-O, the LoPA paper's headline code task, scored by running tests.
 
 The paper (DeepSeek-Coder-1.3B) reports CRUXEval-O pass@1 of prompt tuning 31.2, LoRA 36.0 and LoPA
 34.5. This benchmark measures the bare model (zero-shot), prompt tuning and LoPA on ``smollm2-135m``
@@ -20,25 +20,22 @@ Example::
     $ lopa bench code --quick       # every code path on tiny random models, into a temp folder
 """
 
-# No `from __future__ import annotations`: `lopa bench` loads this file without registering it in
-# sys.modules (kept consistent with the other benchmarks).
+from __future__ import annotations
+
 import argparse
 import gc
-import hashlib
 import json
 import math
-import os
-import platform
-import shlex
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from lopa.report import prepare_benchmark, write_section  # noqa: E402
+from lopa.benchmarks.common import (BenchmarkParser, ResultStore, command_line, interval_verdict, machine,
+                                    parse_assignments, pct, prepare_benchmark, require_positive, settings_hash,
+                                    split_list, train_or_resume, write_section)
 
 MARK_START, MARK_END = "<!-- code:start -->", "<!-- code:end -->"
 TRAINABLE = ("prompt-tuning", "lopt-1", "lopt-2", "idpg", "lopa", "lora", "full")
@@ -56,36 +53,29 @@ SPEED = {"real": dict(step_s=6.0, lopa_factor=1.15, gen_s=0.5, sandbox_s=0.1, de
 
 # --------------------------------------------------------------------------- options
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lopa bench code", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="pass@1 on a code task (default CRUXEval-O) for the bare model, prompt tuning and LoPA "
-                    "with the same training budget: greedy decoding, every completion run in the sandbox, "
-                    "95%% Wilson intervals, seconds per problem; writes OUT/summary.json and a section of "
-                    "docs/results.md beside the paper's DeepSeek-Coder-1.3B numbers. Resumable: parts "
-                    "finished with the same settings are skipped.",
-        epilog="Example: lopa bench code --steps 200   (the full benchmark; --plan first to see its cost)")
+QUICK = "tiny-random-llama + tiny-random-bert, 2 training steps, 4 problems, 8 new tokens"
+OUTPUT = "summary.json"
+
+
+def build_parser() -> BenchmarkParser:
+    p = BenchmarkParser(
+        "code",
+        "pass@1 on a code task (default CRUXEval-O) for the bare model, prompt tuning and LoPA with the same "
+        "training budget: greedy decoding, every completion run in the sandbox, 95%% Wilson intervals, seconds "
+        "per problem; writes OUT/summary.json and a section of docs/results.md beside the paper's "
+        "DeepSeek-Coder-1.3B numbers. Resumable: parts finished with the same settings are skipped.",
+        "lopa bench code --steps 200   (the full benchmark; --plan first to see its cost)", raw=True)
+    p.add_models()
+    p.add_outputs("results/code", "summary.json, METHOD-test.jsonl, runs/", quick_help=QUICK)
+    p.add_resumable("the docs section")
     a = p.add_argument
-    a("--quick", action="store_true",
-      help="smoke mode: tiny-random-llama + tiny-random-bert, 2 training steps, 4 problems, 8 new tokens; "
-           "writes into a temporary folder unless --out / --doc are given")
-    a("--plan", action="store_true", help="print the parts still to run and an estimated wall time, then exit")
-    a("--report-only", action="store_true",
-      help="run nothing: rewrite the docs section from the parts already in OUT/summary.json")
-    a("--out", default=None,
-      help="results folder: summary.json, METHOD-test.jsonl, runs/ (default results/code; --quick: a temp folder)")
-    a("--doc", default=None, help="markdown file that gets the section (default docs/results.md; "
-                                  "--quick: OUT/results.md)")
     a("--task", default="cruxeval-o", choices=["cruxeval-o", "cruxeval-i", "mbpp"],
       help="code task with a train split (default cruxeval-o, the paper's headline code task)")
     a("--data-dir", default=None, help="where cruxeval/ and mbpp/ live (default $LOPA_DATA_DIR or ../shared/data)")
     a("--methods", default="zero-shot,prompt-tuning,lopa",
       help="comma-separated parts: zero-shot and any of " + ", ".join(TRAINABLE)
            + " (default zero-shot,prompt-tuning,lopa)")
-    a("--model", default=None, help="base causal LM (default smollm2-135m; --quick: tiny-random-llama)")
-    a("--encoder", default=None, help="instance encoder of idpg/lopa (default minilm-l6; --quick: tiny-random-bert)")
-    a("--steps", type=int, default=None, help="training steps of every trained method: the shared budget "
-                                              "(default 200; --quick: 2)")
+    p.quick("--steps", 200, 2, "training steps of every trained method: the shared budget", type=int)
     a("--batch-size", type=int, default=8, help="training examples per optimiser step (default 8)")
     a("--lr", action="append", default=[], metavar="METHOD=LR",
       help="learning rate of a method, repeatable, e.g. --lr prompt-tuning=1e-2 (default: lopa train's "
@@ -94,16 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--evals", type=int, default=4,
       help="dev evaluations (target-token loss) per training run, evenly spaced; the best one's "
            "checkpoint is scored on the test split (default 4)")
-    a("--dev-limit", type=int, default=None,
-      help="dev items per evaluation; the dev split is a seeded tenth of train (40 for CRUXEval) "
-           "(default: all; --quick: 8)")
-    a("--limit", type=int, default=None, help="score the first N test problems (default: all 400; --quick: 4)")
-    a("--max-new-tokens", type=int, default=None,
-      help="tokens generated at most per problem (default 64, above every CRUXEval-O answer with the "
-           "SmolLM2 tokenizer; --quick: 8)")
+    p.quick("--dev-limit", None, 8, "dev items per evaluation; the dev split is a seeded tenth of train (40 for "
+                                    "CRUXEval)", type=int, shown="all")
+    p.quick("--limit", None, 4, "score the first N test problems", type=int, shown="all 400")
+    p.quick("--max-new-tokens", 64, 8, "tokens generated at most per problem", type=int,
+            shown="64, above every CRUXEval-O answer with the SmolLM2 tokenizer")
     a("--eval-batch-size", type=int, default=8, help="problems decoded together (default 8)")
     a("--timeout", type=float, default=10.0, help="sandbox wall-clock limit per program, seconds (default 10)")
-    a("--m", type=int, default=10, help="soft prompt length m of every soft-prompt method (default 10)")
+    p.quick("--m", 10, 4, "soft prompt length m of every soft-prompt method", type=int)
     a("--rank", type=int, default=4, help="r of lopt-1, lopt-2 and lopa (default 4)")
     a("--hidden", type=int, default=256, help="h, width of the idpg/lopa heads (default 256)")
     a("--lora-r", type=int, default=8, help="LoRA rank, if lora is among --methods (default 8)")
@@ -120,47 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
-    args = p.parse_args(argv)
-    quick = args.quick
-    defaults = dict(model="tiny-random-llama" if quick else "smollm2-135m",
-                    encoder="tiny-random-bert" if quick else "minilm-l6", steps=2 if quick else 200,
-                    dev_limit=8 if quick else None, limit=4 if quick else None,
-                    max_new_tokens=8 if quick else 64)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if quick and args.m == 10:
-        args.m = 4
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="lopa-code-quick-") if quick else "results/code"
-    if args.doc is None:
-        args.doc = str(Path(args.out) / "results.md") if quick else "docs/results.md"
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args = p.parse(argv)
+    args.methods = split_list(args.methods)
     for m in args.methods:
         if m != "zero-shot" and m not in TRAINABLE:
             p.error(f"--methods: unknown {m!r}; choose from zero-shot, {', '.join(TRAINABLE)}")
     if not args.methods:
         p.error("--methods names nothing")
-    for name in ("steps", "batch_size", "evals", "max_new_tokens", "eval_batch_size", "m", "rank", "hidden",
-                 "lora_r"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("dev_limit", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(p, args, ("steps", "batch_size", "evals", "max_new_tokens", "eval_batch_size", "m", "rank",
+                               "hidden", "lora_r"))
+    require_positive(p, args, ("dev_limit", "limit"), optional=True)
     if not 0 <= args.warmup < 1 or args.timeout <= 0 or args.threads < 0:
         p.error("--warmup must be in [0, 1), --timeout > 0, --threads >= 0")
-    lrs = {}
-    for item in args.lr:
-        method, _, lr = item.partition("=")
-        if method not in TRAINABLE or not lr:
-            p.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(TRAINABLE)}")
-        lrs[method] = float(lr)
-    args.lrs = lrs
-    args.argv = list(argv)
-    return args
+    args.lrs = parse_assignments(p, "--lr", args.lr, TRAINABLE)
+    return p.finish(args, writes=[OUTPUT])
 
 
 # --------------------------------------------------------------------------- parts and their settings
@@ -186,33 +149,6 @@ def part_settings(cfg: argparse.Namespace, method: str) -> dict[str, Any]:
     if method != "zero-shot":
         s["train"] = train_settings(cfg, method)
     return s
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-class Summary:
-    """``summary.json``: finished parts keyed by method, rewritten atomically after each one."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        self.data.setdefault("parts", {})
-
-    @property
-    def parts(self) -> dict[str, dict[str, Any]]:
-        return self.data["parts"]
-
-    def done(self, method: str, h: str) -> bool:
-        part = self.parts.get(method)
-        return part is not None and part.get("hash") == h
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(tmp, self.path)
 
 
 # --------------------------------------------------------------------------- running
@@ -258,20 +194,13 @@ def run_zero_shot(cfg: argparse.Namespace) -> dict[str, Any]:
 def run_trained(cfg: argparse.Namespace, method: str, h: str) -> dict[str, Any]:
     from lopa.evaluate import load_run_model
     from lopa.models import load_base
-    from lopa.train import TrainArgs, train
     out = Path(cfg.out) / "runs" / f"{method}-{h}"
-    kw = dict(train_settings(cfg, method), out=str(out), progress=False, zero_shot=False,
+    kw = dict(train_settings(cfg, method), progress=False, zero_shot=False,
               test_limit=1)  # train() scores its test split; one item keeps that cheap, we score below
-    if (out / "results.json").exists():
-        res = json.loads((out / "results.json").read_text())  # trained earlier, not yet scored
-        print(f"  {method}: training already finished in {out}", flush=True)
-    else:
-        if (out / "run_config.json").exists():
-            kw["resume"] = True
-            print(f"  {method}: resuming training in {out}", flush=True)
-        elif out.exists():
-            kw["overwrite"] = True
-        res = train(TrainArgs(**kw))
+    if (out / "run_config.json").exists():
+        print(f"  {method}: " + ("training already finished" if (out / "results.json").exists() else
+                                 "resuming training") + f" in {out}", flush=True)
+    res, _ = train_or_resume(kw, out)
     if not cfg.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     base, tok = load_base(cfg.model)  # fresh: LoRA would wrap a shared base in place
@@ -300,26 +229,6 @@ def estimate(cfg: argparse.Namespace, method: str) -> float:
 
 
 # --------------------------------------------------------------------------- report
-
-def machine() -> dict[str, Any]:
-    import torch
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
-
 
 def per_problem(out: Path, part: dict[str, Any]) -> dict[str, float] | None:
     """A part's per-problem pass rate by problem id, from its METHOD-test.jsonl (None if it is gone)."""
@@ -350,13 +259,7 @@ def verdicts(parts: dict[str, dict[str, Any]], out: Path | None = None) -> list[
                     else "no difference claimed")
             res.append(f"- {LABELS[a]} − {LABELS[b]}: {diff:+.1f} points ({ci}); {text}.")
             continue
-        (alo, ahi), (blo, bhi) = pa["ci95"], pb["ci95"]
-        if alo > bhi:
-            text = f"{LABELS[a]} > {LABELS[b]}"
-        elif blo > ahi:
-            text = f"{LABELS[b]} > {LABELS[a]}"
-        else:
-            text = "intervals overlap: no difference claimed"
+        text = interval_verdict(LABELS[a], pa["ci95"], LABELS[b], pb["ci95"])
         res.append(f"- {LABELS[a]} − {LABELS[b]}: {diff:+.1f} points; {text}.")
     return res
 
@@ -386,7 +289,7 @@ def render(summary: dict[str, Any]) -> str:
             continue
         lo, hi = p["ci95"]
         train_s = f"{p['train_s']:.0f}" if p.get("train_s") is not None else "—"
-        L.append(f"| {LABELS[m]} | {p['trainable_params']:,} | {_pct(p['pass@1'])} | {_pct(lo)}–{_pct(hi)} | "
+        L.append(f"| {LABELS[m]} | {p['trainable_params']:,} | {pct(p['pass@1'])} | {pct(lo)}–{pct(hi)} | "
                  f"{p['passed']} / {p['n']} | {p['generate_s_per_problem']:.2f} | {p['sandbox_s_per_problem']:.2f} | "
                  f"{train_s} | {paper} |")
     L.append("")
@@ -412,81 +315,88 @@ def render(summary: dict[str, Any]) -> str:
              f"SmolLM2-135M) trained for longer; ours come from `{st['model']}` on a CPU budget, so compare the "
              f"ordering of the methods, not the levels. The Wilson interval covers test-set sampling only "
              f"(one seed).")
-    L.append("")
-    L.append(MARK_END)
-    return "\n".join(L) + "\n"
+    return "\n".join(L + ["", MARK_END]) + "\n"
 
 
 # --------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    prepare_benchmark(cfg.threads)
+def print_plan(cfg: argparse.Namespace, todo: list[str], est: dict[str, float]) -> None:
     import torch
-    started = time.time()
-    out = Path(cfg.out)
-    summary = Summary(out / "summary.json")
-    hashes = {m: settings_hash(part_settings(cfg, m)) for m in cfg.methods}
-    todo = [m for m in cfg.methods if not summary.done(m, hashes[m])]
-    est = {m: estimate(cfg, m) for m in todo}
     print(f"code benchmark: {cfg.task}, base {cfg.model}, {cfg.steps} steps per trained method, "
           f"{cfg.limit or 'all'} test problems, greedy, max {cfg.max_new_tokens} new tokens, {cfg.precision}, "
-          f"{torch.get_num_threads()} torch threads; out {out}")
+          f"{torch.get_num_threads()} torch threads; out {Path(cfg.out)}")
     for m in cfg.methods:
         state = f"to do, est {est[m] / 60:.1f} min" if m in todo else "done (recorded in summary.json)"
         print(f"  {m:<14} {state}")
     print(f"estimated: {sum(est.values()) / 60:.0f} min", flush=True)
-    if cfg.plan:
-        return 0
 
+
+def run_parts(cfg: argparse.Namespace, summary: ResultStore, todo: list[str], hashes: dict[str, str]) -> list[str]:
+    """Run and record every part still to do, one at a time; the parts that failed."""
     failed = []
-    if not cfg.report_only:
-        if todo:  # the machine that ran (the last of) the parts
-            summary.data["machine"] = machine()
-        for m in todo:
-            print(f"[{m}] starting", flush=True)
-            t0 = time.time()
-            try:
-                part = run_zero_shot(cfg) if m == "zero-shot" else run_trained(cfg, m, hashes[m])
-            except Exception:  # noqa: BLE001 - one failed part must not cost the others
-                traceback.print_exc()
-                failed.append(m)
-                print(f"FAILED {m} (rerun the command to retry it)", flush=True)
-                continue
-            finally:
-                gc.collect()
-            part.update(method=m, hash=hashes[m], settings=part_settings(cfg, m), wall_s=round(time.time() - t0, 1),
-                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            summary.parts[m] = part
-            summary.save()
-            lo, hi = part["ci95"]
-            print(f"[{m}] pass@1 {part['pass@1']:.3f} [{lo:.3f}, {hi:.3f}] ({part['passed']}/{part['n']})  "
-                  f"generate {part['generate_s_per_problem']:.2f} s/problem, sandbox "
-                  f"{part['sandbox_s_per_problem']:.2f} s/problem  ({part['wall_s']:.0f} s)", flush=True)
-    if not summary.parts:
-        print("nothing recorded yet: nothing to report", file=sys.stderr)
-        return 1
-    # the report covers this command's methods, finished with this command's settings
-    current = {m: summary.parts[m] for m in cfg.methods if summary.done(m, hashes[m])}
+    if todo:  # the machine that ran (the last of) the parts
+        summary.data["machine"] = machine()
+    for m in todo:
+        print(f"[{m}] starting", flush=True)
+        t0 = time.time()
+        try:
+            part = run_zero_shot(cfg) if m == "zero-shot" else run_trained(cfg, m, hashes[m])
+        except Exception:  # noqa: BLE001 - one failed part must not cost the others
+            traceback.print_exc()
+            failed.append(m)
+            print(f"FAILED {m} (rerun the command to retry it)", flush=True)
+            continue
+        finally:
+            gc.collect()
+        part.update(method=m, hash=hashes[m], settings=part_settings(cfg, m), wall_s=round(time.time() - t0, 1),
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        summary.add(m, part)
+        lo, hi = part["ci95"]
+        print(f"[{m}] pass@1 {part['pass@1']:.3f} [{lo:.3f}, {hi:.3f}] ({part['passed']}/{part['n']})  "
+              f"generate {part['generate_s_per_problem']:.2f} s/problem, sandbox "
+              f"{part['sandbox_s_per_problem']:.2f} s/problem  ({part['wall_s']:.0f} s)", flush=True)
+    return failed
+
+
+def record_settings(cfg: argparse.Namespace, summary: ResultStore, current: dict[str, Any], started: float) -> None:
+    """The command, settings, wall time and paper figures the report is written from, saved with the parts."""
     n_test = next(iter(current.values()))["n"] if current else (cfg.limit or 0)
     # --report-only keeps the command that ran the parts (minus the flag), not its own
-    argv = [a for a in cfg.argv if a != "--report-only"]
     summary.data.update(
-        benchmark="code", command="lopa bench code" + ("" if not argv else " " + shlex.join(argv)),
+        benchmark="code", command=command_line("code", cfg.argv, drop=["--report-only"]),
         settings=dict(task=cfg.task, model=cfg.model, encoder=cfg.encoder, methods=cfg.methods, steps=cfg.steps,
                       batch_size=cfg.batch_size, warmup=cfg.warmup, evals=cfg.evals, dev_limit=cfg.dev_limit,
                       limit=cfg.limit, n_test=n_test, max_new_tokens=cfg.max_new_tokens,
                       eval_batch_size=cfg.eval_batch_size, timeout=cfg.timeout, m=cfg.m, rank=cfg.rank,
                       hidden=cfg.hidden, lora_r=cfg.lora_r, precision=cfg.precision, threads=cfg.threads,
-                      seed=cfg.seed, lrs=cfg.lrs, quick=cfg.quick, out=str(out)),
+                      seed=cfg.seed, lrs=cfg.lrs, quick=cfg.quick, out=str(Path(cfg.out))),
         wall_s={"this_invocation": round(time.time() - started, 1),
                 "all_parts": round(sum(p["wall_s"] for p in current.values()), 1)},
         paper={"model": PAPER_MODEL, "pass@1_percent": PAPER})
     summary.data.setdefault("machine", machine())
     summary.save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    prepare_benchmark(cfg.threads)
+    started = time.time()
+    summary = ResultStore(Path(cfg.out) / OUTPUT, "parts")
+    hashes = {m: settings_hash(part_settings(cfg, m)) for m in cfg.methods}
+    todo = [m for m in cfg.methods if not summary.done(m, hashes[m])]
+    print_plan(cfg, todo, {m: estimate(cfg, m) for m in todo})
+    if cfg.plan:
+        return 0
+    failed = [] if cfg.report_only else run_parts(cfg, summary, todo, hashes)
+    if not summary.entries:
+        print("nothing recorded yet: nothing to report", file=sys.stderr)
+        return 1
+    # the report covers this command's methods, finished with this command's settings
+    current = {m: summary.entries[m] for m in cfg.methods if summary.done(m, hashes[m])}
+    record_settings(cfg, summary, current, started)
     if current:
         write_section(Path(cfg.doc), render({**summary.data, "parts": current}), MARK_START, MARK_END)
-        print(f"wrote {out / 'summary.json'} and the {MARK_START} section of {cfg.doc} "
+        print(f"wrote {summary.path} and the {MARK_START} section of {cfg.doc} "
               f"({(time.time() - started) / 60:.1f} min this invocation)", flush=True)
     if failed:
         print(f"{len(failed)} parts failed: {', '.join(failed)}", file=sys.stderr)

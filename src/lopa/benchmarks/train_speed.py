@@ -1,4 +1,4 @@
-"""Training-step speed (issue 3): lopa's prompt tuning against PEFT's, and LoPA, side by side.
+"""Training-step speed: lopa's prompt tuning against PEFT's, and LoPA, side by side.
 
 One timed step is everything from a batch's texts to updated weights: tokenisation, forward,
 backward and the AdamW step, on the same frozen model, the same fixed batches (so the same shapes
@@ -30,6 +30,8 @@ time (each shape separately) and averages the per-batch ratios geometrically; ``
 ``per_batch`` on process CPU time, which other processes cannot inflate when ``--threads 1``. On a machine shared with other jobs use ``--threads 1``: with more threads than free
 cores, every parallel region waits for a descheduled thread and steps take 5-20x longer.
 
+Output: ``OUT/train_speed.json`` (``--out``, default ``results``; ``--quick``: a temporary folder).
+
 Example::
 
     $ lopa bench train-speed --precision both          # smollm2-135m, batch 8, rotten-tomatoes
@@ -41,10 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -54,7 +53,11 @@ from typing import Any, Callable
 
 import torch
 
-TARGETS = {  # ratio name -> (comparison, bound): issue 3's goals
+from lopa.benchmarks.common import BenchmarkParser, machine, require_positive, write_json
+
+OUTPUT = "train_speed.json"
+
+TARGETS = {  # ratio name -> (comparison, bound): the goals these ratios are held to
     "peft_over_lopa_pt/fp32": (">=", 1.3),
     "peft_fp32_over_lopa_pt_bf16": (">=", 1.8),
     "lopa_over_lopa_pt/fp32": ("<=", 1.1),
@@ -62,52 +65,47 @@ TARGETS = {  # ratio name -> (comparison, bound): issue 3's goals
 }
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="lopa bench train-speed",
-        description="Time one training step (tokenise + forward + backward + AdamW) of lopa's prompt tuning, "
-                    "PEFT's prompt tuning and LoPA on the same model and fixed batches, interleaved, and print "
-                    "the step-time ratios. Writes a JSON file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="base causal LM: short name, hub id or local path")
-    p.add_argument("--encoder", default="minilm-l6", help="LoPA's frozen instance encoder")
-    p.add_argument("--task", default="rotten-tomatoes", help="classification task whose train prompts form the batches")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    p.add_argument("--num-batches", type=int, default=3,
-                   help="distinct fixed batches (drawn with --seed); every contender steps on each of them")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed passes over all batches per contender before timing (first calls set kernels up)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed passes over all batches; each column is the median of repeats × num-batches steps")
-    p.add_argument("--num-virtual-tokens", type=int, default=10, help="m, the soft prompt length, for every method")
-    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32",
-                   help="fp32, bf16 autocast (PEFT then also runs in fp32 as the baseline), or both in one run")
-    p.add_argument("--pad-to-multiple", type=int, default=None,
-                   help="round lengths up to a multiple of N to limit the number of distinct shapes (lopa: the total length, "
-                        "prefix.assemble's pad_to_multiple; PEFT: the token part, the tokenizer's pad_to_multiple_of)")
-    p.add_argument("--probe-shapes", type=int, default=0,
-                   help="after timing, step lopa-pt twice on each of N unseen batches (new lengths) per precision: "
-                        "the first-call cost of a new shape is the first step minus the second")
-    p.add_argument("--no-reencode", action="store_true", help="skip lopa-reencode (the encoder-every-step column)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's own, one per core); 1 is steadier on a busy machine")
-    p.add_argument("--seed", type=int, default=0, help="seeds batch choice and initialisation")
-    p.add_argument("--out", default="results/train_speed.json", help="where to write the JSON results")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: defaults become tiny-random-llama, tiny-random-bert, batch size 4, 2 batches, "
-                        "1 warm-up pass, 2 repeats (options given explicitly still win)")
-    if p.parse_known_args(argv)[0].quick:  # new defaults: options given explicitly still win
-        p.set_defaults(model="tiny-random-llama", encoder="tiny-random-bert", batch_size=4, num_batches=2, warmup=1,
-                       repeats=2)
-    args = p.parse_args(argv)
-    for name in ("batch_size", "num_batches", "repeats", "num_virtual_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+QUICK = "tiny-random-llama, tiny-random-bert, batch size 4, 2 batches, 1 warm-up pass, 2 repeats"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = BenchmarkParser(
+        "train-speed",
+        "Time one training step (tokenise + forward + backward + AdamW) of lopa's prompt tuning, PEFT's prompt "
+        "tuning and LoPA on the same model and fixed batches, interleaved, and print the step-time ratios. "
+        "Writes OUT/train_speed.json.",
+        "lopa bench train-speed --precision both   (--quick for a smoke run on tiny models)")
+    a = p.add_argument
+    p.add_outputs("results", OUTPUT, quick_help=QUICK, doc=False)
+    p.add_models()
+    a("--task", default="rotten-tomatoes", help="classification task whose train prompts form the batches "
+                                                 "(default rotten-tomatoes)")
+    p.quick("--batch-size", 8, 4, "examples per step", type=int)
+    p.quick("--num-batches", 3, 2, "distinct fixed batches (drawn with --seed); every contender steps on each of "
+                                   "them", type=int)
+    p.quick("--warmup", 2, 1, "untimed passes over all batches per contender before timing (first calls set "
+                              "kernels up)", type=int)
+    p.quick("--repeats", 5, 2, "timed passes over all batches; each column is the median of repeats × num-batches "
+                               "steps", type=int)
+    a("--num-virtual-tokens", type=int, default=10, help="m, the soft prompt length, for every method (default 10)")
+    a("--precision", choices=["fp32", "bf16", "both"], default="fp32",
+      help="fp32, bf16 autocast (PEFT then also runs in fp32 as the baseline), or both in one run (default fp32)")
+    a("--pad-to-multiple", type=int,
+      help="round lengths up to a multiple of N to limit the number of distinct shapes (lopa: the total length, "
+           "prefix.assemble's pad_to_multiple; PEFT: the token part, the tokenizer's pad_to_multiple_of)")
+    a("--probe-shapes", type=int, default=0,
+      help="after timing, step lopa-pt twice on each of N unseen batches (new lengths) per precision: "
+           "the first-call cost of a new shape is the first step minus the second (default 0)")
+    a("--no-reencode", action="store_true", help="skip lopa-reencode (the encoder-every-step column)")
+    a("--threads", type=int,
+      help="torch intra-op threads (default: torch's own, one per core); 1 is steadier on a busy machine")
+    a("--seed", type=int, default=0, help="seeds batch choice and initialisation (default 0)")
+    args = p.parse(argv)
+    require_positive(p, args, ("batch_size", "num_batches", "repeats", "num_virtual_tokens"))
+    require_positive(p, args, ["pad_to_multiple"], optional=True)
     if args.warmup < 0 or args.probe_shapes < 0:
         p.error("--warmup and --probe-shapes must be >= 0")
-    if args.pad_to_multiple is not None and args.pad_to_multiple < 1:
-        p.error("--pad-to-multiple must be at least 1")
-    return args
+    return p.finish(args, writes=[OUTPUT])
 
 
 # -- the contenders: each is a callable (texts, answer token ids) -> loss that does a whole step ----------
@@ -253,76 +251,50 @@ def _ratio(wall: dict[str, list[float]], cpu: dict[str, list[float]], num: str, 
             "cpu_value": _per_batch_ratio(cpu[num], cpu[den], nb)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def pick_batches(task: Any, tok: Any, args: argparse.Namespace) -> tuple[list, list]:
+    """Seeded fixed batches of (prompts, answer token ids) from the task's train split: the timed ones and
+    the ``--probe-shapes`` ones."""
     from lopa import prefix
-    from lopa.tasks import get_task
-
-    task = get_task(args.task)
-    if task.kind != "classification":
-        raise SystemExit(f"train-speed times classification steps; {args.task!r} is a {task.kind} task")
-    steps, info, tok = build(args)
     answer_ids = prefix.label_token_ids(tok, task.label_words)
     train = list(task.split("train"))
-    rng = random.Random(args.seed)
     nb = args.num_batches
-    picked = rng.sample(range(len(train)), (nb + args.probe_shapes) * args.batch_size)
+    picked = random.Random(args.seed).sample(range(len(train)), (nb + args.probe_shapes) * args.batch_size)
     rows = [train[i] for i in picked]
     batches = [rows[i * args.batch_size:(i + 1) * args.batch_size] for i in range(nb + args.probe_shapes)]
     batches = [([e.prompt for e in b], [answer_ids[e.label] for e in b]) for b in batches]
-    timed_batches, probe_batches = batches[:nb], batches[nb:]
+    return batches[:nb], batches[nb:]
 
-    encoder = info["lopa"]["encoder"]
-    encoder.encode(sorted({t for texts, _ in batches for t in texts}))  # once, as lopa train does
-    hits0, encoded0 = encoder.stats["hits"], encoder.stats["encoded"]
 
-    cols = contenders(args.precision, not args.no_reencode)
+def time_steps(steps: dict[str, Callable], cols: list[tuple[str, str]], batches: list,
+               args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Step every contender on every batch, interleaved, ``warmup`` untimed passes then ``repeats`` timed
+    ones; per key (``METHOD/PRECISION``): warm-up, wall and CPU seconds, and the losses."""
     keys = [f"{m}/{p}" for m, p in cols]
-    warmup: dict[str, list[float]] = {k: [] for k in keys}
-    wall: dict[str, list[float]] = {k: [] for k in keys}
-    cpu: dict[str, list[float]] = {k: [] for k in keys}
-    losses: dict[str, list[float]] = {k: [] for k in keys}
+    times: dict[str, dict[str, list[float]]] = {w: {k: [] for k in keys} for w in ("warmup", "wall", "cpu", "loss")}
+    nb = len(batches)
     total = (args.warmup + args.repeats) * nb
-    t_start = time.time()
     # every key's timed steps are stored in the same (repetition, batch) order: entry i is batch i % nb,
     # and the paired ratios compare steps run back to back on the same batch
     for r in range(args.warmup + args.repeats):
-        for b, (texts, answers) in enumerate(timed_batches):
+        warm = r < args.warmup
+        for b, (texts, answers) in enumerate(batches):
             k = (r * nb + b) % len(cols)  # rotate who goes first
             for (method, precision), key in zip(cols[k:] + cols[:k], keys[k:] + keys[:k]):
                 out: list[float] = []
                 w, c = _timed(lambda: out.append(steps[method](texts, answers, precision)))
-                if r < args.warmup:
-                    warmup[key].append(w)
-                else:
-                    wall[key].append(w)
-                    cpu[key].append(c)
-                losses[key].append(out[0])
-            last = warmup if r < args.warmup else wall
-            print(f"  [{r * nb + b + 1}/{total}] {'warm-up' if r < args.warmup else 'timed'} pass {r + 1}, "
-                  f"batch {b + 1}: " + "  ".join(f"{key} {last[key][-1]:.3f}s" for key in keys),
-                  file=sys.stderr, flush=True)
+                times["warmup" if warm else "wall"][key].append(w)
+                if not warm:
+                    times["cpu"][key].append(c)
+                times["loss"][key].append(out[0])
+            last = times["warmup" if warm else "wall"]
+            print(f"  [{r * nb + b + 1}/{total}] {'warm-up' if warm else 'timed'} pass {r + 1}, batch {b + 1}: "
+                  + "  ".join(f"{key} {last[key][-1]:.3f}s" for key in keys), file=sys.stderr, flush=True)
+    return times
 
-    lens = [lengths(tok, texts, args) for texts, _ in timed_batches]
-    result: dict[str, Any] = {
-        "benchmark": "train_speed",
-        "settings": {**vars(args), "threads_used": torch.get_num_threads()},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "processor": platform.processor() or None,
-                        "cpu_count": os.cpu_count(),
-                        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()},
-        "step": "tokenise + forward + backward + AdamW step, from a batch's texts",
-        "batches": [{"batch_size": len(texts), **l} for (texts, _), l in zip(timed_batches, lens)],
-        "contenders": {},
-        "ratios": {},
-        "encoder": {},
-        "wall_s": round(time.time() - t_start, 1),
-    }
-    for (method, precision), key in zip(cols, keys):
-        result["contenders"][key] = {
-            "method": method, "precision": precision, "trainable_params": info[method]["trainable_params"],
-            **_stats(wall[key]), "cpu_median_s": statistics.median(cpu[key]),
-            "batch_median_s": [statistics.median(wall[key][i::nb]) for i in range(nb)],
-            "times_s": wall[key], "cpu_times_s": cpu[key], "warmup_s": warmup[key], "first_loss": losses[key][0]}
+
+def ratios(wall: dict[str, list[float]], cpu: dict[str, list[float]], nb: int) -> dict[str, Any]:
+    """Every ratio whose two columns ran, with its target where it has one."""
+    out: dict[str, Any] = {}
 
     def add(name: str, num: str, den: str, what: str) -> None:
         if num in wall and den in wall:
@@ -332,7 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 op, bound = TARGETS[name]
                 r["target"] = f"{op} {bound}"
                 r["meets_target"] = r["value"] >= bound if op == ">=" else r["value"] <= bound
-            result["ratios"][name] = r
+            out[name] = r
 
     for p in ("fp32", "bf16"):
         add(f"peft_over_lopa_pt/{p}", f"peft-pt/{p}", f"lopa-pt/{p}",
@@ -343,22 +315,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"LoPA encoding every step / LoPA with cached features, both {p}")
     add("peft_fp32_over_lopa_pt_bf16", "peft-pt/fp32", "lopa-pt/bf16",
         "PEFT prompt tuning in fp32 / lopa prompt tuning in bf16 autocast: mixed precisions")
+    return out
 
-    steps_timed = sum(len(wall[k]) + len(warmup[k]) for k in keys if k.startswith("lopa/"))
-    result["encoder"] = {
+
+def encoder_report(info: dict[str, Any], times: dict[str, dict[str, list[float]]],
+                   before: tuple[int, int]) -> dict[str, Any]:
+    """What LoPA's encoder did while timed (cache hits only, if the one-off encoding covered every text),
+    and what re-encoding at every step cost."""
+    encoder, wall = info["lopa"]["encoder"], times["wall"]
+    steps_timed = sum(len(wall[k]) + len(times["warmup"][k]) for k in wall if k.startswith("lopa/"))
+    report: dict[str, Any] = {
         "name": encoder.name,
-        "cached_run": {"steps": steps_timed, "hits": encoder.stats["hits"] - hits0,
-                       "encoded": encoder.stats["encoded"] - encoded0,
+        "cached_run": {"steps": steps_timed, "hits": encoder.stats["hits"] - before[0],
+                       "encoded": encoder.stats["encoded"] - before[1],
                        "note": "lopa's steps after the one-off encoding: every feature came from the cache"},
     }
     if "lopa-reencode" in info:
         for p, enc_t in info["lopa-reencode"]["encode_times"].items():
             if enc_t:
-                result["encoder"][f"encode_batch_median_s/{p}"] = statistics.median(enc_t)
+                report[f"encode_batch_median_s/{p}"] = statistics.median(enc_t)
         for p in ("fp32", "bf16"):
             if f"lopa/{p}" in wall and f"lopa-reencode/{p}" in wall:
-                result["encoder"][f"reencode_extra_s/{p}"] = (statistics.median(wall[f"lopa-reencode/{p}"])
-                                                             - statistics.median(wall[f"lopa/{p}"]))
+                report[f"reencode_extra_s/{p}"] = (statistics.median(wall[f"lopa-reencode/{p}"])
+                                                  - statistics.median(wall[f"lopa/{p}"]))
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lopa.tasks import get_task
+
+    task = get_task(args.task)
+    if task.kind != "classification":
+        raise SystemExit(f"train-speed times classification steps; {args.task!r} is a {task.kind} task")
+    steps, info, tok = build(args)
+    timed_batches, probe_batches = pick_batches(task, tok, args)
+    encoder = info["lopa"]["encoder"]
+    # every text encoded once before timing, as lopa train does
+    encoder.encode(sorted({t for texts, _ in timed_batches + probe_batches for t in texts}))
+    before = (encoder.stats["hits"], encoder.stats["encoded"])
+
+    cols = contenders(args.precision, not args.no_reencode)
+    t_start = time.time()
+    times = time_steps(steps, cols, timed_batches, args)
+    wall, cpu, nb = times["wall"], times["cpu"], len(timed_batches)
+    lens = [lengths(tok, texts, args) for texts, _ in timed_batches]
+    result: dict[str, Any] = {
+        "benchmark": "train_speed",
+        "settings": {**vars(args), "threads_used": torch.get_num_threads()},
+        "environment": {**machine(),
+                        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()},
+        "step": "tokenise + forward + backward + AdamW step, from a batch's texts",
+        "batches": [{"batch_size": len(texts), **l} for (texts, _), l in zip(timed_batches, lens)],
+        "contenders": {},
+        "ratios": ratios(wall, cpu, nb),
+        "encoder": encoder_report(info, times, before),
+        "wall_s": round(time.time() - t_start, 1),
+    }
+    for method, precision in cols:
+        key = f"{method}/{precision}"
+        result["contenders"][key] = {
+            "method": method, "precision": precision, "trainable_params": info[method]["trainable_params"],
+            **_stats(wall[key]), "cpu_median_s": statistics.median(cpu[key]),
+            "batch_median_s": [statistics.median(wall[key][i::nb]) for i in range(nb)],
+            "times_s": wall[key], "cpu_times_s": cpu[key], "warmup_s": times["warmup"][key],
+            "first_loss": times["loss"][key][0]}
     if probe_batches:
         result["shape_probe"] = probe(steps["lopa-pt"], probe_batches, tok, args, timed_batches)
     return result
@@ -420,7 +440,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -428,9 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
     finally:  # main may run inside a longer process (lopa bench, tests)
         torch.set_num_threads(threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out) / OUTPUT
+    write_json(out, result)
     print(table(result))
     print(f"wrote {out}")
     return 0
