@@ -35,7 +35,7 @@ from typing import Any
 
 from lopa.benchmarks.common import (BenchmarkParser, ResultStore, command_line, interval_verdict, machine,
                                     parse_assignments, pct, prepare_benchmark, require_positive, settings_hash,
-                                    split_list, train_or_resume, write_section)
+                                    method_settings, split_list, train_or_resume, write_section)
 
 MARK_START, MARK_END = "<!-- code:start -->", "<!-- code:end -->"
 TRAINABLE = ("prompt-tuning", "lopt-1", "lopt-2", "idpg", "lopa", "lora", "full")
@@ -136,12 +136,13 @@ def eval_settings(cfg: argparse.Namespace) -> dict[str, Any]:
 
 def train_settings(cfg: argparse.Namespace, method: str) -> dict[str, Any]:
     """Every lopa train setting the benchmark fixes (TrainArgs fields), so the hash covers them."""
-    return dict(method=method, task=cfg.task, model=cfg.model, encoder=cfg.encoder, data_dir=cfg.data_dir,
+    return dict(method=method, task=cfg.task, model=cfg.model, data_dir=cfg.data_dir,
                 max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1, lr=cfg.lrs.get(method),
                 weight_decay=0.0, warmup_steps=int(round(cfg.warmup * cfg.steps)), schedule="linear",
                 eval_every=max(1, math.ceil(cfg.steps / cfg.evals)), eval_limit=cfg.dev_limit,
-                seed=cfg.seed, precision=cfg.precision, num_virtual_tokens=cfg.m, rank=cfg.rank,
-                hidden_size=cfg.hidden, combine="gate", init="vocab", dropout=0.1, lora_r=cfg.lora_r)
+                seed=cfg.seed, precision=cfg.precision,
+                **method_settings(method, encoder=cfg.encoder, num_virtual_tokens=cfg.m, rank=cfg.rank,
+                                  hidden_size=cfg.hidden, combine="gate", init="vocab", dropout=0.1, r=cfg.lora_r))
 
 
 def part_settings(cfg: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -188,15 +189,14 @@ def run_zero_shot(cfg: argparse.Namespace) -> dict[str, Any]:
     from lopa.baselines import BaselineModel
     from lopa.models import load_base
     base, tok = load_base(cfg.model)
-    return {"trainable_params": 0, **decode_and_run(cfg, BaselineModel(base, tok, "zero-shot"), "zero-shot")}
+    return {"trainable_params": 0, **decode_and_run(cfg, BaselineModel(base, tok), "zero-shot")}
 
 
 def run_trained(cfg: argparse.Namespace, method: str, h: str) -> dict[str, Any]:
     from lopa.evaluate import load_run_model
     from lopa.models import load_base
     out = Path(cfg.out) / "runs" / f"{method}-{h}"
-    kw = dict(train_settings(cfg, method), progress=False, zero_shot=False,
-              test_limit=1)  # train() scores its test split; one item keeps that cheap, we score below
+    kw = dict(train_settings(cfg, method), progress=False, zero_shot=False, test=False)  # scored below
     if (out / "run_config.json").exists():
         print(f"  {method}: " + ("training already finished" if (out / "results.json").exists() else
                                  "resuming training") + f" in {out}", flush=True)
@@ -213,8 +213,8 @@ def run_trained(cfg: argparse.Namespace, method: str, h: str) -> dict[str, Any]:
 
 
 def default_lr(method: str) -> float:
-    from lopa.train import DEFAULT_LR
-    return DEFAULT_LR[method]
+    from lopa.methods import get_method
+    return get_method(method)[0].default_lr
 
 
 def estimate(cfg: argparse.Namespace, method: str) -> float:

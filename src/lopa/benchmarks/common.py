@@ -432,7 +432,20 @@ def train_or_resume(settings: dict[str, Any], out: Path) -> tuple[dict[str, Any]
         kw["resume"], state = True, "resumed"
     elif out.exists():
         kw["overwrite"] = True
-    return train(TrainArgs(**kw)), state
+    return train(TrainArgs.from_flat(**kw)), state
+
+
+def method_settings(method: str, **candidates: Any) -> dict[str, Any]:
+    """The ``candidates`` that ``method``'s config has as fields (a benchmark sets m, r, h, ... once for
+    every method; each method takes the ones it knows).
+
+    >>> method_settings("prompt-tuning", num_virtual_tokens=10, rank=4)
+    {'num_virtual_tokens': 10}
+    """
+    import dataclasses
+    from lopa.methods import get_method
+    fields = {f.name for f in dataclasses.fields(get_method(method)[0])}
+    return {k: v for k, v in candidates.items() if k in fields}
 
 
 def write_section(path: Path, section: str, start: str, end: str) -> None:
