@@ -211,11 +211,12 @@ def _check_task(task: Any, path: Path) -> None:
         raise ArtifactError(f"{path}: field 'task' must be an object, not {type(task).__name__}")
     for key, value in task.items():
         where = f"{path}: field 'task.{key}'"
-        if key == "label_words":
+        if key == "label_words" or isinstance(value, list):  # label words, stop sequences, ...
             if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
                 raise ArtifactError(f"{where} must be a list of strings, not {value!r:.100}")
         elif value is not None and not isinstance(value, (str, int, float)):
-            raise ArtifactError(f"{where} must be a string or a number, not {type(value).__name__}")
+            raise ArtifactError(f"{where} must be a string, a number or a list of strings, "
+                                f"not {type(value).__name__}")
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
                 try:

@@ -31,6 +31,7 @@ from lopa.benchmarks.common import (BenchmarkParser, machine, method_settings, p
                                     require_positive, write_section)
 
 MARK_START, MARK_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+SUMMARY = "summary.json"  # in OUT: every row's figures, the LR choice and the paired differences
 
 # The LoPA paper's Table 1 (RoBERTa-large, GLUE dev accuracy; MRPC as the paper reports it).
 PAPER = {"prompt-tuning": {"sst2": 84.4, "mrpc": 72.4}, "idpg": {"sst2": 95.3, "mrpc": 78.6},
@@ -122,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.task_list, args.row_list = args.tasks.split(","), args.rows.split(",")
     args.task_steps = {t: (4 if args.quick else steps.get(t, 400)) for t in args.task_list}
     require_positive(p, args, ("seeds", "evals", "dev_limit"))
-    p.finish(args)
+    p.finish(args, writes=[SUMMARY])
     args.out, args.doc = Path(args.out), Path(args.doc)
     return args
 
@@ -394,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         for job in main_jobs(cfg, lrs):
             runner(job)
     summary = summarize(cfg, runner, lrs)
+    slim = {t: {**s, "rows": {n: {k: v for k, v in r.items() if k != "items"} for n, r in s["rows"].items()}}
+            for t, s in summary.items()}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / SUMMARY).write_text(json.dumps({"learning_rates": lr_table, "chosen": lrs, "tasks": slim}) + "\n")
     docs = cfg.doc.parent
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "accuracy.json").write_text(json.dumps(accuracy_json(summary), indent=2) + "\n")
