@@ -54,7 +54,7 @@ class Checks:
 
     def __init__(self, backend: Backend, cfg: ServeConfig, label_cache_bytes: int = LABEL_CACHE_BYTES):
         self.backend, self.cfg = backend, cfg
-        self._labels: ByteLRU[tuple[str, ...], tuple[int, ...]] = ByteLRU(label_cache_bytes, _label_set_bytes)
+        self.label_cache: ByteLRU[tuple[str, ...], tuple[int, ...]] = ByteLRU(label_cache_bytes, _label_set_bytes)
         # one thread: tokenisers are not promised to be thread-safe, and one is enough to keep the loop free
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopa-tokenize")
         # twice the exact bound: a normaliser may merge characters (NFC) before the vocabulary sees them
@@ -69,13 +69,13 @@ class Checks:
     async def label_ids(self, words: list[str]) -> list[int]:
         """The first token of each label word (400 when two words share it)."""
         key = tuple(words)
-        ids = self._labels.get(key)
+        ids = self.label_cache.get(key)
         if ids is None:
             try:
                 ids = tuple(await self._off_loop(self.backend.label_token_ids, key))
             except ValueError as e:
                 raise APIError(400, str(e), param="label_words") from None
-            self._labels.put(key, ids)
+            self.label_cache.put(key, ids)
         return list(ids)
 
     async def prompt_ids(self, text: str | None, token_ids: list[int] | None) -> list[int]:

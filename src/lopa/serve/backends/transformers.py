@@ -26,6 +26,7 @@ from ..protocol import ClassifyRow, Completion, GenerateRow, max_token_chars
 from .precision import resolve_device, resolve_dtype
 
 BATCH_INVARIANT_CHOICES = ("auto", "on", "off")
+PAD_MULTIPLE = 16  # batch-invariant rows pad to a multiple of this: fewer distinct lengths, so fuller passes
 
 
 class TransformersBackend:
@@ -36,12 +37,13 @@ class TransformersBackend:
         dtype: ``auto`` (see :func:`~lopa.serve.backends.precision.resolve_dtype`), ``float32``,
             ``bfloat16`` or ``float16``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        batch_invariant: ``on``: rows share a forward pass only with rows of the same length, so no
-            row is padded and a row's answer does not depend on its neighbours; ``off``: rows of any
-            length share one padded pass (fewer, fuller passes); ``auto``: on in bfloat16 and
-            float16, off in float32. Why: the padded pass takes another attention path (with a
-            mask) than a row alone, and in bf16 that moves log-probabilities by up to ~4e-3; in
-            float32 by under 1e-5, about what the batch size alone moves them (README, "Serving").
+        batch_invariant: ``on``: each row is padded by an amount set by its own length alone (see
+            :meth:`_length`) and shares a pass only with rows padded to the same length, so its
+            answer does not depend on its neighbours; ``off``: rows of any length share one pass,
+            each padded to the longest (fewer, fuller passes); ``auto``: on in bfloat16 and float16,
+            off in float32. Why: in bf16 the amount of padding moves log-probabilities by up to
+            ~3e-3; in float32 by under 1e-5, about what the batch size alone moves them (README,
+            "Serving").
 
     Not thread-safe: call it from one thread at a time (the batcher owns one worker thread).
     """
@@ -69,8 +71,18 @@ class TransformersBackend:
         return prefix.label_token_ids(self.tokenizer, label_words)
 
     def _length(self, token_ids: Sequence[int], soft_prompt: torch.Tensor) -> int | None:
-        """The part of a row's grouping key that keeps padding out of its pass (None: padding allowed)."""
-        return len(token_ids) + int(soft_prompt.shape[0]) if self.batch_invariant else None
+        """The padded length of a row's pass when batch-invariant (None: whatever its batch needs).
+
+        Batch-invariant, a row's padding depends on its own length alone: rounded up to the next
+        multiple of :data:`PAD_MULTIPLE`, and always at least one pad, so that every pass takes the
+        masked attention path (a row with no padding would take the unmasked one alone and the masked
+        one beside a shorter row). Rows with equal padded lengths share a pass; their answers are as
+        if each ran alone, since no reduction mixes rows.
+        """
+        if not self.batch_invariant:
+            return None
+        n = len(token_ids) + int(soft_prompt.shape[0])
+        return (n // PAD_MULTIPLE + 1) * PAD_MULTIPLE
 
     @torch.inference_mode()
     def classify(self, rows: Sequence[ClassifyRow]) -> list[list[float]]:
@@ -80,8 +92,9 @@ class TransformersBackend:
         groups: dict[tuple[int, int | None], list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault((len(r.label_ids), self._length(r.token_ids, r.soft_prompt)), []).append(i)
-        for idx in groups.values():
-            batch = prefix.assemble(self.base, [rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx])
+        for (_, padded), idx in groups.items():
+            batch = prefix.assemble(self.base, [rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx],
+                                    pad_to_multiple=padded)
             label_ids = torch.tensor([rows[i].label_ids for i in idx], dtype=torch.long)
             logp = prefix.classify(self.base, batch, label_ids).cpu().tolist()
             for i, lp in zip(idx, logp):
@@ -96,9 +109,10 @@ class TransformersBackend:
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault((*r.group_key(), self._length(r.token_ids, r.soft_prompt)), []).append(i)
-        for idx in groups.values():
+        for key, idx in groups.items():
             first = rows[idx[0]]
-            batch = prefix.assemble(self.base, [rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx])
+            batch = prefix.assemble(self.base, [rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx],
+                                    pad_to_multiple=key[-1])
             sample = first.temperature > 0
             stop = list(first.stop) or None
             ids = prefix.generate_ids(self.base, self.tokenizer, batch, max_new_tokens=first.max_new_tokens,
