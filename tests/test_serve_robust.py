@@ -249,6 +249,14 @@ def test_bf16_backend_rows_are_batch_invariant(bf16):
     assert deviation(alone, bf16.classify(rows))["max"] == 0.0
 
 
+def test_bf16_greedy_texts_are_batch_invariant(bf16):
+    from lopa.serve.protocol import GenerateRow
+    rows, _ = make_rows(bf16, 24, seed=5)
+    gen = [GenerateRow(r.token_ids, r.soft_prompt, max_new_tokens=8) for r in rows]
+    alone = [bf16.generate([g])[0] for g in gen]
+    assert bf16.generate(gen) == alone
+
+
 async def _post_all(url: str, requests: list[dict], concurrency: int) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60, limits=limits) as c:
