@@ -6,6 +6,10 @@
 Traceback (most recent call last):
 ...
 ValueError: port must be an integer in [0, 65535], got 70000
+>>> ServeConfig(batch_invariant="yes")
+Traceback (most recent call last):
+...
+ValueError: batch_invariant must be one of ['auto', 'on', 'off'], got 'yes'
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class ServeConfig:
     device: str = "auto"
     """where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     batch_invariant: str = field(default="auto", metadata={"choices": list(BATCH_INVARIANT_CHOICES)})
-    """on: a request's answer never depends on what shares its batch (rows are batched only with rows of the same length); off: pad rows of any length into one batch; auto: on in bfloat16/float16, off in float32 (README, Serving)"""
+    """on: a request's answer does not depend on what shares its batch (rows are padded by their own length and batched with rows padded alike); off: pad rows to their batch's longest (PEFT's batching); auto: on where the backend can promise it (transformers), the backend's own batching with vllm (README, Serving)"""
     backend: str = field(default="transformers", metadata={"choices": list(BACKENDS)})
     """what runs the model: transformers (in this process) or vllm (prompt_embeds into vLLM's continuous batching; pip install 'lopa[vllm]')"""
     max_batch_size: int = 32

@@ -37,13 +37,13 @@ class TransformersBackend:
         dtype: ``auto`` (see :func:`~lopa.serve.backends.precision.resolve_dtype`), ``float32``,
             ``bfloat16`` or ``float16``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        batch_invariant: ``on``: each row is padded by an amount set by its own length alone (see
-            :meth:`_length`) and shares a pass only with rows padded to the same length, so its
-            answer does not depend on its neighbours; ``off``: rows of any length share one pass,
-            each padded to the longest (fewer, fuller passes); ``auto``: on in bfloat16 and float16,
-            off in float32. Why: in bf16 the amount of padding moves log-probabilities by up to
-            ~3e-3; in float32 by under 1e-5, about what the batch size alone moves them (README,
-            "Serving").
+        batch_invariant: ``on`` (and ``auto``): each row is padded by an amount set by its own
+            length alone (see :meth:`_length`) and shares a pass only with rows padded to the same
+            length, so its answer does not depend on its neighbours (bit for bit in bf16 on the CPUs
+            measured; in float32 the matrix kernels still round differently with the batch size, by
+            ~2e-5); ``off``: rows of any length share one pass, each padded to the longest (fewer
+            passes, more padded positions), as PEFT and ``generate`` batch. Measured in the README's
+            "Serving": padding moves bf16 log-probabilities by up to 0.24 on smollm2-135m.
 
     Not thread-safe: call it from one thread at a time (the batcher owns one worker thread).
     """
@@ -53,7 +53,7 @@ class TransformersBackend:
             raise ValueError(f"batch_invariant must be one of {BATCH_INVARIANT_CHOICES}, got {batch_invariant!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_invariant = batch_invariant == "on" or (batch_invariant == "auto" and self.dtype != torch.float32)
+        self.batch_invariant = batch_invariant != "off"
         self.model_name = model_name
         self.base, self.tokenizer = load_base(model_name, self.dtype)
         self.max_token_chars = max_token_chars(self.tokenizer)
