@@ -284,7 +284,7 @@ def test_bf16_mixed_load_matches_requests_alone(server, bf16):
 
 # -- fuzzing the API from its OpenAPI schema ---------------------------------------------------------
 
-FUZZ_EXAMPLES = 12  # per operation and mode: (6 + 3 operations) x 12 = 108 requests, ~20 s here
+FUZZ_EXAMPLES = 30  # per operation and mode: (6 + 3 operations) x 30 = 270 requests, ~10 s here
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
