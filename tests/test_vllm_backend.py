@@ -179,7 +179,7 @@ def test_same_validation_as_the_default_backend(http, soft, status, fragment):
 
 def test_the_module_keeps_the_wall_and_imports_vllm_lazily():
     """Importing the backend imports neither vLLM (only building it does) nor the client side."""
-    code = ("import sys, json, lopa.serve.server, lopa.serve.vllm_backend; "
+    code = ("import sys, json, lopa.serve.server, lopa.serve.backends.vllm; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('lopa.') or m.split('.')[0] == 'vllm')))")
     mods = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert not [m for m in mods if m.split(".")[0] == "vllm"], mods

@@ -107,3 +107,55 @@ def test_max_bytes():
     with pytest.raises(WireError, match="is 64 bytes; the limit is 63"):
         decode(good(), max_bytes=63)
     assert decode(good(), max_bytes=64).shape == (2, D)
+
+
+# -- property-based: no input makes the decoder fail any other way ---------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+# whatever JSON can hold, lone surrogates included (JSON's "\ud800" escape decodes to one)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(alphabet=st.characters(codec=None)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+def _decodes_or_refuses(obj) -> torch.Tensor | None:
+    try:
+        out = decode(obj, out_dtype=torch.float16)
+    except WireError as e:
+        assert e.status == 400 and e.message and len(e.message) < 400, e.message
+        e.message.encode("utf-8")  # the server puts it in a JSON answer
+        return None
+    assert out.dtype == torch.float16 and out.dim() == 2 and out.shape[1] == D and 1 <= out.shape[0] <= 16
+    assert bool(torch.isfinite(out).all())
+    return out
+
+
+@FUZZ
+@given(obj=json_values)
+def test_any_json_value_decodes_or_is_a_wire_error(obj):
+    _decodes_or_refuses(obj)
+
+
+@FUZZ
+@given(dtype=st.sampled_from(sorted(DTYPES)) | json_values,
+       shape=st.lists(st.integers(-2, 20), min_size=0, max_size=3) | json_values,
+       raw=st.binary(max_size=200), pad=st.sampled_from(["", "=", "==", "A", " ", "\ud800"]),
+       extra=st.dictionaries(st.sampled_from(["x", "scale", "dtype"]), json_values, max_size=1))
+def test_near_miss_objects_decode_or_are_wire_errors(dtype, shape, raw, pad, extra):
+    """Objects close to valid ones, where the decoder's checks sit: each field right or wrong on its own."""
+    _decodes_or_refuses({"dtype": dtype, "shape": shape, "data": base64.b64encode(raw).decode() + pad, **extra})
+
+
+@FUZZ
+@given(m=st.integers(1, 16), dtype=st.sampled_from(sorted(DTYPES)),
+       values=st.lists(st.floats(-6e4, 6e4, allow_nan=False, width=32), min_size=1, max_size=16 * D))
+def test_round_trip_of_any_finite_array(m, dtype, values):
+    z = torch.tensor((values * (m * D // len(values) + 1))[:m * D], dtype=torch.float32).reshape(m, D)
+    want = z.to(getattr(torch, dtype))
+    assert torch.equal(decode(encode_soft_prompt(z, dtype)), want)

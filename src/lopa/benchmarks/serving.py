@@ -244,6 +244,7 @@ class Server:
         self.process = ServerProcess(
             ["--model", args.model, "--dtype", args.dtype, "--device", "cpu", "--threads", str(self.threads),
              "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
+             "--batch-invariant", "off",  # pads like the in-process contenders, so the sanity check compares equal inputs
              "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
              "--log-level", "warning"], log_path)
         self.url, self.health, self.start_s = self.process.url, self.process.health, self.process.start_s

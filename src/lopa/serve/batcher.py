@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-log = logging.getLogger("lopa.serve")
+from .protocol import KINDS
 
-KINDS = ("classify", "generate")
+log = logging.getLogger("lopa.serve")
 
 
 def torch_threads_init() -> Callable[[], None]:

@@ -71,6 +71,12 @@ def encode_soft_prompt(tensor: torch.Tensor, dtype: str = "float32") -> dict[str
             "data": base64.b64encode(raw).decode("ascii")}
 
 
+def _short(x: Any, limit: int = 60) -> str:
+    """``repr(x)`` cut to ``limit`` characters: an error message must not echo megabytes back."""
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -85,15 +91,15 @@ def decode_soft_prompt(obj: Any, *, hidden_size: int, max_soft_tokens: int, max_
     """
     if not isinstance(obj, dict):
         raise WireError(400, f"soft_prompt must be an object {{dtype, shape, data}}, got {type(obj).__name__}")
-    extra = sorted(set(obj) - {"dtype", "shape", "data"})
+    extra = sorted(repr(k) for k in obj if k not in ("dtype", "shape", "data"))
     if extra:
-        raise WireError(400, f"soft_prompt has unknown field(s) {extra}; expected dtype, shape, data")
+        raise WireError(400, f"soft_prompt has unknown field(s) {', '.join(extra)}; expected dtype, shape, data")
     dtype = obj.get("dtype")
-    if dtype not in DTYPES:
-        raise WireError(400, f"soft_prompt.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object is no dict key: test the type first
+        raise WireError(400, f"soft_prompt.dtype must be one of {sorted(DTYPES)}, got {_short(dtype)}")
     shape = obj.get("shape")
     if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(s) for s in shape):
-        raise WireError(400, f"soft_prompt.shape must be two integers [m, d], got {shape!r}")
+        raise WireError(400, f"soft_prompt.shape must be two integers [m, d], got {_short(shape)}")
     m, d = shape
     if d != hidden_size:
         raise WireError(400, f"soft_prompt.shape[1] is {d}, but this model's hidden size is {hidden_size}")

@@ -1,0 +1,98 @@
+"""``lopa serve``'s settings: one dataclass that checks itself (the command line is its fields).
+
+>>> ServeConfig(model="tiny-random-llama", max_batch_size=8).max_batch_size
+8
+>>> ServeConfig(port=70000)
+Traceback (most recent call last):
+...
+ValueError: port must be an integer in [0, 65535], got 70000
+>>> ServeConfig(batch_invariant="yes")
+Traceback (most recent call last):
+...
+ValueError: batch_invariant must be one of ['auto', 'on', 'off'], got 'yes'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from .backends import BACKENDS, BATCH_INVARIANT_CHOICES, DTYPE_CHOICES, check_backend_name
+from .protocol import BackendError
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServeConfig:
+    """Serve a frozen causal LM over HTTP. Clients send their own soft prompts, so one server holds
+    no per-task weights and batches requests of any number of tasks together.
+
+    Example: lopa serve --model smollm2-135m --port 8000 --api-key "$KEY"
+    """
+
+    model: str = "smollm2-135m"
+    """the frozen base model: a short name (smollm2-135m, gemma3-270m, tiny-random-llama), hub id or local path"""
+    host: str = "127.0.0.1"
+    """interface to listen on (0.0.0.0 for every interface: set an API key then)"""
+    port: int = 8000
+    """TCP port to listen on"""
+    api_key: str | None = field(default=None, repr=False)
+    """require this key on /v1/* (Authorization: Bearer KEY or X-API-Key: KEY); default $LOPA_API_KEY, unset: no key"""
+    dtype: str = field(default="auto", metadata={"choices": list(DTYPE_CHOICES)})
+    """model dtype; auto = bfloat16 on a GPU or a CPU where native bf16 (AMX; AVX512-BF16 if a timed matmul says so) beats float32, float32 elsewhere"""
+    device: str = "auto"
+    """where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    batch_invariant: str = field(default="auto", metadata={"choices": list(BATCH_INVARIANT_CHOICES)})
+    """on: a request's answer does not depend on what shares its batch (rows are padded by their own length and batched with rows padded alike); off: pad rows to their batch's longest (PEFT's batching); auto: on where the backend can promise it (transformers), the backend's own batching with vllm (README, Serving)"""
+    backend: str = field(default="transformers", metadata={"choices": list(BACKENDS)})
+    """what runs the model: transformers (in this process) or vllm (prompt_embeds into vLLM's continuous batching; pip install 'lopa[vllm]')"""
+    max_batch_size: int = 32
+    """the most requests (of any tasks) run together in one batch"""
+    max_wait_ms: float = 5.0
+    """how long a request may wait for others to fill its batch (vllm: unused, requests join its running batch)"""
+    max_soft_tokens: int = 64
+    """the most virtual tokens (m) a soft prompt may have"""
+    max_prompt_tokens: int = 2048
+    """the most text tokens a prompt may have (the soft prompt not counted)"""
+    max_new_tokens: int = 256
+    """the most tokens one generation may ask for"""
+    max_body_bytes: int = 8 * MiB
+    """requests with larger bodies are refused (413) before parsing"""
+    body_timeout_s: float = 30.0
+    """the longest wait for the next piece of a request body; a client that stops sending gets 408 and the connection is closed"""
+    threads: int | None = None
+    """PyTorch CPU threads for the model (default: PyTorch's choice, one per core); 1 suits tiny models on busy machines"""
+    log_level: str = field(default="info", metadata={"choices": ["critical", "error", "warning", "info", "debug"]})
+    """server log level (info logs every request)"""
+
+    def __post_init__(self) -> None:
+        if not self.api_key:  # an empty --api-key means none, like an unset variable
+            self.api_key = os.environ.get("LOPA_API_KEY") or None
+        if not self.model:
+            raise ValueError("model must name a causal LM")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.batch_invariant not in BATCH_INVARIANT_CHOICES:
+            raise ValueError(f"batch_invariant must be one of {list(BATCH_INVARIANT_CHOICES)}, "
+                             f"got {self.batch_invariant!r}")
+        try:
+            check_backend_name(self.backend)
+        except BackendError as e:
+            raise ValueError(str(e)) from None
+        for name, lo, hi in (("port", 0, 65535), ("max_batch_size", 1, 4096), ("max_soft_tokens", 1, 1 << 16),
+                             ("max_prompt_tokens", 1, 1 << 24), ("max_new_tokens", 1, 1 << 20),
+                             ("max_body_bytes", 1024, 1 << 34)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or not 1 <= self.threads <= 1024):
+            raise ValueError(f"threads must be an integer in [1, 1024], got {self.threads!r}")
+        if isinstance(self.body_timeout_s, bool) or not isinstance(self.body_timeout_s, (int, float)) \
+                or not math.isfinite(self.body_timeout_s) or not 0.01 <= self.body_timeout_s <= 3600:
+            raise ValueError(f"body_timeout_s must be a number in [0.01, 3600], got {self.body_timeout_s!r}")
+        if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
+                or not math.isfinite(self.max_wait_ms) or not 0 <= self.max_wait_ms <= 10_000:
+            raise ValueError(f"max_wait_ms must be a number in [0, 10000], got {self.max_wait_ms!r}")
