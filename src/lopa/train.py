@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .evaluate import (RUN_CONFIG, autocast, evaluate_classification, generation_dev_loss, load_run_model, score)
+from .evaluate import (DEV_METRICS, RUN_CONFIG, autocast, dev_score, load_run_model, resolve_dev_metric, score)
 from .methods import METHODS, ConfigError, make_config
-from .tasks import Task, TaskError, get_task
+from .tasks import GenerationTask, Task, TaskError, describe_task, generation_inputs, get_task
 from .tasks.metrics import paired_difference_ci95
 
 BASELINES = ("lora", "full")
@@ -50,7 +50,7 @@ class TrainArgs:
     method: str = field(default="lopa", metadata={"choices": sorted(METHODS) + list(BASELINES)})
     """the method: prompt-tuning, lopt-1, lopt-2, idpg, lopa; or lora / full (baselines)"""
     task: str = "rotten-tomatoes"
-    """built-in task name (rotten-tomatoes, sst2, mrpc, rte, qnli, qqp, mnli, mbpp, cruxeval-o, ...) or a .jsonl/.csv file"""
+    """built-in task name (rotten-tomatoes, sst2, mrpc, rte, qnli, qqp, mnli, mbpp, cruxeval-o, ...), a .jsonl/.csv file (classification with --label-words; generation with prompt/completion or messages columns, or --target-template) or hf:OWNER/NAME"""
     model: str = "smollm2-135m"
     """base causal LM: short name, hub id or local path"""
     encoder: str | None = None
@@ -61,6 +61,18 @@ class TrainArgs:
     """prompt template whose {slots} name the data's columns, e.g. '{text} It was'"""
     label_words: str | None = None
     """comma-separated label words, class i = word i, leading spaces kept: ' terrible, great'"""
+    target_template: str | None = None
+    """generation user task: the completion, whose {slots} name columns, e.g. '{answer}' (default: the completion column)"""
+    chat_template: str = field(default="auto", metadata={"choices": ["auto", "none"]})
+    """generation user task: build the text with the tokenizer's chat template (auto: where it has one) or as plain text"""
+    system_prompt: str | None = None
+    """generation user task: a system prompt put before every row"""
+    split_map: str | None = None
+    """hf: dataset: our splits to its splits, e.g. 'train=train,dev=validation,test=test' (default: its own)"""
+    max_length: int | None = None
+    """generation user task: tokens per row at most (prompt + completion); longer rows lose the start of their prompt (default 1024)"""
+    dev_metric: str = field(default="auto", metadata={"choices": list(DEV_METRICS)})
+    """dev metric that picks the best checkpoint: auto (accuracy; generation: loss), accuracy, macro_f1, loss, log_likelihood, exact_match, rouge_l"""
     data_dir: str | None = None
     """where mbpp/, cruxeval/, glue/ live (default $LOPA_DATA_DIR or ../shared/data)"""
     max_steps: int = 600
@@ -137,7 +149,7 @@ class TrainArgs:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other")
         if self.out is None:
-            slug = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task
+            slug = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task.split("/")[-1]
             self.out = str(Path("runs") / f"{slug}-{self.method}")
         if self.method in METHODS:
             self.method_config()  # range errors (rank, m, ...) surface before anything loads
@@ -160,7 +172,8 @@ class TrainArgs:
 
 def load_task(args: TrainArgs) -> Task:
     return get_task(args.task, data_dir=args.data_dir, template=args.template, label_words=args.label_words,
-                    seed=0)
+                    seed=0, target_template=args.target_template, chat_template=args.chat_template,
+                    system_prompt=args.system_prompt, split_map=args.split_map, max_length=args.max_length)
 
 
 def build_model(args: TrainArgs, base: Any, tokenizer: Any, task: Task) -> Any:
@@ -194,6 +207,8 @@ def _prepare_out(args: TrainArgs) -> Path:
 
 
 def _check_task(task: Task, tokenizer: Any, args: TrainArgs) -> dict[str, list]:
+    if isinstance(task, GenerationTask):
+        task.prepare(tokenizer)  # the model's text, and the length limit, need the tokenizer
     splits = {name: task.split(name) for name in ("train", "dev", "test") if name in task.splits()}
     if "train" not in splits:
         raise TaskError(f"task {task.name!r} has no train split: it can only be evaluated (lopa eval)")
@@ -265,6 +280,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     base, tokenizer = load_base(args.model)
     splits = _check_task(task, tokenizer, args)  # every data error is raised before training starts
+    metric_name = resolve_dev_metric(task, args.dev_metric)
+    if accelerator.is_main_process:
+        print(describe_task(task), file=sys.stderr)
     set_seed(args.seed)
     model = build_model(args, base, tokenizer, task)
     main = accelerator.is_main_process
@@ -293,7 +311,6 @@ def train(args: TrainArgs) -> dict[str, Any]:
     if classification:
         from .prefix import label_token_ids
         label_ids = label_token_ids(tokenizer, task.label_words)
-    metric_name = "accuracy" if classification else "neg_loss"
     state: dict[str, Any] = {"best": -math.inf, "best_step": 0, "bad_evals": 0, "elapsed_s": 0.0}
     start_step = 0
     if args.resume and (ck_path := checkpoint.latest(out / "checkpoints")) is not None:
@@ -318,9 +335,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 f.write(json.dumps(entry) + "\n")
 
     def dev_metric() -> float:
-        if classification:
-            return evaluate_classification(inner, dev_set, task.label_words, 32, args.precision)["accuracy"]
-        return -generation_dev_loss(inner, dev_set, args.batch_size, args.precision)
+        return dev_score(inner, task, dev_set, metric_name, args.batch_size, args.precision,
+                         samples=3 if main else 0)
 
     nproc, rank = accelerator.num_processes, accelerator.process_index
     global_batch = args.batch_size * nproc
@@ -346,7 +362,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 if classification:
                     loss = model(texts, label_ids=torch.tensor([label_ids[r.label] for r in rows]))
                 else:
-                    loss = model(texts, targets=[r.target for r in rows])
+                    loss = model(texts, **generation_inputs(rows))
             accelerator.backward(loss / args.grad_accum)
             running += float(loss.detach()) / args.grad_accum
         optimizer.step()
@@ -428,7 +444,7 @@ def train_cli(args: TrainArgs) -> int:
         return 0
     test, zs = results.get("test"), results.get("zero_shot")
     if test:
-        key = "accuracy" if "accuracy" in test else "pass@1"
+        key = next(k for k in ("accuracy", "pass@1", "rouge_l") if k in test)
         line = f"test {key}: {test[key]:.4f}"
         if "macro_f1" in test:
             line += f"  macro-F1: {test['macro_f1']:.4f}"
