@@ -42,7 +42,7 @@ def get_task(name_or_path: str | Path, *, data_dir: str | Path | None = None,
     """Build a task from a built-in name, a ``.jsonl``/``.csv`` file or ``hf:OWNER/NAME`` (user tasks).
 
     A user task is generation (:class:`~lopa.tasks.generation.GenerationTask`) when it comes from the
-    Hub, has a ``target_template``, or its file has ``completion`` or ``messages`` columns, and no
+    Hub, has a ``target_template``, or its file has ``prompt``, ``completion`` or ``messages`` columns, and no
     ``label_words`` are given; otherwise classification. ``target_template``, ``chat_template``
     (``auto``/``none``), ``system_prompt``, ``split_map`` and ``max_length`` apply to generation user
     tasks only.

@@ -61,7 +61,7 @@ DEFAULT_MAX_LENGTH = 1024
 
 def is_generation_source(source: str | Path, *, target_template: str | None = None) -> bool:
     """Whether a user task source is generation data: a Hub dataset, a target template, or a file
-    whose first row has a ``completion`` or ``messages`` column.
+    whose first row has a ``prompt``, ``completion`` or ``messages`` column.
 
     >>> is_generation_source("hf:openai/gsm8k"), is_generation_source("x.csv", target_template="{y}")
     (True, True)
@@ -72,7 +72,7 @@ def is_generation_source(source: str | Path, *, target_template: str | None = No
     path = Path(text).expanduser()
     if not path.is_file():
         return False
-    return bool({"completion", "messages"} & set(_first_columns(path)))
+    return bool({"prompt", "completion", "messages"} & set(_first_columns(path)))
 
 
 def _first_columns(path: Path) -> list[str]:

@@ -118,7 +118,8 @@ def exact_match(preds: Sequence[str], refs: Sequence[str]) -> list[bool]:
 def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
     """Per item ROUGE-L F-measure (longest common subsequence of tokens) from ``rouge-score``.
 
-    No stemming, so the score compares the words as written (code, JSON and names included).
+    rouge-score's tokenizer lower-cases and keeps runs of letters and digits only (punctuation and
+    whitespace separate words); no stemming, so code identifiers and JSON keys are compared whole.
 
     >>> [round(x, 3) for x in rouge_l(["the cat sat", "a b"], ["the cat sat down", "c d"])]
     [0.857, 0.0]
