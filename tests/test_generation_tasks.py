@@ -113,6 +113,14 @@ def test_hub_path_through_a_saved_dataset(tmp_path, tok):
         get_task(f"hf:{tmp_path / 'files'}", split_map="dev=validation")
 
 
+def test_hub_dataset_with_one_split_gets_the_seeded_split(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(_pairs(20)).save_to_disk(str(tmp_path / "one"))
+    task = get_task(f"hf:{tmp_path / 'one'}", chat_template="none").prepare(tok)
+    assert {k: len(v) for k, v in task.splits().items()} == {"train": 16, "dev": 2, "test": 2}
+    assert task.settings()["path"] == f"hf:{tmp_path / 'one'}"
+
+
 def test_unreachable_hub_dataset_is_a_task_error(tmp_path):
     pytest.importorskip("datasets")
     code = ("from lopa.tasks import get_task, TaskError\n"
