@@ -297,7 +297,8 @@ class GenerationTask(Task):
         how = ("chat template" if fmt and fmt.chat_template else "plain text") if fmt else f"chat template {self.chat_mode}"
         sys_p = f", system prompt {self.system_prompt!r}" if self.system_prompt else ""
         n = sum(len(v) for v in self._raw.values())
-        cut = f"; {self.truncated} of {n} rows cut to --max-length {self.max_length} (the prompt's start dropped)"
+        cut = (f"; {self.truncated} of {n} rows cut to --max-length {self.max_length} (the prompt's start dropped)"
+               if self.truncated else f"; {n} rows, none longer than --max-length {self.max_length}")
         return f"task {self.name!r}: generation ({self.data_format} rows, {how}{sys_p}){cut}"
 
     def settings(self) -> dict[str, Any]:
