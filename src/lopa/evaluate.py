@@ -22,8 +22,9 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Example, Task, get_task
-from .tasks.metrics import accuracy, macro_f1, pass_at_k, proportion_ci95
+from .tasks import Example, GenerationTask, Task, generation_inputs, get_task
+from .tasks.metrics import (accuracy, exact_match, macro_f1, mean_ci95, pass_at_k, perplexity,
+                            proportion_ci95, rouge_l)
 
 RUN_CONFIG = "run_config.json"
 
@@ -73,9 +74,149 @@ def generation_dev_loss(model: Any, examples: Sequence[Example], batch_size: int
     total = 0.0
     with autocast(precision):
         for idx in _batches_by_length(examples, batch_size):
-            total += float(model([examples[i].prompt for i in idx], targets=[examples[i].target for i in idx])) * len(idx)
+            total += float(model([examples[i].prompt for i in idx], **generation_inputs([examples[i] for i in idx]))) * len(idx)
     model.train(was_training)
     return total / max(len(examples), 1)
+
+
+def _trained_tokens(tokenizer: Any, e: Example) -> int:
+    """How many tokens of a row the loss covers: its target, the EOS after it, earlier assistant turns."""
+    n = len(tokenizer(e.target or "", add_special_tokens=False)["input_ids"]) + 1
+    if e.meta.get("loss_spans"):
+        from .prompt_format import token_loss_mask
+        n += sum(token_loss_mask(tokenizer, e.prompt, e.meta["loss_spans"]))
+    return n
+
+
+@torch.no_grad()
+def completion_log_likelihood(model: Any, examples: Sequence[Example], batch_size: int = 8,
+                              precision: str = "fp32") -> tuple[float, int]:
+    """Total log-likelihood of the trained tokens (completions + EOS) and their count.
+
+    Batches group rows of similar total length, so padding stays small.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].target or ""))
+    total, count = 0.0, 0
+    with autocast(precision):
+        for b in range(0, len(order), batch_size):
+            rows = [examples[i] for i in order[b:b + batch_size]]
+            n = sum(_trained_tokens(model.tokenizer, e) for e in rows)
+            total -= float(model([e.prompt for e in rows], **generation_inputs(rows))) * n
+            count += n
+    model.train(was_training)
+    return total, count
+
+
+@torch.no_grad()
+def decode_completions(model: Any, task: Task, examples: Sequence[Example], *, max_new_tokens: int = 128,
+                       batch_size: int = 8, precision: str = "fp32", progress: bool = False) -> list[str]:
+    """Greedy completions, cut at the task's stop strings (EOS ends them otherwise)."""
+    was_training = model.training
+    model.eval()
+    outs = [""] * len(examples)
+    with autocast(precision):
+        for idx in tqdm(_batches_by_length(examples, batch_size), desc="generate", disable=not progress,
+                        leave=False, file=sys.stderr):
+            texts = model.generate([examples[i].prompt for i in idx], max_new_tokens=max_new_tokens,
+                                   stop=task.stop or None)
+            for i, o in zip(idx, texts):
+                outs[i] = task.postprocess(o)
+    model.train(was_training)
+    return outs
+
+
+def print_samples(examples: Sequence[Example], completions: Sequence[str], k: int = 3, width: int = 160) -> None:
+    """A few generations beside their references, on stderr (between a progress bar's updates)."""
+    def short(t: str) -> str:
+        t = t.replace("\n", "\\n")
+        return t if len(t) <= width else t[:width - 3] + "..."
+    for e, c in list(zip(examples, completions))[:k]:
+        tqdm.write(f"  prompt    ...{short(e.prompt[-80:])}\n  generated {short(c)}\n  reference {short(e.target or '')}",
+                   file=sys.stderr)
+
+
+def evaluate_text_generation(model: Any, task: Task, examples: Sequence[Example], *, max_new_tokens: int = 128,
+                             batch_size: int = 8, precision: str = "fp32", progress: bool = False,
+                             samples: int = 3, results_path: str | Path | None = None,
+                             **_ignored: Any) -> dict[str, Any]:
+    """A generation user task scored against its references: mean completion log-likelihood per token
+    and perplexity (teacher-forced), then greedy decoding scored by exact match and ROUGE-L, each with
+    a 95% interval; ``samples`` generations are printed beside their references."""
+    started = time.time()
+    ll, n_tok = completion_log_likelihood(model, examples, batch_size, precision)
+    outs = decode_completions(model, task, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              precision=precision, progress=progress)
+    refs = [e.target or "" for e in examples]
+    em, rl = exact_match(outs, refs), rouge_l(outs, refs)
+    if samples:
+        print_samples(examples, outs, samples)
+    if results_path is not None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(results_path, "w") as f:
+            for e, o, m, r in zip(examples, outs, em, rl):
+                f.write(json.dumps({"row": e.meta.get("row"), "completion": o, "reference": e.target,
+                                    "exact_match": m, "rouge_l": r}) + "\n")
+    _, em_lo, em_hi = proportion_ci95(sum(em), len(em))
+    rl_mean, rl_lo, rl_hi = mean_ci95(rl)
+    return {"n": len(examples), "completion_tokens": n_tok, "mean_log_likelihood": ll / n_tok,
+            "perplexity": perplexity(ll, n_tok), "exact_match": sum(em) / len(em), "exact_match_ci95": [em_lo, em_hi],
+            "rouge_l": rl_mean, "rouge_l_ci95": [rl_lo, rl_hi], "exact_match_items": em, "rouge_l_items": rl,
+            "generate_s": round(time.time() - started, 2)}
+
+
+DEV_METRICS = ("auto", "accuracy", "macro_f1", "loss", "log_likelihood", "exact_match", "rouge_l")
+
+
+def resolve_dev_metric(task: Task, name: str = "auto") -> str:
+    """The dev metric a run selects its best checkpoint by (higher is better; ``loss`` is logged as
+    ``neg_loss``): ``auto`` is accuracy for classification and the dev loss for generation.
+
+    >>> from lopa.tasks import get_task
+    >>> resolve_dev_metric(get_task("mbpp", data_dir="."), "auto")
+    'neg_loss'
+    >>> resolve_dev_metric(get_task("mbpp", data_dir="."), "accuracy")
+    Traceback (most recent call last):
+    ...
+    ValueError: --dev-metric accuracy does not apply to generation task 'mbpp'; choose from auto, loss, log_likelihood, exact_match, rouge_l
+    >>> resolve_dev_metric(get_task("mbpp", data_dir="."), "rouge_l")   # built-in code tasks have references too
+    'rouge_l'
+    """
+    cls_metrics, gen_metrics = ("accuracy", "macro_f1"), ("loss", "log_likelihood", "exact_match", "rouge_l")
+    if name not in DEV_METRICS:
+        raise ValueError(f"--dev-metric must be one of {', '.join(DEV_METRICS)}, got {name!r}")
+    allowed = cls_metrics if task.kind == "classification" else gen_metrics
+    if name == "auto":
+        return "accuracy" if task.kind == "classification" else "neg_loss"
+    if name not in allowed:
+        raise ValueError(f"--dev-metric {name} does not apply to {task.kind} task {task.name!r}; "
+                         f"choose from auto, {', '.join(allowed)}")
+    return "neg_loss" if name == "loss" else name
+
+
+def dev_score(model: Any, task: Task, examples: Sequence[Example], metric: str, batch_size: int = 8,
+              precision: str = "fp32", samples: int = 3, max_new_tokens: int = 64) -> float:
+    """One dev evaluation during training: ``metric`` (from :func:`resolve_dev_metric`, higher is
+    better). For a generation user task a few greedy samples are printed beside their references."""
+    if task.kind == "classification":
+        res = evaluate_classification(model, examples, task.label_words, 32, precision)
+        return res[metric]
+    if metric in ("exact_match", "rouge_l"):
+        outs = decode_completions(model, task, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  precision=precision)
+        refs = [e.target or "" for e in examples]
+        items = exact_match(outs, refs) if metric == "exact_match" else rouge_l(outs, refs)
+        if samples:
+            print_samples(examples, outs, samples)
+        return sum(items) / len(items)
+    if samples and isinstance(task, GenerationTask):
+        print_samples(examples, decode_completions(model, task, examples[:samples], max_new_tokens=max_new_tokens,
+                                                   batch_size=batch_size, precision=precision), samples)
+    if metric == "log_likelihood":
+        ll, n = completion_log_likelihood(model, examples, batch_size, precision)
+        return ll / n
+    return -generation_dev_loss(model, examples, batch_size, precision)
 
 
 @torch.no_grad()
@@ -164,6 +305,11 @@ def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch
         res = evaluate_classification(model, examples, task.label_words, batch_size, precision, progress)
         if not keep_predictions:
             res.pop("predictions")
+    elif isinstance(task, GenerationTask):
+        res = evaluate_text_generation(model, task, examples, batch_size=min(batch_size, 8), precision=precision,
+                                       progress=progress, **gen)
+        if not keep_predictions:
+            res.pop("exact_match_items"), res.pop("rouge_l_items")
     else:
         res = evaluate_generation(model, task, examples, batch_size=batch_size, precision=precision,
                                   progress=progress, **gen)
@@ -221,6 +367,10 @@ class EvalArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
+# a generation user task's settings, under the same names in run_config.json and an artifact's task
+_GENERATION_SETTINGS = ("target_template", "chat_template", "system_prompt", "split_map", "max_length")
+
+
 def _run_settings(run_dir: str | None) -> dict[str, Any]:
     if run_dir and (Path(run_dir) / RUN_CONFIG).exists():
         return json.loads((Path(run_dir) / RUN_CONFIG).read_text())
@@ -231,16 +381,19 @@ def _run_settings(run_dir: str | None) -> dict[str, Any]:
         except ValueError:
             return {}
         return {"task": task.get("path") or task.get("name"), "template": task.get("template"),
-                "label_words": ",".join(task.get("label_words") or []) or None, "data_dir": task.get("data_dir")}
+                "label_words": ",".join(task.get("label_words") or []) or None, "data_dir": task.get("data_dir"),
+                **{k: task.get(k) for k in _GENERATION_SETTINGS if task.get(k)}}
     return {}
 
 
 def eval_cli(args: EvalArgs) -> int:
     from .models import DEFAULT_BASE, load_base
     run = _run_settings(args.run_dir)
+    same_task = not args.task or args.task == run.get("task")
     task = get_task(args.task or run.get("task"), data_dir=args.data_dir or run.get("data_dir"),
                     template=args.template or run.get("template"),
-                    label_words=args.label_words or run.get("label_words"), seed=run.get("split_seed", 0))
+                    label_words=args.label_words or run.get("label_words"), seed=run.get("split_seed", 0),
+                    **{k: run.get(k) for k in _GENERATION_SETTINGS if same_task and run.get(k)})
     if args.zero_shot:
         from .baselines import BaselineModel
         base, tok = load_base(args.model or DEFAULT_BASE)
@@ -250,8 +403,14 @@ def eval_cli(args: EvalArgs) -> int:
         if args.model:
             base, tok = load_base(args.model)
         model = load_run_model(args.run_dir, base, tok)
-    gen = {}
-    if task.kind == "generation":
+    if isinstance(task, GenerationTask):
+        task.prepare(model.tokenizer)  # the same text as in training: the format is rebuilt from the settings
+        print(task.describe(), file=sys.stderr)
+    gen: dict[str, Any] = {}
+    if isinstance(task, GenerationTask):
+        default = Path(args.run_dir) / f"eval-{args.split}.jsonl" if args.run_dir else None
+        gen = dict(max_new_tokens=args.max_new_tokens, results_path=args.results or default)
+    elif task.kind == "generation":
         default = Path(args.run_dir) / f"eval-{args.split}.jsonl" if args.run_dir else None
         gen = dict(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),

@@ -87,12 +87,14 @@ class SoftPromptModel(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, texts: Sequence[str], label_ids: torch.Tensor | None = None,
-                targets: Sequence[str] | None = None) -> torch.Tensor:
+                targets: Sequence[str] | None = None,
+                prompt_loss_spans: Sequence[Sequence[Sequence[int]] | None] | None = None) -> torch.Tensor:
         """The training loss.
 
         Classification: ``label_ids`` holds each row's answer token id (B); the loss is cross-entropy
         over the vocabulary at the answer position. Generation: ``targets`` are the completions; the
-        loss covers the target tokens only.
+        loss covers the target tokens only, plus, where ``prompt_loss_spans`` gives them, the prompt
+        tokens inside those character spans (a conversation's earlier assistant turns).
         """
         if (label_ids is None) == (targets is None):
             raise ValueError("pass exactly one of label_ids (classification) or targets (generation)")
@@ -102,7 +104,11 @@ class SoftPromptModel(nn.Module):
         tgt = [t + [self.tokenizer.eos_token_id] for t in tgt]  # learn to stop
         batch = self._batch(texts, tgt)
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + s for t, s in zip(texts, tgt)]
-        return prefix.generation_loss(self.base, batch, ids, [len(t) for t in tgt])
+        masks = None
+        if prompt_loss_spans is not None:
+            from .prompt_format import token_loss_mask
+            masks = [token_loss_mask(self.tokenizer, t, sp) if sp else [] for t, sp in zip(texts, prompt_loss_spans)]
+        return prefix.generation_loss(self.base, batch, ids, [len(t) for t in tgt], masks)
 
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -131,19 +131,31 @@ def classification_loss(base: Any, batch: PrefixBatch, targets: torch.Tensor) ->
 
 
 def generation_loss(base: Any, batch: PrefixBatch, token_ids: Sequence[Sequence[int]],
-                    target_lens: Sequence[int]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens only: row i's last ``target_lens[i]`` tokens.
+                    target_lens: Sequence[int], loss_masks: Sequence[Sequence[bool]] | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens only: row i's last ``target_lens[i]`` tokens, plus
+    the tokens that ``loss_masks[i]`` (one flag per token of ``token_ids[i]``) marks, e.g. the earlier
+    assistant turns of a conversation.
 
     Rows end at the last position (left padding), so the targets all sit at the end and the LM head
-    is computed for the last max(target_lens)+1 positions alone.
+    is computed only from the first trained token of any row onwards.
     """
-    k = max(target_lens) + 1
+    rows = []
+    for i, (ids, t) in enumerate(zip(token_ids, target_lens)):
+        flags = [False] * len(ids)
+        if loss_masks is not None and loss_masks[i]:
+            flags[:len(loss_masks[i])] = list(loss_masks[i])[:len(ids)]
+        for j in range(len(ids) - t, len(ids)):
+            flags[j] = True
+        rows.append(flags)
+    k = max((len(f) - f.index(True) for f in rows if True in f), default=0) + 1
     out = base(**batch.model_inputs(), logits_to_keep=_last_positions(batch, k), use_cache=False)
     logits = out.logits[:, -k:-1].float()  # position p predicts token p+1
     labels = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
-    for i, (ids, t) in enumerate(zip(token_ids, target_lens)):
-        if t:
-            labels[i, k - 1 - t:] = torch.as_tensor(list(ids[-t:]), device=logits.device)
+    for i, (ids, flags) in enumerate(zip(token_ids, rows)):
+        n = min(len(ids), k - 1)
+        tail_ids, tail_flags = list(ids[len(ids) - n:]), flags[len(ids) - n:]
+        labels[i, k - 1 - n:] = torch.as_tensor([t if f else -100 for t, f in zip(tail_ids, tail_flags)],
+                                                device=logits.device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .evaluate import (RUN_CONFIG, autocast, evaluate_classification, generation_dev_loss, load_run_model, score)
+from .evaluate import (DEV_METRICS, RUN_CONFIG, autocast, dev_score, load_run_model, resolve_dev_metric, score)
 from .methods import METHODS, ConfigError, MethodConfig, get_method, make_config
-from .tasks import Task, TaskError, get_task
+from .tasks import GenerationTask, Task, TaskError, describe_task, generation_inputs, get_task
 from .tasks.metrics import paired_difference_ci95
 
 # settings that may change between a run and its --resume without changing the result
@@ -51,7 +51,7 @@ class TrainArgs:
     method: str = field(default="lopa", metadata={"choices": sorted(METHODS)})
     """the method: a soft-prompt method (prompt-tuning, lopt-1, lopt-2, idpg, lopa) or a baseline that changes the model's weights (lora, full)"""
     task: str = "rotten-tomatoes"
-    """built-in task name (rotten-tomatoes, sst2, mrpc, rte, qnli, qqp, mnli, mbpp, cruxeval-o, ...) or a .jsonl/.csv file"""
+    """built-in task name (rotten-tomatoes, sst2, mrpc, rte, qnli, qqp, mnli, mbpp, cruxeval-o, ...), a .jsonl/.csv file (classification with --label-words; generation with prompt/completion or messages columns, or --target-template) or hf:OWNER/NAME"""
     model: str = "smollm2-135m"
     """base causal LM: short name, hub id or local path"""
     out: str | None = None
@@ -60,6 +60,18 @@ class TrainArgs:
     """prompt template whose {slots} name the data's columns, e.g. '{text} It was'"""
     label_words: str | None = None
     """comma-separated label words, class i = word i, leading spaces kept: ' terrible, great'"""
+    target_template: str | None = None
+    """generation user task: the completion, whose {slots} name columns, e.g. '{answer}' (default: the completion column)"""
+    chat_template: str = field(default="auto", metadata={"choices": ["auto", "none"]})
+    """generation user task: build the text with the tokenizer's chat template (auto: where it has one) or as plain text"""
+    system_prompt: str | None = None
+    """generation user task: a system prompt put before every row"""
+    split_map: str | None = None
+    """hf: dataset: our splits to its splits, e.g. 'train=train,dev=validation,test=test' (default: its own)"""
+    max_length: int | None = None
+    """generation user task: tokens per row at most (prompt + completion); longer rows lose the start of their prompt (default 1024)"""
+    dev_metric: str = field(default="auto", metadata={"choices": list(DEV_METRICS)})
+    """dev metric that picks the best checkpoint: auto (accuracy; generation: loss), accuracy, macro_f1, loss, log_likelihood, exact_match, rouge_l"""
     data_dir: str | None = None
     """where mbpp/, cruxeval/, glue/ live (default $LOPA_DATA_DIR or ../shared/data)"""
     max_steps: int = 600
@@ -118,7 +130,7 @@ class TrainArgs:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other")
         if self.out is None:
-            slug = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task
+            slug = Path(self.task).stem if self.task.endswith((".jsonl", ".csv")) else self.task.split("/")[-1]
             self.out = str(Path("runs") / f"{slug}-{self.method}")
         self.method_config()  # range errors (rank, m, ...) surface before anything loads
 
@@ -153,7 +165,8 @@ class TrainArgs:
 
 def load_task(args: TrainArgs) -> Task:
     return get_task(args.task, data_dir=args.data_dir, template=args.template, label_words=args.label_words,
-                    seed=0)
+                    seed=0, target_template=args.target_template, chat_template=args.chat_template,
+                    system_prompt=args.system_prompt, split_map=args.split_map, max_length=args.max_length)
 
 
 def build_model(args: TrainArgs, base: Any, tokenizer: Any, task: Task) -> Any:
@@ -183,6 +196,8 @@ def _prepare_out(args: TrainArgs) -> Path:
 
 
 def _check_task(task: Task, tokenizer: Any, args: TrainArgs) -> dict[str, list]:
+    if isinstance(task, GenerationTask):
+        task.prepare(tokenizer)  # the model's text, and the length limit, need the tokenizer
     splits = {name: task.split(name) for name in ("train", "dev", "test") if name in task.splits()}
     if "train" not in splits:
         raise TaskError(f"task {task.name!r} has no train split: it can only be evaluated (lopa eval)")
@@ -258,6 +273,7 @@ class _Run:
     optimizer: Any
     scheduler: Any
     label_ids: list[int] | None
+    metric_name: str
     state: dict[str, Any] = field(default_factory=lambda: {"best": -math.inf, "best_step": 0, "bad_evals": 0,
                                                           "elapsed_s": 0.0})
     step: int = 0
@@ -266,10 +282,6 @@ class _Run:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def metric_name(self) -> str:
-        return "accuracy" if self.label_ids is not None else "neg_loss"
 
     @property
     def dev_set(self) -> list:
@@ -304,6 +316,7 @@ def _setup(args: TrainArgs) -> "_Run | dict[str, Any]":
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     base, tokenizer = load_base(args.model)
     splits = _check_task(task, tokenizer, args)  # every data error is raised before training starts
+    metric_name = resolve_dev_metric(task, args.dev_metric)
     main = accelerator.is_main_process
     if not args.dry_run and main:
         out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +328,7 @@ def _setup(args: TrainArgs) -> "_Run | dict[str, Any]":
     if main:
         print(f"method: {args.method}  task: {task.name} ({task.kind})  splits: "
               + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), file=sys.stderr)
+        print(describe_task(task), file=sys.stderr)
     if args.dry_run:
         if main:
             print(model)
@@ -331,7 +345,7 @@ def _setup(args: TrainArgs) -> "_Run | dict[str, Any]":
         from .prefix import label_token_ids
         label_ids = label_token_ids(tokenizer, task.label_words)
     return _Run(args, out, task, splits, accelerator, base, tokenizer, model, accelerator.unwrap_model(model),
-                optimizer, scheduler, label_ids)
+                optimizer, scheduler, label_ids, metric_name)
 
 
 def _zero_shot(out: Path, base: Any, tokenizer: Any, task: Task, args: TrainArgs) -> None:
@@ -390,7 +404,7 @@ def _train_step(run: _Run) -> float:
             if run.label_ids is not None:
                 loss = run.model(texts, label_ids=torch.tensor([run.label_ids[r.label] for r in rows]))
             else:
-                loss = run.model(texts, targets=[r.target for r in rows])
+                loss = run.model(texts, **generation_inputs(rows))
         run.accelerator.backward(loss / args.grad_accum)
         loss_sum += float(loss.detach()) / args.grad_accum
     run.optimizer.step()
@@ -401,9 +415,8 @@ def _train_step(run: _Run) -> float:
 
 
 def _dev_metric(run: _Run) -> float:
-    if run.label_ids is not None:
-        return evaluate_classification(run.inner, run.dev_set, run.task.label_words, 32, run.args.precision)["accuracy"]
-    return -generation_dev_loss(run.inner, run.dev_set, run.args.batch_size, run.args.precision)
+    return dev_score(run.inner, run.task, run.dev_set, run.metric_name, run.args.batch_size, run.args.precision,
+                     samples=3 if run.main else 0)
 
 
 def _fit(run: _Run) -> None:
@@ -506,7 +519,7 @@ def train_cli(args: TrainArgs) -> int:
         return 0
     test, zs = results.get("test"), results.get("zero_shot")
     if test:
-        key = "accuracy" if "accuracy" in test else "pass@1"
+        key = next(k for k in ("accuracy", "pass@1", "rouge_l") if k in test)
         line = f"test {key}: {test[key]:.4f}"
         if "macro_f1" in test:
             line += f"  macro-F1: {test['macro_f1']:.4f}"

@@ -20,6 +20,7 @@ from . import classification, code  # noqa: F401  (importing registers the built
 from ._util import DATA_DIR_ENV, resolve_data_dir
 from .base import TASKS, Example, Task, TaskError, register_task
 from .classification import UserTask
+from .generation import HUB_PREFIX, GenerationTask, describe_task, generation_inputs, is_generation_source
 
 USER_TASK_SUFFIXES = (".jsonl", ".csv")
 
@@ -35,8 +36,16 @@ def list_tasks() -> list[str]:
 
 def get_task(name_or_path: str | Path, *, data_dir: str | Path | None = None,
              template: str | None = None, label_words: Sequence[str] | str | None = None,
-             seed: int = 0, **kw: Any) -> Task:
-    """Build a task from a built-in name or a ``.jsonl``/``.csv`` file (a user task).
+             seed: int = 0, target_template: str | None = None, chat_template: str | None = None,
+             system_prompt: str | None = None, split_map: str | None = None, max_length: int | None = None,
+             **kw: Any) -> Task:
+    """Build a task from a built-in name, a ``.jsonl``/``.csv`` file or ``hf:OWNER/NAME`` (user tasks).
+
+    A user task is generation (:class:`~lopa.tasks.generation.GenerationTask`) when it comes from the
+    Hub, has a ``target_template``, or its file has ``prompt``, ``completion`` or ``messages`` columns, and no
+    ``label_words`` are given; otherwise classification. ``target_template``, ``chat_template``
+    (``auto``/``none``), ``system_prompt``, ``split_map`` and ``max_length`` apply to generation user
+    tasks only.
 
     ``data_dir`` (where ``mbpp/``, ``cruxeval/`` and ``glue/`` live) defaults to ``$LOPA_DATA_DIR``,
     else ``../shared/data`` relative to the current directory. ``template`` and ``label_words``
@@ -52,7 +61,16 @@ def get_task(name_or_path: str | Path, *, data_dir: str | Path | None = None,
     lopa.tasks.base.TaskError: unknown task 'no-such-task'; built-in tasks: ...
     """
     text = str(name_or_path)
-    if text.lower().endswith(USER_TASK_SUFFIXES):
+    gen = dict(target_template=target_template, chat_template=chat_template, system_prompt=system_prompt,
+               split_map=split_map, max_length=max_length)
+    is_user = text.startswith(HUB_PREFIX) or text.lower().endswith(USER_TASK_SUFFIXES)
+    if is_user and label_words is None and is_generation_source(text, target_template=target_template):
+        return GenerationTask(text, template=template, seed=seed, **gen, **kw)
+    given = [k for k, v in gen.items() if v is not None and not (k == "chat_template" and v == "auto")]
+    if given:
+        raise TaskError(f"{', '.join(given)} apply to generation user tasks only (a file with prompt/completion "
+                        f"or messages rows, or hf:OWNER/NAME); task {text!r} is not one")
+    if is_user:
         return UserTask(text, template=template, label_words=label_words, seed=seed, **kw)
 
     def key(s: str) -> str:
@@ -65,5 +83,5 @@ def get_task(name_or_path: str | Path, *, data_dir: str | Path | None = None,
     return TASKS[matches[0]](data_dir=data_dir, template=template, label_words=label_words, seed=seed, **kw)
 
 
-__all__ = ["DATA_DIR_ENV", "Example", "TASKS", "Task", "TaskError", "get_task", "list_tasks",
-           "register_task", "resolve_data_dir"]
+__all__ = ["DATA_DIR_ENV", "Example", "GenerationTask", "TASKS", "Task", "TaskError", "describe_task",
+           "generation_inputs", "get_task", "list_tasks", "register_task", "resolve_data_dir"]

@@ -566,6 +566,13 @@ class UserTask(ClassificationTask):
         self._rows = self._parse(records)
 
     def _read(self) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+        try:
+            return self._read_utf8()
+        except UnicodeDecodeError as e:
+            raise TaskError(f"{self.path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                            f"{e.start}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
+
+    def _read_utf8(self) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
         suffix = self.path.suffix.lower()
         if suffix == ".jsonl":
             recs = [(f"line {n}", r) for n, r in _jsonl_records(self.path)]

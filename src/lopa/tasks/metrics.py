@@ -1,7 +1,8 @@
-"""Metrics for tasks and benchmarks: accuracy, macro-F1, pass@k, and 95% confidence intervals.
+"""Metrics for tasks and benchmarks: accuracy, macro-F1, pass@k, generation metrics (exact match,
+ROUGE-L, perplexity) and 95% confidence intervals.
 
 Pure Python on purpose: they run on a handful of numbers, and the benchmark scripts must not need
-scikit-learn or scipy.
+scikit-learn or scipy. ROUGE-L comes from Google's maintained ``rouge-score`` package.
 
 Example::
 
@@ -92,6 +93,53 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         prod *= 1.0 - k / i
     return 1.0 - prod
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace-insensitive form for exact match: surrounding whitespace dropped, inner runs collapsed.
+
+    >>> normalize_answer("  def f(x):\\n    return x \\n")
+    'def f(x): return x'
+    """
+    return " ".join(text.split())
+
+
+def exact_match(preds: Sequence[str], refs: Sequence[str]) -> list[bool]:
+    """Per item: does the prediction equal the reference, up to whitespace (:func:`normalize_answer`)?
+
+    >>> exact_match([" 4", "5 "], ["4", "6"])
+    [True, False]
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    return [normalize_answer(p) == normalize_answer(r) for p, r in zip(preds, refs)]
+
+
+def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> list[float]:
+    """Per item ROUGE-L F-measure (longest common subsequence of tokens) from ``rouge-score``.
+
+    rouge-score's tokenizer lower-cases and keeps runs of letters and digits only (punctuation and
+    whitespace separate words); no stemming, so code identifiers and JSON keys are compared whole.
+
+    >>> [round(x, 3) for x in rouge_l(["the cat sat", "a b"], ["the cat sat down", "c d"])]
+    [0.857, 0.0]
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
+
+
+def perplexity(total_logprob: float, n_tokens: int) -> float:
+    """``exp(-total_logprob / n_tokens)``: the perplexity of the completions, per token.
+
+    >>> round(perplexity(-2 * math.log(4), 2), 6)
+    4.0
+    """
+    if n_tokens <= 0:
+        raise ValueError(f"need n_tokens > 0, got {n_tokens}")
+    return math.exp(-total_logprob / n_tokens)
 
 
 def _t95(df: int) -> float:
