@@ -57,6 +57,31 @@ def curves(out_root: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def write_docs(summary: dict, proto: dict, docs: Path) -> None:
+    """``docs/lopa_study.md`` (variants ranked by best dev accuracy, with their curves) and the PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ranked = sorted(summary.items(), key=lambda kv: -(kv[1]["best_dev_accuracy"] or 0))
+    rows = ["| variant | settings | best dev acc % | at step | dev curve (% at each evaluation) | trainable |",
+            "|---|---|---|---|---|---|"]
+    for n, v in ranked:
+        settings = ", ".join(f"{k}={x}" for k, x in v["settings"].items())
+        curve = " → ".join(f"{100 * d:.1f}" for _, d in v["dev_curve"])
+        rows.append(f"| {n} | {settings} | {100 * (v['best_dev_accuracy'] or 0):.1f} | {v['best_step']} | {curve} | "
+                    f"{v['trainable']:,} |")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, v in ranked:
+        if v["dev_curve"]:
+            ax.plot(*zip(*[(st, 100 * d) for st, d in v["dev_curve"]]), marker="o", label=n)
+    ax.set(xlabel="step", ylabel="dev accuracy %", title=f"{proto['task']}: dev accuracy while training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "lopa_study.png", dpi=90)
+    plt.close(fig)
+    (docs / "lopa_study_table.md").write_text("\n".join(rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sst2")
@@ -93,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    "dev_curve": [(h["step"], h["dev"]) for h in curves(out_root, n)]}
                for n, r in results.items()}
     (out_root / "study.json").write_text(json.dumps({"protocol": proto, "variants": summary}, indent=2) + "\n")
+    if a.docs:
+        write_docs(summary, proto, Path("docs"))
     for n, s in sorted(summary.items(), key=lambda kv: -(kv[1]["best_dev_accuracy"] or 0)):
         print(f"{n:28s} dev {100 * (s['best_dev_accuracy'] or 0):5.1f}  curve "
               + " ".join(f"{100 * d:.1f}" for _, d in s["dev_curve"]))
