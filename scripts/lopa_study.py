@@ -79,7 +79,7 @@ def write_docs(summary: dict, proto: dict, docs: Path) -> None:
     fig.tight_layout()
     fig.savefig(docs / "lopa_study.png", dpi=90)
     plt.close(fig)
-    (docs / "lopa_study_table.md").write_text("\n".join(rows) + "\n")
+    (docs / "lopa_study_table.md").write_text("\n".join(rows) + "\n")  # pasted into docs/lopa_study.md
 
 
 def main(argv: list[str] | None = None) -> int:
