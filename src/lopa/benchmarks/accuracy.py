@@ -63,10 +63,11 @@ ROWS = [
     Row("lopt-2", "LoPT-2", {"method": "lopt-2"}),
     Row("idpg", "S-IDPG", {"method": "idpg"}),
     Row("lopa", "LoPA (library defaults)", {"method": "lopa"}),
-    # the paper's formulation as the library had it before the study chose its defaults
-    Row("lopa-paper", "LoPA (the paper's formulation)",
-        {"method": "lopa", "init": "vocab", "gate_scale": 1.0, "hidden_size": 256, "shared_lr_scale": 1.0},
-        family="lopa"),
+    # the formulation of the authors' reference code: Z_S from nn.Embedding's N(0, 1), heads as wide as
+    # the encoder (MiniLM: 384), the rate constant after warm-up (given as a fraction of the steps)
+    Row("lopa-paper", "LoPA (the reference code's formulation)",
+        {"method": "lopa", "init": "random", "init_std": 1.0, "hidden_size": 384, "schedule": "constant",
+         "warmup_fraction": 0.06}, family="lopa"),
     Row("lopa-train-encoder", "LoPA, encoder trained too", {"method": "lopa", "train_encoder": True}, family="lopa"),
     Row("lora", "LoRA (r 8, q/v)", {"method": "lora"}),
     Row("full", "full fine-tuning", {"method": "full"}),
@@ -179,12 +180,16 @@ class Runner:
         from lopa.train import TrainArgs, train
         cfg, row, steps = self.cfg, ROW_BY_NAME[job.row], self.cfg.task_steps[job.task]
         out = self.run_dir(job)
-        args = TrainArgs.from_flat(
-            **row.settings, task=job.task, model=cfg.model, data_dir=cfg.data_dir, out=str(out), max_steps=steps,
-            lr=job.lr, seed=job.seed, eval_every=max(1, steps // cfg.evals), eval_limit=cfg.dev_limit,
-            test_limit=cfg.test_limit, test=job.test, zero_shot=False, progress=False,
-            warmup_steps=max(1, steps // 10), resume=(out / "run_config.json").exists(),
-            **method_settings(row.method, encoder=cfg.encoder))
+        settings = dict(row.settings)
+        warmup = max(1, round(steps * settings.pop("warmup_fraction", 0.1)))
+        if cfg.quick:  # the tiny encoder is 32 wide
+            settings.pop("hidden_size", None)
+        args = TrainArgs.from_flat(**{
+            **method_settings(row.method, encoder=cfg.encoder), **settings, "task": job.task, "model": cfg.model,
+            "data_dir": cfg.data_dir, "out": str(out), "max_steps": steps, "lr": job.lr, "seed": job.seed,
+            "eval_every": max(1, steps // cfg.evals), "eval_limit": cfg.dev_limit, "test_limit": cfg.test_limit,
+            "test": job.test, "zero_shot": False, "progress": False, "warmup_steps": warmup,
+            "resume": (out / "run_config.json").exists()})
         print(f"[accuracy] {job.key}: training {steps} steps", file=sys.stderr, flush=True)
         res = train(args)
         _drop_checkpoints(out)
