@@ -460,7 +460,7 @@ class GlueTask(ClassificationTask):
 
     def _read_jsonl(self, path: Path) -> list[Row]:
         rows: list[Row] = []
-        for lineno, rec in _jsonl_records(path):
+        for lineno, rec in jsonl_records(path):
             missing = [c for c in (*self.spec.columns, "label") if c not in rec]
             if missing:
                 raise TaskError(f"{path} line {lineno} has no {missing}; the Hub's {self.spec.config} "
@@ -512,7 +512,7 @@ _SPLIT_NAMES = {"train": "train", "dev": "dev", "validation": "dev", "valid": "d
                 "test": "test"}
 
 
-def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     out = []
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
@@ -575,7 +575,7 @@ class UserTask(ClassificationTask):
     def _read_utf8(self) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
         suffix = self.path.suffix.lower()
         if suffix == ".jsonl":
-            recs = [(f"line {n}", r) for n, r in _jsonl_records(self.path)]
+            recs = [(f"line {n}", r) for n, r in jsonl_records(self.path)]
             columns: list[str] = []
             for _, r in recs:
                 columns += [k for k in r if k not in columns]

@@ -51,7 +51,7 @@ from typing import Any
 from .. import prompt_format as pf
 from ._util import seeded_partition
 from .base import Example, Task, TaskError
-from .classification import template_slots
+from .classification import jsonl_records, template_slots
 
 HUB_PREFIX = "hf:"
 _SPLIT_NAMES = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "val": "dev",
@@ -352,24 +352,15 @@ def _read_file(path: Path) -> tuple[list[str], list[tuple[str, str | None, dict[
         raise TaskError(f"{path}: a user task file must end in .jsonl or .csv")
     records: list[tuple[str, dict[str, Any]]] = []
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            if suffix == ".csv":
+        if suffix == ".csv":
+            with open(path, encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f)
                 records = [(f"row {i}", dict(r)) for i, r in enumerate(reader, start=1)]
                 columns = list(reader.fieldnames or [])
-            else:
-                columns = []
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise TaskError(f"{path} line {lineno} is not valid JSON ({e.msg})") from e
-                    if not isinstance(rec, dict):
-                        raise TaskError(f"{path} line {lineno} is not a JSON object")
-                    columns += [k for k in rec if k not in columns]
-                    records.append((f"line {lineno}", rec))
+        else:
+            lines = jsonl_records(path)
+            columns = list(dict.fromkeys(k for _, rec in lines for k in rec))
+            records = [(f"line {lineno}", rec) for lineno, rec in lines]
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from e
     out = []
