@@ -3,11 +3,13 @@
 #   1. pytest -m gpu            the test suite's GPU tests
 #   2. lopa train               50 steps of prompt tuning in bf16 on a small task file this script writes
 #   3. lopa serve --device cuda with one classify and one generate round trip (the trained artifact, --url)
-#   4. lopa bench serving       at K = 1, 8, 64, 512 on the GPU (skipped, saying so, while the benchmark has no --device)
+#   4. lopa bench serving       at K = 1, 8, 64, 512 on the GPU (skipped, saying so, where the installed lopa has no --device)
 #
 # Usage: scripts/device_check.sh [OUT]        (OUT: results folder, default device-check-<time>)
 # Settings (environment): MODEL (default smollm2-135m), PYTHON (default python), STEPS (50), PORT (8765),
-# DEVICE (cuda; cpu rehearses the steps on a machine without a GPU, steps 1 and 4 then prove nothing).
+# DEVICE (cuda; cpu rehearses the steps on a machine without a GPU, steps 1 and 4 then prove nothing),
+# BENCH_TASKS (1,8,64,512) and BENCH_REQUESTS (64): the benchmark's K values and requests per K.
+# Time limits per step (s): GPU 60, tests 60, train 120, server start 60, each round trip 30, benchmark 170.
 # Everything goes to OUT/device_check.log (each step's own output also to OUT/<step>.log); one summary line
 # per step on stdout and in OUT/summary.txt. Exit status: 0 all steps passed or were skipped with a reason,
 # 1 a step failed or ran out of time, 2 bad usage, 3 no CUDA GPU (found in seconds, before any step).
@@ -20,9 +22,13 @@ PY=${PYTHON:-python}
 STEPS=${STEPS:-50}
 PORT=${PORT:-8765}
 DEVICE=${DEVICE:-cuda}
+BENCH_TASKS=${BENCH_TASKS:-1,8,64,512}
+BENCH_REQUESTS=${BENCH_REQUESTS:-64}
 KEY=device-check-key
 
-case "$STEPS$PORT" in *[!0-9]*) echo "device_check: STEPS and PORT must be whole numbers (got '$STEPS', '$PORT')" >&2; exit 2;; esac
+case "$STEPS$PORT$BENCH_REQUESTS" in *[!0-9]*|"")
+  echo "device_check: STEPS, PORT and BENCH_REQUESTS must be whole numbers (got '$STEPS', '$PORT', '$BENCH_REQUESTS')" >&2; exit 2;; esac
+case "$BENCH_TASKS" in *[!0-9,]*|"") echo "device_check: BENCH_TASKS must be comma-separated whole numbers (got '$BENCH_TASKS')" >&2; exit 2;; esac
 case "$DEVICE" in cuda|cuda:[0-9]*|cpu) ;; *) echo "device_check: DEVICE must be cuda, cuda:N or cpu (got '$DEVICE')" >&2; exit 2;; esac
 mkdir -p "$OUT" || { echo "device_check: cannot create $OUT" >&2; exit 2; }
 LOG="$OUT/device_check.log"
@@ -84,7 +90,7 @@ EOF
 fi
 
 # 1. the suite's GPU tests (they skip themselves where there is no GPU)
-step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+step pytest_gpu 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 
 # 2. training: a small classification task written here (no download), 50 steps in bf16
 DATA="$OUT/reviews.jsonl"
@@ -105,7 +111,7 @@ RUN="$OUT/run"
 # the precision is bf16 on a GPU; on the cpu rehearsal, auto (a CPU may have no fast bf16)
 PREC=bf16; [ "$DEVICE" = cpu ] && PREC=auto
 ARTIFACT=
-if step train 150 "$PY" -m lopa train --method prompt-tuning --task "$DATA" --template '{text} It was' \
+if step train 120 "$PY" -m lopa train --method prompt-tuning --task "$DATA" --template '{text} It was' \
      --label-words ' terrible, great' --model "$MODEL" --max-steps "$STEPS" --batch-size 8 --precision "$PREC" \
      --out "$RUN"; then
   cfg=$(find "$RUN" -name soft_prompt_config.json -path '*best*' | head -n 1)
@@ -135,18 +141,19 @@ else
     FAILED=1
   else
     say "serve: healthy on $URL"
-    step serve_classify 60 "$PY" -m lopa classify --artifact "$ARTIFACT" --url "$URL" --apply-template \
+    step serve_classify 30 "$PY" -m lopa classify --artifact "$ARTIFACT" --url "$URL" --apply-template \
       --text "a gripping, funny film, warm and clever." "dull and far too long, nothing works here."
-    step serve_generate 60 "$PY" -m lopa generate --artifact "$ARTIFACT" --url "$URL" --max-new-tokens 8 \
+    step serve_generate 30 "$PY" -m lopa generate --artifact "$ARTIFACT" --url "$URL" --max-new-tokens 8 \
       --text "The capital of France is"
   fi
   cleanup; SERVER_PID=
 fi
 
-# 4. the serving benchmark on the device, where it can run there
+# 4. the serving benchmark on the device (its figures: OUT/bench/serving.json and OUT/bench/results.md)
 if "$PY" -m lopa bench serving --help 2>/dev/null | grep -q -- "--device"; then
-  step bench_serving 150 "$PY" -m lopa bench serving --device "$DEVICE" --model "$MODEL" --tasks 1,8,64,512 \
-    --requests 64 --repeats 1 --no-vllm --out "$OUT/bench" --doc "$OUT/bench/results.md"
+  step bench_serving 170 "$PY" -m lopa bench serving --device "$DEVICE" --model "$MODEL" --tasks "$BENCH_TASKS" \
+    --requests "$BENCH_REQUESTS" --repeats 1 --gen-requests 16 --new-tokens 16 --no-vllm \
+    --out "$OUT/bench" --doc "$OUT/bench/results.md"
 else
   skip bench_serving "lopa bench serving has no --device option in this version: its contenders run on the CPU only"
 fi
