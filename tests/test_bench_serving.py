@@ -73,3 +73,26 @@ def test_bad_option_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", "serving", "--quick", "--tasks", "0,4", "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("device,message", [("tpu", "--device must be cpu, cuda or cuda:N"),
+                                            ("nonsense", "--device must be cpu, cuda or cuda:N")])
+def test_bad_device_is_a_usage_error(tmp_path, capsys, device, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "serving", "--quick", "--device", device, "--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
+def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "serving", "--quick", "--device", "cuda", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "sees no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_quick_on_cuda(tmp_path):
+    assert main(["bench", "serving", "--quick", "--device", "cuda", "--out", str(tmp_path),
+                 "--doc", str(tmp_path / "results.md")]) == 0
+    result = json.loads((tmp_path / "serving.json").read_text())
+    assert result["settings"]["device"] == "cuda" and result["dtype"] == "bfloat16"

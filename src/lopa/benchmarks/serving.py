@@ -134,6 +134,10 @@ def build_parser() -> BenchmarkParser:
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="model dtype of the server and of every in-process contender (auto: bf16 on a CPU with native "
            "bf16, else fp32; the server's own default) (default auto)")
+    a("--device", default="cpu",
+      help="where the server and every in-process contender run: cpu, cuda, cuda:N (the bare model, PEFT's LoRA "
+           "and prompt-tuning models with their adapters, lopa's backend; --dtype auto then means bf16 where the "
+           "device runs it) (default cpu)")
     a("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
       help="how soft prompts travel to the server (default bfloat16: half the bytes of float32)")
     a("--threads", type=int, default=1,
@@ -184,6 +188,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS + EXTRA_CONTENDERS)}")
     if args.concurrency is None:
         args.concurrency = 2 * args.batch_size
+    import torch
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
     require_positive(p, args, ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r",
                                "new_tokens", "threads", "gen_threads"))
     if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0:
@@ -239,10 +252,10 @@ class Server:
     def __init__(self, args: argparse.Namespace, log_path: Path, threads: int | None = None):
         import httpx
         self.threads = threads or args.threads
-        # --device cpu: every in-process contender runs on the CPU, and the server's default (auto) would take a
-        # GPU where there is one, comparing unlike machines; this benchmark measures CPUs only
+        # the server's device always given: its default (auto) would take a GPU where there is one while the
+        # in-process contenders ran on --device, comparing unlike machines
         self.process = ServerProcess(
-            ["--model", args.model, "--dtype", args.dtype, "--device", "cpu", "--threads", str(self.threads),
+            ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--threads", str(self.threads),
              "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
              "--batch-invariant", "off",  # pads like the in-process contenders, so the sanity check compares equal inputs
              "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
@@ -322,10 +335,15 @@ class Server:
 
 # --------------------------------------------------------------------------- in-process contenders
 
-def last_index(length: int) -> Any:
+def last_index(length: int, device: Any = "cpu") -> Any:
     """``logits_to_keep`` as an index tensor, as lopa.prefix does: the LM head as one contiguous mm."""
     import torch
-    return torch.tensor([length - 1])
+    return torch.tensor([length - 1], device=device)
+
+
+def device_of(model: Any) -> Any:
+    """Where a model's weights are: the device its inputs are built on."""
+    return next(model.parameters()).device
 
 
 def answer_logprobs(out: Any, label_ids: list[int]) -> list[list[float]]:
@@ -342,9 +360,9 @@ def run_bare(model: Any, rows: list[list[int]], label_ids: list[int], bs: int) -
     out: list[list[float]] = []
     with torch.inference_mode():
         for b in batches(list(range(len(rows))), bs):
-            ids = torch.tensor([rows[i] for i in b])
-            r = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=last_index(ids.shape[1]),
-                      use_cache=False)
+            ids = torch.tensor([rows[i] for i in b], device=device_of(model))
+            r = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      logits_to_keep=last_index(ids.shape[1], ids.device), use_cache=False)
             out += answer_logprobs(r, label_ids)
     return out
 
@@ -396,9 +414,9 @@ def run_lora(model: Any, rows: list[list[int]], tasks: list[int], label_ids: lis
     out: list[list[float]] = []
     with torch.inference_mode():
         for b in batches(list(range(len(rows))), bs):
-            ids = torch.tensor([rows[i] for i in b])
+            ids = torch.tensor([rows[i] for i in b], device=device_of(model))
             r = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[f"t{tasks[i]}" for i in b],
-                      logits_to_keep=last_index(ids.shape[1]), use_cache=False)
+                      logits_to_keep=last_index(ids.shape[1], ids.device), use_cache=False)
             out += answer_logprobs(r, label_ids)
     return out
 
@@ -416,9 +434,9 @@ def run_peft_pt(model: Any, rows: list[list[int]], tasks: list[int], label_ids: 
         for t, idx in groups.items():
             model.set_adapter(f"t{t}")
             for b in batches(idx, bs):
-                ids = torch.tensor([rows[i] for i in b])
+                ids = torch.tensor([rows[i] for i in b], device=device_of(model))
                 r = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          logits_to_keep=last_index(ids.shape[1] + m), use_cache=False)
+                          logits_to_keep=last_index(ids.shape[1] + m, ids.device), use_cache=False)
                 for i, lp in zip(b, answer_logprobs(r, label_ids)):
                     out[i] = lp
                 n_batches += 1
@@ -469,9 +487,11 @@ class LoraAdapters:
                                      config=self.cfg)
             finally:
                 del mod._move_adapter_to_device_of_base_layer, mod.set_adapter
+            # the deferred device move: the new adapters go where their base layer is (a GPU with --device cuda)
+            device = mod.get_base_layer().weight.device
             for d in (mod.lora_A, mod.lora_B):
                 for i in range(self.k, k):
-                    d[f"t{i}"].to(self.dtype).requires_grad_(False)
+                    d[f"t{i}"].to(device=device, dtype=self.dtype).requires_grad_(False)
         for i in range(self.k, k):
             self.model.peft_config[f"t{i}"] = self.cfg
         self.model.base_model.set_adapter("t0")
@@ -503,7 +523,7 @@ class PromptTuningAdapters:
         import torch
         with torch.no_grad():
             w = self.model.prompt_encoder[f"t{i}"].embedding.weight
-            w.copy_(self.soft[i].to(w.dtype))
+            w.copy_(self.soft[i].to(w.device, w.dtype))
 
     def grow(self, k: int) -> None:
         if k <= self.k:
@@ -525,7 +545,7 @@ def hf_generate(model: Any, tok: Any, rows: list[list[int]], bs: int, new_tokens
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     with torch.inference_mode():
         for b in batches(list(range(len(rows))), bs):
-            ids = torch.tensor([rows[i] for i in b])
+            ids = torch.tensor([rows[i] for i in b], device=device_of(model))
             g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                                eos_token_id=eos)
@@ -562,7 +582,7 @@ def build_workload(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any, Work
     import lopa
     from lopa.serve.wire import decode_soft_prompt, encode_soft_prompt
     bare, tok = lopa.load_base(args.model, dtype)
-    bare.eval()
+    bare.to(args.device).eval()
     emb = bare.get_input_embeddings().weight
     hidden = int(emb.shape[1])
     emb_std = float(emb[:4096].float().std())
@@ -588,19 +608,19 @@ def in_process_contenders(args: argparse.Namespace, dtype: Any, work: Workload) 
     import lopa
     lora = pt = inproc = None
     if "lora" in args.contenders:
-        lora = LoraAdapters(lopa.load_base(args.model, dtype)[0], args)
+        lora = LoraAdapters(lopa.load_base(args.model, dtype)[0].to(args.device), args)
     if "peft-pt" in args.contenders:
-        pt = PromptTuningAdapters(lopa.load_base(args.model, dtype)[0], work.soft_model, args)
+        pt = PromptTuningAdapters(lopa.load_base(args.model, dtype)[0].to(args.device), work.soft_model, args)
     if "lopa-inproc" in args.contenders:
         from lopa.serve.backends import TransformersBackend
-        inproc = TransformersBackend(args.model, dtype=str(dtype).removeprefix("torch."), device="cpu")
+        inproc = TransformersBackend(args.model, dtype=str(dtype).removeprefix("torch."), device=args.device)
     return lora, pt, inproc
 
 
 def warm_up(args: argparse.Namespace, work: Workload, wire: list[dict], server: Any, bare: Any, lora: Any, pt: Any,
             inproc: Any) -> None:
     """One batch through every contender, so that first-call kernel set-up lands in no column."""
-    rows = list(range(args.batch_size))
+    rows = list(range(min(args.batch_size, len(work.text))))  # fewer requests than a batch: all of them
     text, label_ids, bs = [work.text[i] for i in rows], work.label_ids, args.batch_size
     if server is not None:
         server.drive("/v1/classify", [json.dumps({"token_ids": t, "soft_prompt": wire[0],
@@ -627,7 +647,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lopa.serve.backends import resolve_device, resolve_dtype
 
     torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     load_start = load_average()
@@ -814,7 +834,7 @@ def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload,
     for name, dt in (("hf-fp32", torch.float32), ("hf-bf16", torch.bfloat16)):
         if models[name] is None:
             models[name], _ = lopa.load_base(args.model, dt)
-            models[name].eval()
+            models[name].to(args.device).eval()
     bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[i % k], "max_new_tokens": g,
                           "temperature": 0.0}).encode() for i in idx]
     contenders = ["lopa", "hf-fp32", "hf-bf16"]
@@ -946,7 +966,7 @@ def render_setup(result: dict[str, Any]) -> list[str]:
          f"`{result['command']}` — {result['wall_s'] / 60:.1f} min on {env['cpu']} ({env['cores']} cores, "
          f"shared; load average {result['load_average']['start'][0]} at the start, "
          f"{result['load_average']['end'][0]} at the end), {env['torch_threads']} torch thread(s) for every "
-         f"contender, {result['dtype']}, torch {env['torch']}, transformers {env['transformers']}, "
+         f"contender, {result['dtype']} on {s.get('device', 'cpu')}, torch {env['torch']}, transformers {env['transformers']}, "
          f"PEFT {env['peft']}.", ""]
     w = result["workload"]
     L += [f"Classification stream: {s['requests']} requests per K (x {s['repeats']} pass(es)), request i of task "

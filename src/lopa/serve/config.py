@@ -10,6 +10,10 @@ ValueError: port must be an integer in [0, 65535], got 70000
 Traceback (most recent call last):
 ...
 ValueError: batch_invariant must be one of ['auto', 'on', 'off'], got 'yes'
+>>> ServeConfig(tensor_parallel_size=2)
+Traceback (most recent call last):
+...
+ValueError: --tensor-parallel-size is a setting of vLLM's engine; add --backend vllm (the transformers backend runs on one device)
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from .backends import BACKENDS, BATCH_INVARIANT_CHOICES, DTYPE_CHOICES, check_ba
 from .protocol import BackendError
 
 MiB = 1024 * 1024
+# the fields of ServeConfig that only vLLM's engine reads (max_model_len is sent separately, with its default)
+VLLM_ENGINE_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "quantization",
+                        "enable_prefix_caching", "kv_cache_memory")
 
 
 @dataclass
@@ -64,6 +71,19 @@ class ServeConfig:
     """the longest wait for the next piece of a request body; a client that stops sending gets 408 and the connection is closed"""
     threads: int | None = None
     """PyTorch CPU threads for the model (default: PyTorch's choice, one per core); 1 suits tiny models on busy machines"""
+    # vLLM's engine settings (--backend vllm only): unset leaves vLLM's own default
+    tensor_parallel_size: int | None = None
+    """vllm: split every layer over this many GPUs of this machine (vLLM's tensor_parallel_size; default 1)"""
+    gpu_memory_utilization: float | None = None
+    """vllm: the fraction of each GPU's memory vLLM may take for weights, activations and KV cache, in (0, 1] (vLLM's default 0.9)"""
+    max_model_len: int | None = None
+    """vllm: the longest sequence the engine holds (soft prompt + prompt + new tokens); at least max-soft-tokens + max-prompt-tokens + max-new-tokens, which is the default"""
+    quantization: str | None = None
+    """vllm: weight quantisation method passed to vLLM (awq, gptq, fp8, bitsandbytes, ...; default: what the checkpoint says)"""
+    enable_prefix_caching: bool | None = None
+    """vllm: reuse the KV cache of repeated prompt prefixes (vLLM's own caching; default: vLLM's choice)"""
+    kv_cache_memory: float | None = None
+    """vllm: KV cache size per GPU in GiB (vLLM's kv_cache_memory_bytes; when set, gpu-memory-utilization no longer sizes the cache)"""
     log_level: str = field(default="info", metadata={"choices": ["critical", "error", "warning", "info", "debug"]})
     """server log level (info logs every request)"""
 
@@ -77,10 +97,6 @@ class ServeConfig:
         if self.batch_invariant not in BATCH_INVARIANT_CHOICES:
             raise ValueError(f"batch_invariant must be one of {list(BATCH_INVARIANT_CHOICES)}, "
                              f"got {self.batch_invariant!r}")
-        try:
-            check_backend_name(self.backend)
-        except BackendError as e:
-            raise ValueError(str(e)) from None
         for name, lo, hi in (("port", 0, 65535), ("max_batch_size", 1, 4096), ("max_soft_tokens", 1, 1 << 16),
                              ("max_prompt_tokens", 1, 1 << 24), ("max_new_tokens", 1, 1 << 20),
                              ("max_body_bytes", 1024, 1 << 34)):
@@ -96,3 +112,58 @@ class ServeConfig:
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not math.isfinite(self.max_wait_ms) or not 0 <= self.max_wait_ms <= 10_000:
             raise ValueError(f"max_wait_ms must be a number in [0, 10000], got {self.max_wait_ms!r}")
+        self._check_engine_settings()
+        try:  # last: the engine settings' own errors show even where the backend is not installed
+            check_backend_name(self.backend)
+        except BackendError as e:
+            raise ValueError(str(e)) from None
+
+    def _check_engine_settings(self) -> None:
+        given = [n for n in VLLM_ENGINE_SETTINGS if getattr(self, n) is not None]
+        if given and self.backend != "vllm":
+            names = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise ValueError(f"{names} {'is a setting' if len(given) == 1 else 'are settings'} of vLLM's engine; "
+                             f"add --backend vllm (the {self.backend} backend runs on one device)")
+        tp = self.tensor_parallel_size
+        if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 1024):
+            raise ValueError(f"tensor_parallel_size must be an integer in [1, 1024], got {tp!r}")
+        g = self.gpu_memory_utilization
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                              or not 0 < g <= 1):
+            raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {g!r}")
+        n = self.max_model_len
+        need = self.max_soft_tokens + self.max_prompt_tokens + self.max_new_tokens
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1 << 24:
+                raise ValueError(f"max_model_len must be an integer in [1, {1 << 24}], got {n!r}")
+            if n < need:
+                # the server admits requests by the three limits; the engine must hold the longest of them
+                raise ValueError(f"max_model_len {n} is below max_soft_tokens + max_prompt_tokens + max_new_tokens "
+                                 f"= {need}: lower --max-prompt-tokens (or the others) or raise --max-model-len")
+        q = self.quantization
+        if q is not None and (not isinstance(q, str) or not q.strip() or not q.replace("_", "").replace("-", "").isalnum()):
+            raise ValueError(f"quantization must name a vLLM quantisation method (awq, gptq, fp8, ...), got {q!r}")
+        if self.enable_prefix_caching is not None and not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
+        k = self.kv_cache_memory
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k)
+                              or not 0 < k <= 1 << 20):
+            raise ValueError(f"kv_cache_memory must be a positive number of GiB (at most {1 << 20}), got {k!r}")
+
+    @property
+    def engine_max_model_len(self) -> int:
+        """The longest sequence vLLM's engine must hold: ``--max-model-len`` or the sum of the three limits.
+
+        >>> ServeConfig(max_soft_tokens=8, max_prompt_tokens=100, max_new_tokens=20).engine_max_model_len
+        128
+        """
+        return self.max_model_len or self.max_soft_tokens + self.max_prompt_tokens + self.max_new_tokens
+
+    def vllm_settings(self) -> dict[str, object]:
+        """The vLLM engine settings given on the command line (unset ones left out), by :class:`ServeConfig`
+        name; :func:`lopa.serve.backends.vllm.engine_kwargs` turns them into vLLM's keyword arguments.
+
+        >>> ServeConfig().vllm_settings()  # the transformers backend takes none
+        {}
+        """
+        return {n: getattr(self, n) for n in VLLM_ENGINE_SETTINGS if getattr(self, n) is not None}

@@ -39,8 +39,8 @@ def serve(cfg: ServeConfig) -> int:
         torch.set_num_threads(cfg.threads)
     try:
         backend = make_backend(cfg.backend, cfg.model, cfg.dtype, cfg.device, max_batch_size=cfg.max_batch_size,
-                               max_model_len=cfg.max_soft_tokens + cfg.max_prompt_tokens + cfg.max_new_tokens,
-                               batch_invariant=cfg.batch_invariant)
+                               max_model_len=cfg.engine_max_model_len, batch_invariant=cfg.batch_invariant,
+                               engine_settings=cfg.vllm_settings() or None)
     except BackendError as e:
         print(f"lopa serve: {e}", file=sys.stderr)
         return 2

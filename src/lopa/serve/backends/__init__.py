@@ -30,19 +30,21 @@ __all__ = ["BACKENDS", "BATCH_INVARIANT_CHOICES", "DTYPE_CHOICES", "Backend", "B
 
 
 def _transformers(model_name: str, dtype: str, device: str, max_model_len: int | None,
-                  max_batch_size: int | None, batch_invariant: str) -> Backend:
+                  max_batch_size: int | None, batch_invariant: str, engine_settings: dict | None) -> Backend:
     # sizes nothing ahead: needs neither limit
+    if engine_settings:
+        raise BackendError(f"{sorted(engine_settings)} are settings of vLLM's engine; use --backend vllm")
     return TransformersBackend(model_name, dtype=dtype, device=device, batch_invariant=batch_invariant)
 
 
 def _vllm(model_name: str, dtype: str, device: str, max_model_len: int | None, max_batch_size: int | None,
-          batch_invariant: str) -> Backend:
+          batch_invariant: str, engine_settings: dict | None) -> Backend:
     from .vllm import VLLMBackend  # only here: vLLM is an optional extra
     if batch_invariant == "on":
         raise BackendError("the vllm backend schedules its own batches and cannot promise batch-invariant answers; "
                            "use --backend transformers or --batch-invariant auto")
     return VLLMBackend(model_name, dtype=dtype, device=device, max_model_len=max_model_len,
-                       max_num_seqs=max_batch_size)
+                       max_num_seqs=max_batch_size, settings=engine_settings)
 
 
 # name -> (builder, the distribution it needs or None)
@@ -65,11 +67,14 @@ def check_backend_name(name: str) -> None:
 
 def make_backend(name: str, model_name: str, dtype: str = "auto", device: str = "auto", *,
                  max_model_len: int | None = None, max_batch_size: int | None = None,
-                 batch_invariant: str = "auto") -> Backend:
+                 batch_invariant: str = "auto", engine_settings: dict | None = None) -> Backend:
     """Build a backend by name. ``max_model_len`` (the longest soft prompt + prompt + new tokens) and
     ``max_batch_size`` size vLLM's engine (its ``max_model_len`` and ``max_num_seqs``); the
     transformers backend needs neither. ``batch_invariant``: see
-    :class:`~lopa.serve.backends.transformers.TransformersBackend`."""
+    :class:`~lopa.serve.backends.transformers.TransformersBackend`. ``engine_settings``: vLLM's engine
+    options by :class:`~lopa.serve.config.ServeConfig` name (:func:`lopa.serve.backends.vllm.engine_kwargs`);
+    the transformers backend refuses any."""
     check_backend_name(name)
-    return _REGISTRY[name][0](model_name, dtype, device, max_model_len, max_batch_size, batch_invariant)
+    return _REGISTRY[name][0](model_name, dtype, device, max_model_len, max_batch_size, batch_invariant,
+                              engine_settings)
 

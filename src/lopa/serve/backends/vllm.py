@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Sequence
+from typing import Any, Callable, Coroutine, Mapping, Sequence
 
 import torch
 
@@ -124,6 +124,61 @@ def _lookup(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return embed
 
 
+# -- the engine's arguments ------------------------------------------------------------------------
+
+GiB = 1 << 30
+# lopa serve's engine settings -> vLLM's AsyncEngineArgs field (and a conversion of the value)
+_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "tensor_parallel_size": ("tensor_parallel_size", int),
+    "gpu_memory_utilization": ("gpu_memory_utilization", float),
+    "max_model_len": ("max_model_len", int),
+    "quantization": ("quantization", str),
+    "enable_prefix_caching": ("enable_prefix_caching", bool),
+    "kv_cache_memory": ("kv_cache_memory_bytes", lambda gib: int(round(float(gib) * GiB))),
+}
+# what lopa's requests depend on: a setting may not turn these off
+_FIXED = ("model", "enable_prompt_embeds", "dtype")
+
+
+def engine_kwargs(model_path: str, dtype: str, *, enforce_eager: bool, max_model_len: int | None = None,
+                  max_num_seqs: int | None = None, settings: Mapping[str, Any] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.AsyncEngineArgs`` for one server (a pure function: no vLLM needed).
+
+    ``settings`` are ``lopa serve``'s engine options by their :class:`~lopa.serve.config.ServeConfig`
+    names (``kv_cache_memory`` in GiB becomes vLLM's ``kv_cache_memory_bytes``); unset (None) ones
+    leave vLLM's default. ``extra`` are raw vLLM fields applied last, except ``model``,
+    ``enable_prompt_embeds`` and ``dtype``, which the backend's prompts depend on.
+
+    >>> kw = engine_kwargs("/m", "bfloat16", enforce_eager=False, max_model_len=512,
+    ...                    settings={"tensor_parallel_size": 2, "kv_cache_memory": 0.5, "quantization": None})
+    >>> kw["tensor_parallel_size"], kw["kv_cache_memory_bytes"], kw["max_model_len"], "quantization" in kw
+    (2, 536870912, 512, False)
+    >>> engine_kwargs("/m", "bfloat16", enforce_eager=False, settings={"tensor_parallell_size": 2})
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown vLLM engine setting 'tensor_parallell_size'; known: ['tensor_parallel_size', 'gpu_memory_utilization', 'max_model_len', 'quantization', 'enable_prefix_caching', 'kv_cache_memory']
+    """
+    args: dict[str, Any] = dict(model=model_path, enable_prompt_embeds=True, dtype=dtype, enforce_eager=enforce_eager,
+                                generation_config="vllm",  # no sampling defaults from the model: a request says what it wants
+                                disable_log_stats=True, seed=0)
+    if max_model_len is not None:
+        args["max_model_len"] = int(max_model_len)
+    if max_num_seqs is not None:
+        args["max_num_seqs"] = int(max_num_seqs)
+    for name, value in (settings or {}).items():
+        if name not in _SETTINGS:
+            raise ValueError(f"unknown vLLM engine setting {name!r}; known: {list(_SETTINGS)}")
+        if value is not None:
+            field_name, convert = _SETTINGS[name]
+            args[field_name] = convert(value)
+    for name, value in (extra or {}).items():
+        if name in _FIXED and value != args[name]:
+            raise ValueError(f"engine argument {name!r} is set by the backend ({args[name]!r}); got {value!r}")
+        args[name] = value
+    return args
+
+
 # -- the backend -----------------------------------------------------------------------------------
 
 class VLLMBackend:
@@ -139,7 +194,9 @@ class VLLMBackend:
         enforce_eager: no torch.compile / CUDA graphs; default True on CPU, where compiling takes
             minutes and needs a C++ compiler, False on GPUs. On CPU it also keeps the engine's
             sampler helpers uncompiled (``TORCH_COMPILE_DISABLE=1`` for the engine process).
-        engine_args: more ``vllm.AsyncEngineArgs`` fields (``gpu_memory_utilization``, ...).
+        settings: ``lopa serve``'s engine settings by their :class:`~lopa.serve.config.ServeConfig` names
+            (``tensor_parallel_size``, ``kv_cache_memory`` in GiB, ...; see :func:`engine_kwargs`).
+        engine_args: more ``vllm.AsyncEngineArgs`` fields, by vLLM's names, applied last.
 
     The KV cache on CPU is sized by vLLM's ``VLLM_CPU_KVCACHE_SPACE`` (GiB).
 
@@ -152,7 +209,8 @@ class VLLMBackend:
 
     def __init__(self, model_name: str, dtype: str = "auto", device: str = "auto", *,
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
-                 enforce_eager: bool | None = None, engine_args: dict[str, Any] | None = None):
+                 enforce_eager: bool | None = None, settings: Mapping[str, Any] | None = None,
+                 engine_args: dict[str, Any] | None = None):
         # vLLM logs to stdout by default; a server's (and a benchmark's JSON line's) stdout stays clean
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
@@ -176,15 +234,9 @@ class VLLMBackend:
         self.vocab_size, self.hidden_size = (int(x) for x in self._embed.weight_shape)  # type: ignore[attr-defined]
         if enforce_eager is None:
             enforce_eager = platform == "cpu"
-        args = dict(model=resolve(model_name), enable_prompt_embeds=True,
-                    dtype=str(self.dtype).removeprefix("torch."), enforce_eager=enforce_eager,
-                    generation_config="vllm",  # no sampling defaults from the model: a request says what it wants
-                    disable_log_stats=True, seed=0)
-        if max_model_len is not None:
-            args["max_model_len"] = max_model_len
-        if max_num_seqs is not None:
-            args["max_num_seqs"] = max_num_seqs
-        args.update(engine_args or {})
+        args = engine_kwargs(resolve(model_name), str(self.dtype).removeprefix("torch."),
+                             enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                             settings=settings, extra=engine_args)
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lopa-vllm", daemon=True)
