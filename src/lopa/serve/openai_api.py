@@ -42,6 +42,7 @@ from .errors import APIError
 from .protocol import Completion, GenerateRow, Submitter
 from .schemas import IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIRequest
 
+SEED_RANGE = 2 ** 63  # what the schema accepts, and what every backend's RNG takes
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
 
 
@@ -69,14 +70,15 @@ def chat_text(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
 
 
 def decode_rows(req: OpenAIRequest, checks: Checks, ids: list[int], max_tokens: int) -> list[GenerateRow]:
-    """One row per choice. With a seed, choice ``i`` samples with ``seed + i``: reproducible and distinct."""
+    """One row per choice. With a seed, choice ``i`` samples with ``seed + i`` (wrapped into the seed's
+    range): reproducible and distinct."""
     z = checks.soft(req.soft_prompt)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     n = req.n or 1
-    return [GenerateRow(ids, z, max_tokens, temperature, top_p, stop, None if req.seed is None else req.seed + i)
-            for i in range(n)]
+    seeds = [None if req.seed is None else (req.seed + i) % SEED_RANGE for i in range(n)]
+    return [GenerateRow(ids, z, max_tokens, temperature, top_p, stop, seed) for seed in seeds]
 
 
 async def run_rows(batcher: Submitter, rows: list[GenerateRow]) -> list[Completion]:
@@ -124,7 +126,8 @@ class Answer:
         out = []
         for i, o in enumerate(self.outs):
             if chat:
-                steps = [({"role": "assistant", "content": ""}, None), ({"content": o.text}, None), ({}, o.finish_reason)]
+                steps = [({"role": "assistant", "content": ""}, None), ({"content": o.text}, None),
+                         ({}, o.finish_reason)]
                 out += [{**self._head(obj), "choices": [{"index": i, "delta": d, "finish_reason": f,
                                                          "logprobs": None}], **extra} for d, f in steps]
             else:
@@ -138,7 +141,8 @@ class Answer:
 
 def sse_events(chunks: Iterable[dict[str, Any]]) -> list[str]:
     """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``."""
-    return [f"data: {json.dumps(c, ensure_ascii=True, separators=(',', ':'))}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    events = [f"data: {json.dumps(c, ensure_ascii=True, separators=(',', ':'))}\n\n" for c in chunks]
+    return events + ["data: [DONE]\n\n"]
 
 
 async def completion_answer(req: CompletionRequest, checks: Checks, batcher: Submitter, model: str) -> Answer:

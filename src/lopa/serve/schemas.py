@@ -31,7 +31,8 @@ MAX_STOP = 16
 MAX_CHOICES = 16  # n: each choice is a row of its own in the batch
 MAX_MESSAGES = 1024
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "ClassifyRequest", "CompletionRequest", "GenerateRequest", "SoftPrompt", "ValidationError"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "ClassifyRequest", "CompletionRequest", "GenerateRequest",
+           "OpenAIRequest", "SoftPrompt", "ValidationError"]
 
 
 def _encodable(s: str) -> str:
