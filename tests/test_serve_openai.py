@@ -99,6 +99,33 @@ def test_chat_stream_equals_the_whole_answer(oa, soft):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
     plain = list(oa.chat.completions.create(**kw, stream=True))
     assert all(c.usage is None for c in plain)
+    # token by token: more than one content chunk for a multi-token answer
+    pieces = [c.choices[0].delta.content for c in plain if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 or whole.usage.completion_tokens <= 1, pieces
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streamed_text_with_stop_strings_equals_the_whole(oa, soft, endpoint):
+    """A stop string may complete over several tokens: what was streamed must never be taken back."""
+    for seed in range(4):
+        kw = dict(model=MODEL, max_tokens=MAX_NEW, temperature=1.0, seed=seed, extra_body={"soft_prompt": soft})
+        if endpoint == "chat":
+            free = oa.chat.completions.create(messages=MESSAGES, **kw).choices[0].message.content
+        else:
+            free = oa.completions.create(prompt="Once upon a time", **kw).choices[0].text
+        stop = [free[3:6] or "zz", "\n"]  # a stop string the sampled text really meets, mid-answer
+        if endpoint == "chat":
+            whole = oa.chat.completions.create(messages=MESSAGES, stop=stop, **kw).choices[0]
+            parts = [(c.choices[0].delta.content or "", c.choices[0].finish_reason)
+                     for c in oa.chat.completions.create(messages=MESSAGES, stop=stop, stream=True, **kw)]
+            want = whole.message.content
+        else:
+            whole = oa.completions.create(prompt="Once upon a time", stop=stop, **kw).choices[0]
+            parts = [(c.choices[0].text, c.choices[0].finish_reason)
+                     for c in oa.completions.create(prompt="Once upon a time", stop=stop, stream=True, **kw)]
+            want = whole.text
+        assert "".join(t for t, _ in parts) == want
+        assert [f for _, f in parts if f] == [whole.finish_reason]
 
 
 def test_completions_stream_equals_the_whole_answer(oa, soft):
@@ -131,3 +158,32 @@ def test_bad_chat_requests_are_4xx(oa, soft, server):
     r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"messages": [], "soft_prompt": soft, "stream": True})
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/json")  # not a stream
+
+
+def test_a_row_whose_client_left_stops_decoding(backend, soft):
+    """``on_token`` returning False (the stream's client went away) ends that row at once; its
+    neighbour in the same pass decodes on to its budget."""
+    from lopa.serve.wire import decode_soft_prompt
+    z = decode_soft_prompt(soft, hidden_size=D, max_soft_tokens=64, out_dtype=backend.dtype)
+    ids = backend.tokenize("Once upon a time")
+    (free,) = backend.generate([GenerateRow(ids, z, MAX_NEW)])
+    assert free.completion_tokens == MAX_NEW  # the tiny random model meets no EOS here
+    seen: list[int] = []
+    left = GenerateRow(ids, z, MAX_NEW, on_token=lambda t: seen.append(t) or len(seen) < 2)
+    stays = GenerateRow(ids, z, MAX_NEW, on_token=lambda t: None)
+    out_left, out_stays = backend.generate([left, stays])
+    assert out_left.completion_tokens == 2 and len(seen) == 2
+    assert out_stays.text == free.text
+
+
+def test_a_stream_dropped_by_its_client_leaves_the_server_serving(server, soft, oa):
+    import httpx
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": MAX_NEW, "soft_prompt": soft}
+    for _ in range(3):
+        with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            first = next(r.iter_lines())
+            assert first.startswith("data: {")
+    r = oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"soft_prompt": soft})
+    assert r.choices[0].message.content is not None

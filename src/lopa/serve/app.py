@@ -50,7 +50,7 @@ from .config import ServeConfig
 from .errors import APIError, error_body, error_type, validation_message
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import Guard
-from .openai_api import Answer, chat_answer, completion_answer, sse_events
+from .openai_api import Answer, Stream, chat_rows, completion_rows, run_rows
 from .protocol import Backend, ClassifyRow, Completion, GenerateRow, Submitter, classification_result
 from .schemas import ChatCompletionRequest, ClassifyRequest, CompletionRequest, GenerateRequest, OpenAIRequest
 from .wire import WireError
@@ -185,21 +185,23 @@ def _model_routes(app: FastAPI, checks: Checks, batcher: Submitter) -> None:
 
 
 def _openai_routes(app: FastAPI, backend: Backend, checks: Checks, batcher: Submitter) -> None:
-    def answer(a: Answer, req: OpenAIRequest) -> dict[str, Any] | StreamingResponse:
+    tokenizer = getattr(backend, "tokenizer", None)
+
+    async def answer(obj: str, rows: list[GenerateRow], req: OpenAIRequest) -> dict[str, Any] | StreamingResponse:
+        a = Answer(obj, backend.model_name, rows)
         if not req.stream:
-            return a.body()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(iter(sse_events(a.chunks(include_usage))), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+            return a.body(await run_rows(batcher, rows))
+        stream = Stream(a, batcher, tokenizer, bool(req.stream_options and req.stream_options.include_usage))
+        await stream.started()
+        return StreamingResponse(stream.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         """OpenAI-compatible completion; the soft prompt rides in the extra body field ``soft_prompt``."""
-        return answer(await completion_answer(req, checks, batcher, backend.model_name), req)
+        return await answer("text_completion", await completion_rows(req, checks, backend.model_name), req)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
         """OpenAI-compatible chat: ``messages`` through the model's chat template, the soft prompt in
         the extra body field ``soft_prompt`` (it goes before the templated text)."""
-        tokenizer = getattr(backend, "tokenizer", None)
-        return answer(await chat_answer(req, checks, batcher, backend.model_name, tokenizer), req)
+        return await answer("chat.completion", await chat_rows(req, checks, backend.model_name, tokenizer), req)

@@ -7,9 +7,8 @@ as one JSON body or as server-sent events (:func:`sse_events`). A chat's ``messa
 model's text through :func:`lopa.prompt_format.build_text`, the same function training uses, so a
 soft prompt trained in chat format meets the same text here.
 
-Streaming sends the finished completion: the rows run to the end in the batcher, then each choice
-goes out as OpenAI's chunks (role, content, finish reason, optional usage, ``[DONE]``). Clients see
-a valid stream; the first token arrives with the last.
+Streaming (:class:`Stream`) sends each token's text as the backend decodes it, as OpenAI's chunks
+(role, content, finish reason, optional usage, ``[DONE]``).
 
 Example::
 
@@ -22,8 +21,6 @@ Example::
     hi<|im_end|>
     <|im_start|>assistant
     <BLANKLINE>
-    >>> [e.split(":")[0] for e in sse_events([{"a": 1}])]
-    ['data', 'data']
 """
 
 from __future__ import annotations
@@ -33,16 +30,18 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+import logging
+from typing import Any, AsyncIterator, Sequence
 
 from ..prompt_format import PromptFormat, build_text
 from ..tasks.base import TaskError
 from .checks import Checks
-from .errors import APIError
+from .errors import APIError, error_body
 from .protocol import Completion, GenerateRow, Submitter
 from .schemas import IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIRequest
 
 SEED_RANGE = 2 ** 63  # what the schema accepts, and what every backend's RNG takes
+log = logging.getLogger("lopa.serve")
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
 
 
@@ -94,59 +93,154 @@ def usage(rows: list[GenerateRow], outs: list[Completion]) -> dict[str, int]:
 
 @dataclass
 class Answer:
-    """What both endpoints answer: ids and the finished choices."""
+    """One request's answer in OpenAI's shapes: the whole body, or its stream's chunks one by one."""
 
     object: str  # "text_completion" or "chat.completion"
     model: str
     rows: list[GenerateRow]
-    outs: list[Completion]
 
     def __post_init__(self) -> None:
-        self.id = ("chatcmpl-" if self.object == "chat.completion" else "cmpl-") + uuid.uuid4().hex
+        self.chat = self.object == "chat.completion"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def _choice(self, i: int, out: Completion) -> dict[str, Any]:
-        if self.object == "chat.completion":
-            return {"index": i, "message": {"role": "assistant", "content": out.text},
-                    "finish_reason": out.finish_reason, "logprobs": None}
-        return {"text": out.text, "index": i, "finish_reason": out.finish_reason, "logprobs": None}
+    def body(self, outs: list[Completion]) -> dict[str, Any]:
+        """The whole answer (``stream: false``)."""
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
+                        "finish_reason": o.finish_reason, "logprobs": None} for i, o in enumerate(outs)]
+        else:
+            choices = [{"text": o.text, "index": i, "finish_reason": o.finish_reason, "logprobs": None}
+                       for i, o in enumerate(outs)]
+        return {**self._head(self.object), "choices": choices, "usage": usage(self.rows, outs)}
 
-    def body(self) -> dict[str, Any]:
-        return {**self._head(self.object), "choices": [self._choice(i, o) for i, o in enumerate(self.outs)],
-                "usage": usage(self.rows, self.outs)}
-
-    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
-        """OpenAI's stream of chunks for the finished choices (usage last, with empty choices, on request)."""
-        chat = self.object == "chat.completion"
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    def chunk(self, i: int, text: str, finish_reason: str | None = None, *, role: bool = False,
+              include_usage: bool = False) -> dict[str, Any]:
+        """One streamed chunk of choice ``i``: new text, or (with ``finish_reason``) its end."""
         extra = {"usage": None} if include_usage else {}
-        out = []
-        for i, o in enumerate(self.outs):
-            if chat:
-                steps = [({"role": "assistant", "content": ""}, None), ({"content": o.text}, None),
-                         ({}, o.finish_reason)]
-                out += [{**self._head(obj), "choices": [{"index": i, "delta": d, "finish_reason": f,
-                                                         "logprobs": None}], **extra} for d, f in steps]
-            else:
-                steps = [(o.text, None), ("", o.finish_reason)]
-                out += [{**self._head(obj), "choices": [{"text": t, "index": i, "finish_reason": f,
-                                                         "logprobs": None}], **extra} for t, f in steps]
-        if include_usage:
-            out.append({**self._head(obj), "choices": [], "usage": usage(self.rows, self.outs)})
-        return out
+        if not self.chat:
+            return {**self._head("text_completion"), "choices": [{"text": text, "index": i,
+                                                                  "finish_reason": finish_reason,
+                                                                  "logprobs": None}], **extra}
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if role else \
+            ({"content": text} if finish_reason is None else {})
+        return {**self._head("chat.completion.chunk"), "choices": [{"index": i, "delta": delta,
+                                                                    "finish_reason": finish_reason,
+                                                                    "logprobs": None}], **extra}
+
+    def usage_chunk(self, outs: list[Completion]) -> dict[str, Any]:
+        """The last chunk with ``stream_options.include_usage``: no choices, the request's usage."""
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage(self.rows, outs)}
 
 
-def sse_events(chunks: Iterable[dict[str, Any]]) -> list[str]:
-    """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``."""
-    events = [f"data: {json.dumps(c, ensure_ascii=True, separators=(',', ':'))}\n\n" for c in chunks]
-    return events + ["data: [DONE]\n\n"]
+def sse(chunk: dict[str, Any] | str) -> str:
+    """One server-sent event.
+
+    >>> sse({"a": 1}), sse("[DONE]")
+    ('data: {"a":1}\\n\\n', 'data: [DONE]\\n\\n')
+    """
+    data = chunk if isinstance(chunk, str) else json.dumps(chunk, ensure_ascii=True, separators=(",", ":"))
+    return f"data: {data}\n\n"
 
 
-async def completion_answer(req: CompletionRequest, checks: Checks, batcher: Submitter, model: str) -> Answer:
-    """``/v1/completions``: one prompt (text, a one-string list or token ids) → ``n`` choices."""
+class Stream:
+    """``stream: true``: the rows go to the batcher now, and their tokens come out as SSE chunks as the
+    backend makes them (a backend that reports no tokens, such as vLLM here, sends each choice whole).
+
+    Text is sent only once it can no longer change: the decoded text of the tokens so far, cut
+    before the first stop string in it; else less a trailing incomplete character (U+FFFD) and the
+    last ``len(longest stop) - 1`` characters, where a stop string could still be completing. Each choice ends with the rest of its final text
+    (cut at a stop string exactly as ``stream: false`` is), so the streamed text equals the whole one.
+    """
+
+    def __init__(self, answer: Answer, batcher: Submitter, tokenizer: Any, include_usage: bool):
+        self.answer, self.tokenizer, self.include_usage = answer, tokenizer, include_usage
+        self.queue: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+        self.gone = False  # set when the client disconnects: decoding rows stop at their next token
+        loop = asyncio.get_running_loop()
+
+        def on_token(i: int, token: int) -> bool:
+            if not self.gone:
+                loop.call_soon_threadsafe(self.queue.put_nowait, (i, token))
+            return not self.gone
+
+        for i, row in enumerate(answer.rows):
+            if tokenizer is not None:
+                row.on_token = lambda t, i=i: on_token(i, t)
+        self.tasks = [asyncio.ensure_future(batcher.submit("generate", r)) for r in answer.rows]
+        # tokens are queued from the worker thread before its batch returns, so a row's end comes after them
+        for i, task in enumerate(self.tasks):
+            task.add_done_callback(lambda _, i=i: self.queue.put_nowait((i, None)))
+        rows = answer.rows
+        self.hold = max((len(s) for s in rows[0].stop), default=1) - 1
+
+    async def started(self) -> None:
+        """Raise what the batcher refused at once (closing, full) while a 503 can still be answered."""
+        await asyncio.sleep(0)
+        for task in self.tasks:
+            if task.done() and task.exception() is not None:
+                self.cancel()
+                raise task.exception()  # type: ignore[misc]
+
+    def cancel(self) -> None:
+        """The client went away: rows not yet in a batch are dropped, rows decoding stop at the next step."""
+        self.gone = True
+        for task in self.tasks:
+            task.cancel()
+
+    def _safe(self, i: int, text: str) -> str:
+        # a stop string may arrive inside one token: cut there, as the final text will be
+        hits = [text.find(x) for x in self.answer.rows[i].stop if x in text]
+        if hits:
+            return text[:min(hits)]
+        text = text.rstrip("\ufffd")
+        return text[:max(0, len(text) - self.hold)]
+
+    async def events(self) -> AsyncIterator[str]:
+        a, n = self.answer, len(self.answer.rows)
+        toks: list[list[int]] = [[] for _ in range(n)]
+        sent = [""] * n
+        outs: list[Completion | None] = [None] * n
+        try:
+            if a.chat:
+                for i in range(n):
+                    yield sse(a.chunk(i, "", role=True, include_usage=self.include_usage))
+            while any(o is None for o in outs):
+                i, token = await self.queue.get()
+                if token is not None:
+                    toks[i].append(token)
+                    text = self._safe(i, self.tokenizer.decode(toks[i], skip_special_tokens=True))
+                    if text.startswith(sent[i]) and len(text) > len(sent[i]):
+                        yield sse(a.chunk(i, text[len(sent[i]):], include_usage=self.include_usage))
+                        sent[i] = text
+                    continue
+                try:
+                    out = self.tasks[i].result()
+                except Exception as e:  # the answer has begun: the error goes in the stream, as OpenAI does
+                    log.exception("a streamed row failed")
+                    yield sse(error_body(f"generation failed ({type(e).__name__}); see the server log",
+                                         "server_error"))
+                    return
+                outs[i] = out
+                if not out.text.startswith(sent[i]):
+                    log.warning("streamed text %r is not a prefix of the final %r", sent[i], out.text)
+                rest = out.text[len(sent[i]):] if out.text.startswith(sent[i]) else ""
+                if rest:
+                    yield sse(a.chunk(i, rest, include_usage=self.include_usage))
+                yield sse(a.chunk(i, "", out.finish_reason, include_usage=self.include_usage))
+            if self.include_usage:
+                yield sse(a.usage_chunk(outs))  # type: ignore[arg-type]
+            yield sse("[DONE]")
+        finally:
+            self.cancel()
+
+
+async def completion_rows(req: CompletionRequest, checks: Checks, model: str) -> list[GenerateRow]:
+    """``/v1/completions``: one prompt (text, a one-string list or token ids) → ``n`` checked rows."""
     check_fields(req, model)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -155,13 +249,11 @@ async def completion_answer(req: CompletionRequest, checks: Checks, batcher: Sub
         prompt = prompt[0]
     max_tokens = checks.new_tokens(COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens, "max_tokens")
     ids = await (checks.prompt_ids(prompt, None) if isinstance(prompt, str) else checks.prompt_ids(None, list(prompt)))
-    rows = decode_rows(req, checks, ids, max_tokens)
-    return Answer("text_completion", model, rows, await run_rows(batcher, rows))
+    return decode_rows(req, checks, ids, max_tokens)
 
 
-async def chat_answer(req: ChatCompletionRequest, checks: Checks, batcher: Submitter, model: str,
-                      tokenizer: Any) -> Answer:
-    """``/v1/chat/completions``: ``messages`` through the chat template → ``n`` assistant replies."""
+async def chat_rows(req: ChatCompletionRequest, checks: Checks, model: str, tokenizer: Any) -> list[GenerateRow]:
+    """``/v1/chat/completions``: ``messages`` through the chat template → ``n`` checked rows."""
     check_fields(req, model)
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise APIError(400, "give one of max_tokens and max_completion_tokens", param="max_completion_tokens")
@@ -173,8 +265,8 @@ async def chat_answer(req: ChatCompletionRequest, checks: Checks, batcher: Submi
                             "use /v1/completions", "not_implemented_error", "messages")
     text = chat_text(tokenizer, [m.model_dump() for m in req.messages])
     ids = await checks.prompt_ids(text, None)
-    rows = decode_rows(req, checks, ids, max_tokens)
-    return Answer("chat.completion", model, rows, await run_rows(batcher, rows))
+    return decode_rows(req, checks, ids, max_tokens)
 
 
-__all__ = ["Answer", "chat_answer", "chat_text", "check_fields", "completion_answer", "sse_events", "usage"]
+__all__ = ["Answer", "Stream", "chat_rows", "chat_text", "check_fields", "completion_rows", "run_rows", "sse",
+           "usage"]
