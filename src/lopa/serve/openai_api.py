@@ -3,7 +3,7 @@
 Both endpoints share one path: :func:`check_fields` refuses what the server cannot honour,
 :func:`decode_rows` turns the decoding fields into ``n`` :class:`~lopa.serve.protocol.GenerateRow`
 (one per choice, each its own row in the batch), :func:`run_rows` runs them, and the answer is built
-as one JSON body or as server-sent events (:func:`sse_events`). A chat's ``messages`` become the
+as one JSON body (:class:`Answer`) or as server-sent events (:class:`Stream`). A chat's ``messages`` become the
 model's text through :func:`lopa.prompt_format.build_text`, the same function training uses, so a
 soft prompt trained in chat format meets the same text here.
 
@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
-import logging
 from typing import Any, AsyncIterator, Sequence
 
 from ..prompt_format import PromptFormat, build_text
@@ -40,8 +40,8 @@ from .errors import APIError, error_body
 from .protocol import Completion, GenerateRow, Submitter
 from .schemas import IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIRequest
 
-SEED_RANGE = 2 ** 63  # what the schema accepts, and what every backend's RNG takes
 log = logging.getLogger("lopa.serve")
+SEED_RANGE = 2 ** 63  # what the schema accepts, and what every backend's RNG takes
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
 
 
