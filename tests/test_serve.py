@@ -208,8 +208,8 @@ def test_openai_client_completion(server, artifacts):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).completions.create(
             model=MODEL, prompt="x", extra_body={"soft_prompt": encode_soft_prompt(z)})
-    with pytest.raises(openai.BadRequestError, match="n=2 is not supported"):
-        oa.completions.create(model=MODEL, prompt="x", n=2, extra_body={"soft_prompt": encode_soft_prompt(z)})
+    with pytest.raises(openai.BadRequestError, match="best_of=2 is not supported"):
+        oa.completions.create(model=MODEL, prompt="x", best_of=2, extra_body={"soft_prompt": encode_soft_prompt(z)})
     with pytest.raises(openai.NotFoundError, match="is not served here"):
         oa.completions.create(model="gpt-4", prompt="x", extra_body={"soft_prompt": encode_soft_prompt(z)})
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -217,9 +217,11 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_
 @torch.inference_mode()
 def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-                 seed: int | None = None) -> list[list[int]]:
+                 seed: int | None = None, on_token: Callable[[int, int], bool | None] | None = None) -> list[list[int]]:
     """The new token ids of every row, each cut before its EOS and after the token that completed a
-    stop string: greedy or sampled decoding with the KV cache.
+    stop string: greedy or sampled decoding with the KV cache. ``on_token(row, token_id)`` is called
+    for each token as it is kept (a server streams with it); when it returns False that row stops
+    there (its client went away), and the loop ends once no row is left.
 
     One prefill over ``[pad][soft][tokens]`` (the LM head at the last position only), then one token
     per row and step; a finished row is fed EOS until every row is done. This loop is all the
@@ -253,6 +255,9 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
                 done[i] = True
                 continue
             rows[i].append(t)
+            if on_token is not None and on_token(i, t) is False:  # the caller wants no more of this row
+                done[i] = True
+                continue
             if stop:
                 text = tokenizer.decode(rows[i], skip_special_tokens=True)
                 done[i] = any(s in text for s in stop)

@@ -7,7 +7,10 @@ Endpoints (JSON; errors are ``{"error": {"message": ..., "type": ..., "param": .
 * ``POST /v1/generate``: ``{text | token_ids, soft_prompt, max_new_tokens, temperature, top_p, stop,
   seed}`` → ``{"text": ..., "finish_reason": "stop" | "length"}``
 * ``POST /v1/completions``: OpenAI's legacy completions, with ``soft_prompt`` as an extra body field
-  (``openai`` client: ``extra_body={"soft_prompt": ...}``); ``GET /v1/models`` lists the one model.
+  (``openai`` client: ``extra_body={"soft_prompt": ...}``); ``n`` choices, ``stream: true`` as
+  server-sent events; ``GET /v1/models`` lists the one model.
+* ``POST /v1/chat/completions``: OpenAI's chat, ``messages`` through the model's chat template, the
+  soft prompt as for completions (:mod:`~lopa.serve.openai_api`).
 * ``GET /health`` (model, width, limits) and ``GET /metrics`` (Prometheus text); both need no key.
 
 With an API key configured, every ``/v1/`` call needs ``Authorization: Bearer KEY`` (what the
@@ -33,13 +36,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import BatcherClosed, BatcherFull
@@ -48,8 +50,9 @@ from .config import ServeConfig
 from .errors import APIError, error_body, error_type, validation_message
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import Guard
+from .openai_api import Answer, Stream, chat_rows, completion_rows, run_rows
 from .protocol import Backend, ClassifyRow, Completion, GenerateRow, Submitter, classification_result
-from .schemas import IGNORED, UNSUPPORTED, ClassifyRequest, CompletionRequest, GenerateRequest
+from .schemas import ChatCompletionRequest, ClassifyRequest, CompletionRequest, GenerateRequest, OpenAIRequest
 from .wire import WireError
 
 log = logging.getLogger("lopa.serve")
@@ -181,42 +184,24 @@ def _model_routes(app: FastAPI, checks: Checks, batcher: Submitter) -> None:
         return {"text": out.text, "finish_reason": out.finish_reason}
 
 
-def _openai_fields(req: CompletionRequest, model_name: str) -> None:
-    """Refuse what ``/v1/completions`` cannot honour: another model, more than one choice, OpenAI options."""
-    if req.model is not None and req.model != model_name:
-        raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
-                       "not_found_error", "model")
-    for name, value in (req.model_extra or {}).items():
-        if name in UNSUPPORTED:
-            if value not in UNSUPPORTED[name]:
-                raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
-        elif name not in IGNORED:
-            raise APIError(400, f"unknown field {name!r}", param=name)
-    if req.n not in (None, 1):
-        raise APIError(400, f"n={req.n} is not supported: this server returns one choice per request", param="n")
-
-
 def _openai_routes(app: FastAPI, backend: Backend, checks: Checks, batcher: Submitter) -> None:
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> dict[str, Any]:
+    tokenizer = getattr(backend, "tokenizer", None)
+
+    async def answer(obj: str, rows: list[GenerateRow], req: OpenAIRequest) -> dict[str, Any] | StreamingResponse:
+        a = Answer(obj, backend.model_name, rows)
+        if not req.stream:
+            return a.body(await run_rows(batcher, rows))
+        stream = Stream(a, batcher, tokenizer, bool(req.stream_options and req.stream_options.include_usage))
+        await stream.started()
+        return StreamingResponse(stream.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         """OpenAI-compatible completion; the soft prompt rides in the extra body field ``soft_prompt``."""
-        _openai_fields(req, backend.model_name)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt holds {len(prompt)} strings; send one prompt per request", param="prompt")
-            prompt = prompt[0]
-        max_tokens = checks.new_tokens(16 if req.max_tokens is None else req.max_tokens, "max_tokens")
-        ids = await checks.prompt_ids(prompt, None) if isinstance(prompt, str) else \
-            await checks.prompt_ids(None, list(prompt))
-        z = checks.soft(req.soft_prompt)
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        temperature = 1.0 if req.temperature is None else req.temperature
-        row = GenerateRow(ids, z, max_tokens, temperature, 1.0 if req.top_p is None else req.top_p, stop, req.seed)
-        out: Completion = await batcher.submit("generate", row)
-        prompt_tokens = len(ids) + int(z.shape[0])  # the virtual tokens occupy positions too
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": backend.model_name,
-                "choices": [{"text": out.text, "index": 0, "finish_reason": out.finish_reason, "logprobs": None}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": out.completion_tokens,
-                          "total_tokens": prompt_tokens + out.completion_tokens}}
+        return await answer("text_completion", await completion_rows(req, checks, backend.model_name), req)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+        """OpenAI-compatible chat: ``messages`` through the model's chat template, the soft prompt in
+        the extra body field ``soft_prompt`` (it goes before the templated text)."""
+        return await answer("chat.completion", await chat_rows(req, checks, backend.model_name, tokenizer), req)

@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -56,6 +56,9 @@ class GenerateRow:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    on_token: Callable[[int], bool | None] | None = field(default=None, repr=False, compare=False)
+    """called from the backend's thread with each new token id, where the backend can (streaming);
+    False stops the row there (its client went away)"""
 
     def __post_init__(self) -> None:
         if self.temperature < MIN_SAMPLING_TEMPERATURE:

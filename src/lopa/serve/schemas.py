@@ -20,16 +20,19 @@ Value error, holds a lone surrogate (U+D800) at character 0, which UTF-8 cannot 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       ValidationError)
 
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 256  # a label word is scored by its first token; longer words only cost tokenising time
 MAX_STOP = 16
+MAX_CHOICES = 16  # n: each choice is a row of its own in the batch
+MAX_MESSAGES = 1024
 
-__all__ = ["ClassifyRequest", "CompletionRequest", "GenerateRequest", "SoftPrompt", "ValidationError"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "ClassifyRequest", "CompletionRequest", "GenerateRequest",
+           "OpenAIRequest", "SoftPrompt", "ValidationError"]
 
 
 def _encodable(s: str) -> str:
@@ -89,24 +92,70 @@ class GenerateRequest(PromptRequest):
     seed: Seed | None = None
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's ``/v1/completions`` body; fields it has and lopa does not are refused when set."""
+Choices = Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool | None = None
+    """send one more chunk, with empty choices and the request's usage, before ``[DONE]``"""
+
+
+class OpenAIRequest(BaseModel):
+    """The decoding fields OpenAI's completions and chat bodies share; OpenAI fields lopa does not
+    have are refused when set (see :data:`UNSUPPORTED`)."""
 
     model_config = ConfigDict(extra="allow")
 
     model: Text | None = None
-    prompt: Text | list[Text] | list[StrictInt]
-    max_tokens: StrictInt | None = 16
+    max_tokens: StrictInt | None = None
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
     stop: StopString | StopList | None = None
-    n: StrictInt | None = 1
+    n: Choices | None = 1
     seed: Seed | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
     soft_prompt: SoftPrompt | None = None
 
 
-# OpenAI fields lopa cannot honour, and the value that means "not used"
-UNSUPPORTED = {"stream": (False, None), "echo": (False, None), "logprobs": (None, 0), "best_of": (None, 1),
-               "suffix": (None, ""), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-               "logit_bias": (None, {})}
-IGNORED = {"user", "stream_options"}
+class CompletionRequest(OpenAIRequest):
+    """OpenAI's ``/v1/completions`` body."""
+
+    prompt: Text | list[Text] | list[StrictInt]
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation; ``content`` is a string (OpenAI's list-of-parts form is not taken)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """OpenAI's ``/v1/chat/completions`` body; ``messages`` go through the model's chat template.
+
+    >>> ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=2).n
+    2
+    >>> try:
+    ...     ChatCompletionRequest(messages=[{"role": "user"}])
+    ... except ValidationError as e:
+    ...     print(e.errors()[0]["loc"], e.errors()[0]["msg"])
+    ('messages', 0, 'content') Field required
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: StrictInt | None = None
+    """the newer name of max_tokens; give one of them"""
+
+
+# OpenAI fields lopa cannot honour, and the values that mean "not used"
+UNSUPPORTED = {"echo": (False, None), "logprobs": (None, 0, False), "top_logprobs": (None, 0),
+               "best_of": (None, 1), "suffix": (None, ""), "frequency_penalty": (None, 0, 0.0),
+               "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
+               "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+               "parallel_tool_calls": (None, False)}
+IGNORED = {"user", "metadata", "store"}

@@ -118,7 +118,7 @@ class TransformersBackend:
             ids = prefix.generate_ids(self.base, self.tokenizer, batch, max_new_tokens=first.max_new_tokens,
                                       do_sample=sample, temperature=first.temperature if sample else 1.0,
                                       top_p=first.top_p if sample else 1.0, stop=stop,
-                                      seed=first.seed if sample else None)
+                                      seed=first.seed if sample else None, on_token=_stream_to(rows, idx))
             for i, toks in zip(idx, ids):
                 decoded = self.tokenizer.decode(toks, skip_special_tokens=True)
                 text = prefix.cut_at_stop(decoded, stop)
@@ -134,3 +134,11 @@ class TransformersBackend:
 
     def close(self) -> None:
         """Nothing to stop: the model lives in this process and goes with it."""
+
+
+def _stream_to(rows: Sequence[GenerateRow], idx: list[int]) -> Callable[[int, int], bool | None] | None:
+    """The per-token callback of one decoding group: row j of the group reports to its row's ``on_token``."""
+    callbacks = [rows[i].on_token for i in idx]
+    if not any(callbacks):
+        return None
+    return lambda j, token: callbacks[j](token) if callbacks[j] is not None else None
