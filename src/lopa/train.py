@@ -472,8 +472,8 @@ def _finish(run: _Run) -> dict[str, Any]:
         return results
     _plot(run.out, run.history, metric_name)
     if args.test and "test" in run.splits:
-        # full fine-tuning is scored as it ended: reloading best/ would need a second copy of the model
-        best = load_run_model(run.out, run.base, run.tokenizer) if args.method != "full" else run.inner
+        scored_as_trained = get_method(args.method)[0].scored_as_trained
+        best = run.inner if scored_as_trained else load_run_model(run.out, run.base, run.tokenizer)
         results["test"] = _final_scores(best, run.task, args)
         if (run.out / ZERO_SHOT).exists():
             results["zero_shot"] = json.loads((run.out / ZERO_SHOT).read_text())

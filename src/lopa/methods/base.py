@@ -53,6 +53,9 @@ class MethodConfig:
     # True for the baselines (LoRA, full fine-tuning): they change the base model, so a server
     # would have to hold per-task weights; soft-prompt methods leave the server untouched
     server_weights: ClassVar[bool] = False
+    # True where reloading the best checkpoint would need a second copy of the whole model (full
+    # fine-tuning): the run is then scored as it ended
+    scored_as_trained: ClassVar[bool] = False
 
     seed: int = field(default=0, metadata={"cli": False})
     """seeds the initialisation (``lopa train`` passes its --seed)"""

@@ -52,3 +52,4 @@ class FullConfig(MethodConfig):
     method = "full"
     default_lr = 2e-5
     server_weights = True
+    scored_as_trained = True
