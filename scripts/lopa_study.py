@@ -3,7 +3,7 @@
 Each variant is one ``lopa train`` run on a task's dev split (``--no-test``: the test split is never
 scored); the table ranks variants by their best dev accuracy and the curves show whether each run
 had flattened. Resumable: a variant whose run finished is read back, not trained again, so the study
-can run in parts. Writes ``OUT/study.json`` and, with ``--docs``, ``docs/lopa_study.md`` + a PNG.
+can run in parts. Writes ``OUT/study.json`` and, with ``--docs``, the table of ``docs/lopa_study.md`` + a PNG.
 
     python scripts/lopa_study.py --task sst2 --workers 2 --only lopa-current,prompt-tuning
 """
@@ -37,6 +37,9 @@ VARIANTS: dict[str, dict] = {
     "idpg": dict(method="idpg"),
     "idpg-lr3e-4": dict(method="idpg", lr=3e-4),
 }
+
+
+TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
 
 
 def run_variant(name: str, settings: dict, proto: dict, out_root: str) -> dict:
@@ -79,7 +82,10 @@ def write_docs(summary: dict, proto: dict, docs: Path) -> None:
     fig.tight_layout()
     fig.savefig(docs / "lopa_study.png", dpi=90)
     plt.close(fig)
-    (docs / "lopa_study_table.md").write_text("\n".join(rows) + "\n")  # pasted into docs/lopa_study.md
+    doc = docs / "lopa_study.md"  # the table goes between its markers; the prose around it is kept
+    text = doc.read_text()
+    head, rest = text.split(TABLE_START, 1)
+    doc.write_text(head + TABLE_START + "\n" + "\n".join(rows) + "\n" + TABLE_END + rest.split(TABLE_END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
