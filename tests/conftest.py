@@ -96,3 +96,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: the tiny model's ops gain nothing from threads, and on a
+    busy 2-core machine two OpenMP threads that wait for each other at every op make it many times
+    slower (server subprocesses get --threads 1 for the same reason)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,15 +19,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STATUSES = {"passed", "failed", "timeout", "memory", "fsize", "killed", "error"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to gain from threads, and on a shared machine two OpenMP
-    # threads that wait for each other at every op make decoding many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])

@@ -54,15 +54,9 @@ def random_soft(rng: random.Random, m: int | None = None) -> torch.Tensor:
 
 # -- fixtures --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a busy 2-core machine their spinning makes each
-    matmul 100 times slower; the server subprocess gets --threads 1 for the same reason."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
