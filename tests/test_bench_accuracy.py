@@ -68,3 +68,24 @@ def test_bad_rows_and_steps_are_refused_at_once(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench_cli(BenchArgs("accuracy", ["--quick", "--out", str(tmp_path / "a"), *argv]))
         assert e.value.code == 2
+
+
+def test_a_family_is_decided_only_when_all_its_candidates_have_finished(tmp_path):
+    """A benchmark run in parts must not train main runs at a rate a later candidate could beat."""
+    from lopa.benchmarks.accuracy import CANDIDATE_LRS, Runner, choose_lrs, lr_jobs, parse_args
+    cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa",
+                      "--report-only"])
+    runner = Runner(cfg)
+    first, second = lr_jobs(cfg)
+    assert (first.lr, second.lr) == CANDIDATE_LRS["lopa"]
+
+    def finish(job, dev):
+        runner.run_dir(job).mkdir(parents=True)
+        (runner.run_dir(job) / "results.json").write_text(json.dumps({"best_dev_accuracy": dev}))
+
+    finish(first, 0.7)
+    chosen, table = choose_lrs(cfg, runner)
+    assert chosen == {} and table == {"lopa": {f"{first.lr:g}": 0.7}}
+    finish(second, 0.8)
+    chosen, _ = choose_lrs(cfg, runner)
+    assert chosen == {"lopa": second.lr}
