@@ -9,6 +9,7 @@ Example::
     $ lopa train --method lopa --task rotten-tomatoes
     $ lopa eval runs/rotten-tomatoes-lopa --split test
     $ lopa serve --model smollm2-135m --port 8000
+    $ lopa gateway --task sentiment=runs/rotten-tomatoes-lopa/best --upstream http://127.0.0.1:8000
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval": ("lopa.evaluate:EvalArgs", "lopa.evaluate:eval_cli", "evaluate a run or artifact (or the bare model zero-shot) on a task"),
     "export": ("lopa.cli_export:ExportArgs", "lopa.cli_export:export_cli", "export a prompt-tuning artifact to PEFT, or import a PEFT adapter"),
     "serve": ("lopa.serve.server:ServeConfig", "lopa.serve.server:serve", "serve a frozen model; clients send their soft prompts"),
+    "gateway": ("lopa.gateway.config:GatewayConfig", "lopa.gateway.server:gateway", "serve trained tasks by name to any OpenAI client, through a lopa serve"),
     "classify": ("lopa.client:ClassifyArgs", "lopa.client:classify_cli", "classify texts with an artifact, in-process or through a server"),
     "generate": ("lopa.client:GenerateArgs", "lopa.client:generate_cli", "generate completions with an artifact, in-process or through a server"),
     "bench": ("lopa.bench:BenchArgs", "lopa.bench:bench_cli", "run a benchmark (accuracy, train-speed, serving)"),
@@ -96,7 +98,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, **kwargs)
         elif typing.get_origin(tp) in (list, tuple):
             inner = (typing.get_args(tp) or (str,))[0]
-            parser.add_argument(f"--{name}", type=inner, nargs="+", default=default, dest=f.name, **kwargs)
+            # "extend": the option may be repeated (--task a=x --task b=y), each adding to the list
+            action = {"action": "extend"} if f.metadata.get("extend") else {}
+            parser.add_argument(f"--{name}", type=inner, nargs="+", default=default, dest=f.name, **action, **kwargs)
         else:
             parser.add_argument(f"--{name}", type=tp, default=default, dest=f.name, **kwargs)
 
