@@ -24,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m lopa serve ARGS --port P``; (the process, its base url). Does not wait."""
+def start_server(args: list[str], log: Path, env: dict[str, str], verb: str = "serve") -> tuple[subprocess.Popen, str]:
+    """Start ``python -m lopa VERB ARGS --port P`` (``serve``, or ``gateway``); (the process, its base
+    url). Does not wait."""
     port = free_port()
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "lopa", "serve", *args, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "lopa", verb, *args, "--port", str(port)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}"
 
