@@ -5,7 +5,9 @@ two tasks: ``toy`` (prompt-tuning, a classification task in plain format) and ``
 the tiny encoder, a generation task trained in chat format with a system prompt). Answers through
 the gateway are checked against :class:`lopa.client.Client` talking to the same server with the same
 artifact and text. A second gateway points at a hand-made stub upstream that can be down, up or
-slow: 502, recovery and 504.
+slow (502, recovery and 504) and that keeps what it is sent: the soft prompt must equal the client's
+for the text the server will render (the tiny random model's greedy answers barely depend on their
+input, so equal answers alone would prove little).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def servers(artifacts, stub_port, tmp_path_factory):
     gw, gw_url = start_server(["--task", *tasks, "--upstream", up_url, "--upstream-key", KEY, "--api-key", GW_KEY,
                                "--threads", "1", "--max-wait-ms", "50", "--log-level", "warning"],
                               logs / "gateway.log", ENV, verb="gateway")
-    stub, stub_url = start_server(["--task", f"toy={artifacts['toy']}", "--upstream", f"http://127.0.0.1:{stub_port}",
+    stub, stub_url = start_server(["--task", *tasks, "--upstream", f"http://127.0.0.1:{stub_port}",
                                    "--upstream-timeout", "1", "--connect-timeout", "1", "--threads", "1",
                                    "--log-level", "warning"], logs / "stub-gateway.log", ENV, verb="gateway")
     procs = [(up, up_url, logs / "serve.log"), (gw, gw_url, logs / "gateway.log"),
@@ -131,6 +133,9 @@ def test_chat_equals_the_client_on_the_servers_chat_text(oa, clients, task):
     text = chat_prompt(MESSAGES, SYSTEM if task == "brief" else None)
     assert r.model == task and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == clients[task].generate([text], max_new_tokens=8)[0]
+    # the server read exactly that text (the tiny random model's answers alone say little: they barely vary)
+    n_text = len(load_tokenizer(MODEL)(text, add_special_tokens=False)["input_ids"])
+    assert r.usage.prompt_tokens == n_text + clients[task].artifact.num_output_tokens
     # a conversation with its own system prompt keeps it
     own = [{"role": "system", "content": "Answer in French."}, *MESSAGES]
     r = oa.chat.completions.create(model=task, messages=own, max_tokens=8, temperature=0.0)
@@ -246,60 +251,120 @@ def test_missing_or_corrupt_artifacts_stop_the_start_naming_the_path(tmp_path, c
     assert "task 'broken'" in err and str(bad / "soft_prompt_config.json") in err and "corrupt" in err
 
 
-# -- an upstream that is down, then up, then slow ---------------------------------------------------
+# -- an upstream that is down, then up, then slow; and what the gateway sends it --------------------
 
-class Stub(http.server.BaseHTTPRequestHandler):
-    """A lopa serve stand-in: /health, and /v1/completions answering the soft prompt's shape after ``delay``."""
+class StubUpstream:
+    """A lopa serve stand-in on ``port``: ``/health``, and OpenAI answers after ``delay`` seconds; it keeps
+    every request body it gets in ``seen``. Started on demand, so the gateway first finds it down."""
 
-    delay = 0.0
+    def __init__(self, port: int):
+        self.port, self.delay, self.seen = port, 0.0, []
+        self.server: http.server.ThreadingHTTPServer | None = None
 
-    def log_message(self, *args) -> None:
-        pass
+    def start(self) -> None:
+        if self.server is not None:
+            return
+        stub = self
 
-    def _send(self, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
 
-    def do_GET(self) -> None:
-        self._send({"status": "ok", "model": "stub", "hidden_size": 64, "max_soft_tokens": 64})
+            def _send(self, obj: dict) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
-    def do_POST(self) -> None:
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        time.sleep(Stub.delay)
-        self._send({"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": "stub",
-                    "choices": [{"text": f"{req['soft_prompt']['shape']} {'model' in req}", "index": 0,
-                                 "finish_reason": "stop", "logprobs": None}]})
+            def do_GET(self) -> None:
+                self._send({"status": "ok", "model": MODEL, "hidden_size": 64, "max_soft_tokens": 64})
+
+            def do_POST(self) -> None:
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.seen.append((self.path, req))
+                time.sleep(stub.delay)
+                head = {"id": "stub", "created": 0, "model": "stub"}
+                if self.path == "/v1/chat/completions":
+                    self._send({**head, "object": "chat.completion", "choices": [{
+                        "index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
+                else:
+                    self._send({**head, "object": "text_completion", "choices": [{
+                        "text": "ok", "index": 0, "finish_reason": "stop", "logprobs": None}]})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
 
 
-def test_upstream_down_is_502_then_served_once_up_and_slow_is_504(servers, stub_port):
+@pytest.fixture(scope="module")
+def stub(stub_port):
+    s = StubUpstream(stub_port)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stub_oa(servers) -> openai.OpenAI:
+    return openai.OpenAI(base_url=servers[2] + "/v1", api_key="none", max_retries=0, timeout=30)
+
+
+def test_upstream_down_is_502_then_served_once_up_and_slow_is_504(servers, stub, stub_oa):
     url = servers[2]
-    oa = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
     with pytest.raises(openai.InternalServerError, match="cannot be reached") as e:
-        oa.completions.create(model="toy", prompt="x")
+        stub_oa.completions.create(model="toy", prompt="x")
     assert e.value.status_code == 502
     h = httpx.get(url + "/health").json()
     assert h["status"] == "degraded" and not h["upstream"]["reachable"] and "cannot be reached" in h["upstream"]["error"]
-    stub = http.server.ThreadingHTTPServer(("127.0.0.1", stub_port), Stub)
-    stub.daemon_threads = True
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    stub.start()
+    r = stub_oa.completions.create(model="toy", prompt="x")
+    assert r.model == "toy" and r.choices[0].text == "ok"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    stub.delay = 2.0  # past the gateway's --upstream-timeout 1
     try:
-        r = oa.completions.create(model="toy", prompt="x")
-        assert r.model == "toy" and r.choices[0].text == "[5, 64] False"  # the task's soft prompt; no model field
-        assert httpx.get(url + "/health").json()["status"] == "ok"
-        Stub.delay = 2.0  # past the gateway's --upstream-timeout 1
         with pytest.raises(openai.APIStatusError, match="did not answer within 1 s") as e:
-            oa.completions.create(model="toy", prompt="x")
+            stub_oa.completions.create(model="toy", prompt="x")
         assert e.value.status_code == 504
-        Stub.delay = 0.0
-        assert oa.completions.create(model="toy", prompt="x").model == "toy"  # and it goes on serving
     finally:
-        Stub.delay = 0.0
-        stub.shutdown()
-        stub.server_close()
+        stub.delay = 0.0
+    assert stub_oa.completions.create(model="toy", prompt="x").model == "toy"  # and it goes on serving
+
+
+def _sent(stub: StubUpstream) -> tuple[str, dict, torch.Tensor]:
+    from lopa.serve.wire import decode_soft_prompt
+    path, body = stub.seen[-1]
+    return path, body, decode_soft_prompt(body["soft_prompt"], hidden_size=64, max_soft_tokens=64)
+
+
+def test_the_upstream_gets_the_clients_soft_prompt_the_servers_text_and_every_other_field(stub, stub_oa, clients):
+    """What the gateway sends, exactly: Z equals lopa.Client's for the text the server will render
+    (for a chat: the task's system prompt first), and the fields it does not use go on unchanged."""
+    stub.start()
+    brief = clients["brief"]
+    stub_oa.chat.completions.create(model="brief", messages=MESSAGES, max_tokens=5, seed=3, stop=["x"], user="u",
+                                    logprobs=True, top_logprobs=2)
+    path, body, z = _sent(stub)
+    assert path == "/v1/chat/completions" and "model" not in body
+    assert body["messages"] == [{"role": "system", "content": SYSTEM}, *MESSAGES]
+    assert {k: body[k] for k in ("max_tokens", "seed", "stop", "user", "logprobs", "top_logprobs")} == \
+        {"max_tokens": 5, "seed": 3, "stop": ["x"], "user": "u", "logprobs": True, "top_logprobs": 2}
+    assert torch.allclose(z, brief.soft_prompt([chat_prompt(MESSAGES, SYSTEM)])[0], atol=1e-6)
+    assert not torch.allclose(z, brief.soft_prompt([chat_prompt(MESSAGES, None)])[0], atol=1e-3)  # the text matters
+
+    stub_oa.completions.create(model="brief", prompt=TEXTS[1], max_tokens=3)
+    path, body, z = _sent(stub)
+    assert path == "/v1/completions" and body["prompt"] == TEXTS[1] and body["max_tokens"] == 3
+    assert torch.allclose(z, brief.soft_prompt([TEXTS[1]])[0], atol=1e-6)
+
+    stub_oa.chat.completions.create(model="toy", messages=MESSAGES)  # plain format: the conversation as it is
+    path, body, z = _sent(stub)
+    assert body["messages"] == MESSAGES and torch.equal(z, clients["toy"].soft_prompt(["anything"])[0])
 
 
 def _metric(url: str, name: str) -> float:
