@@ -46,7 +46,8 @@ def _all() -> dict[str, Path]:
 
 
 def test_serve_never_imports_methods_the_wrapper_or_the_trainer():
-    banned = ("lopa.methods", "lopa.model", "lopa.train", "lopa.baselines")
+    # nor the user's side (the client, the gateway), which loads generators
+    banned = ("lopa.methods", "lopa.model", "lopa.train", "lopa.baselines", "lopa.client", "lopa.gateway")
     for mod, path in _all().items():
         if mod.startswith("lopa.serve"):
             bad = sorted(i for i in _imports(path, top_level_only=False) if _under(i, banned))

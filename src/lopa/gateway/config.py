@@ -12,6 +12,10 @@ named by the subfolder); :meth:`GatewayConfig.task_dirs` joins them.
 Traceback (most recent call last):
 ...
 ValueError: --task 'bad name=/x': the task name must be 1-64 letters, digits or . _ - : (starting with a letter or digit)
+>>> GatewayConfig(task=[f"a={d}"], upstream_timeout=0)
+Traceback (most recent call last):
+...
+ValueError: upstream_timeout must be a number in [0.001, 86400], got 0
 >>> GatewayConfig()
 Traceback (most recent call last):
 ...
@@ -30,6 +34,11 @@ from ..serve.config import MiB
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+INT_LIMITS = {"port": (0, 65535), "max_connections": (1, 1 << 16), "max_batch_size": (1, 4096),
+              "max_body_bytes": (1024, 1 << 34), "threads": (1, 1024)}
+NUMBER_LIMITS = {"upstream_timeout": (0.001, 86400), "connect_timeout": (0.001, 3600), "body_timeout_s": (0.01, 3600),
+                 "max_wait_ms": (0, 10_000)}
+OPTIONAL = {"threads"}
 NAME_RULE = "the task name must be 1-64 letters, digits or . _ - : (starting with a letter or digit)"
 
 
@@ -95,19 +104,13 @@ class GatewayConfig:
         self.upstream = self.upstream.rstrip("/")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
-        for name, lo, hi in (("port", 0, 65535), ("max_connections", 1, 1 << 16), ("max_batch_size", 1, 4096),
-                             ("max_body_bytes", 1024, 1 << 34)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or not 1 <= self.threads <= 1024):
-            raise ValueError(f"threads must be an integer in [1, 1024], got {self.threads!r}")
-        for name, lo, hi in (("upstream_timeout", 0.001, 86400), ("connect_timeout", 0.001, 3600),
-                             ("body_timeout_s", 0.01, 3600), ("max_wait_ms", 0, 10_000)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        for name, (lo, hi) in {**INT_LIMITS, **NUMBER_LIMITS}.items():
+            v, whole = getattr(self, name), name in INT_LIMITS
+            if v is None and name in OPTIONAL:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) \
+                    or not (whole or math.isfinite(v)) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be {'an integer' if whole else 'a number'} in [{lo}, {hi}], got {v!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu[:N], got {self.device!r}")
         self.task_dirs()  # names and folders are checked now, before anything is loaded
