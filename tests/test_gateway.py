@@ -286,6 +286,16 @@ class StubUpstream:
                 stub.seen.append((self.path, req))
                 time.sleep(stub.delay)
                 head = {"id": "stub", "created": 0, "model": "stub"}
+                if req.get("stream"):  # one chunk, then silence past the gateway's timeout
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    chunk = {**head, "object": "text_completion", "choices": [{"text": "o", "index": 0,
+                                                                               "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(2.0)
+                    return
                 if self.path == "/v1/chat/completions":
                     self._send({**head, "object": "chat.completion", "choices": [{
                         "index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
@@ -334,6 +344,13 @@ def test_upstream_down_is_502_then_served_once_up_and_slow_is_504(servers, stub,
     finally:
         stub.delay = 0.0
     assert stub_oa.completions.create(model="toy", prompt="x").model == "toy"  # and it goes on serving
+    # a stream that stalls after it began ends with an error event: its status is out already
+    chunks = []
+    with pytest.raises(openai.APIError, match="did not answer within 1 s"):
+        for c in stub_oa.completions.create(model="toy", prompt="x", stream=True):
+            chunks.append(c)
+    assert [(c.model, c.choices[0].text) for c in chunks] == [("toy", "o")]
+    assert 'lopa_gateway_task_errors_total{task="toy",type="timeout_error"} 2.0' in httpx.get(url + "/metrics").text
 
 
 def _sent(stub: StubUpstream) -> tuple[str, dict, torch.Tensor]:

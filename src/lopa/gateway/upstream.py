@@ -50,7 +50,15 @@ def transport_error(exc: httpx.HTTPError, url: str, timeout: float) -> APIError:
 
 
 def status_error(status: int, data: Any, text: str, url: str) -> APIError:
-    """The upstream answered ``status`` >= 400: the error the client gets."""
+    """The upstream answered ``status`` >= 400: the error the client gets.
+
+    >>> e = status_error(401, {"error": {"message": "invalid API key"}}, "", "http://up")
+    >>> e.status, e.message
+    (502, "the upstream lopa server at http://up refused the gateway's key (upstream said: invalid API key); check --upstream-key")
+    >>> e = status_error(422, {"error": {"message": "n: too big", "type": "invalid_request_error", "param": "n"}}, "", "u")
+    >>> e.status, e.message, e.param
+    (422, 'n: too big', 'n')
+    """
     err = data.get("error") if isinstance(data, dict) else None
     err = err if isinstance(err, dict) else {}
     message = str(err.get("message") or text[:500] or f"HTTP {status}")
