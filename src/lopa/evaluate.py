@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,18 +21,12 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .hardware import PRECISION_CHOICES, autocast, precision_name
 from .tasks import Example, GenerationTask, Task, generation_inputs, get_task
 from .tasks.metrics import (accuracy, exact_match, macro_f1, mean_ci95, pass_at_k, perplexity,
                             proportion_ci95, rouge_l)
 
 RUN_CONFIG = "run_config.json"
-
-
-def autocast(precision: str) -> Any:
-    """bf16 autocast on CPU or GPU, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _batches_by_length(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
@@ -344,8 +337,8 @@ class EvalArgs:
     """score only the first N items of the split"""
     batch_size: int = 32
     """items per forward pass"""
-    precision: str | None = field(default=None, metadata={"choices": ["auto", "fp32", "bf16"]})
-    """fp32 or bf16 autocast (default: the run's own; else auto = bf16 where the hardware runs it faster than fp32)"""
+    precision: str | None = field(default=None, metadata={"choices": list(PRECISION_CHOICES)})
+    """autocast precision: auto, float32 (fp32), bfloat16 (bf16), float16 (fp16), as lopa serve --dtype (default: the run's own; else auto = bf16 where the hardware runs it faster than fp32)"""
     n_samples: int = 1
     """generation: samples per problem (pass@k for every k <= n)"""
     temperature: float = 0.0
@@ -415,10 +408,7 @@ def eval_cli(args: EvalArgs) -> int:
         gen = dict(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),
                    results_path=args.results or default)
-    precision = args.precision or run.get("precision") or "auto"
-    if precision == "auto":
-        from .hardware import fast_precision
-        precision = fast_precision()
+    precision = precision_name(args.precision or run.get("precision") or "auto")
     res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=precision, **gen)
     res["model"] = "zero-shot " + (args.model or DEFAULT_BASE) if args.zero_shot else str(args.run_dir)
     print(json.dumps(res))

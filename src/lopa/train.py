@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .evaluate import (DEV_METRICS, RUN_CONFIG, autocast, dev_score, load_run_model, resolve_dev_metric, score)
+from .hardware import autocast
+from .evaluate import (DEV_METRICS, RUN_CONFIG, dev_score, load_run_model, resolve_dev_metric, score)
 from .methods import METHODS, ConfigError, MethodConfig, get_method, make_config
 from .tasks import GenerationTask, Task, TaskError, describe_task, generation_inputs, get_task
 from .tasks.metrics import paired_difference_ci95
@@ -102,8 +103,8 @@ class TrainArgs:
     """also score the unmodified bare model on the test split with the same template (before training, so a baseline that changes the model's weights cannot leak into it)"""
     seed: int = 0
     """seeds initialisation, data order and dropout"""
-    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
-    """bf16 autocast of the base model or fp32 (the soft-prompt generator always computes in fp32); auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32"""
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "float32", "bfloat16"]})
+    """the base model's autocast: bf16 (bfloat16) or fp32 (float32); the soft-prompt generator always computes in fp32; auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32 (the names are lopa serve --dtype's)"""
     resume: bool = False
     """continue the run in --out from its newest checkpoint"""
     overwrite: bool = False
@@ -124,9 +125,12 @@ class TrainArgs:
             raise ValueError("--warmup-steps must be >= 0")
         if self.lr is not None and not 0 < self.lr < 1:
             raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
-        if self.precision == "auto":  # recorded resolved, so a resumed run on another machine keeps it
-            from .hardware import fast_precision
-            self.precision = fast_precision()
+        from .hardware import fast_precision, precision_name
+        if precision_name(self.precision) == "float16":
+            raise ValueError("--precision float16 is not offered for training (it needs loss scaling): use bf16 or fp32")
+        # recorded resolved and short, so a resumed run on another machine keeps it
+        self.precision = fast_precision() if self.precision == "auto" else {"float32": "fp32", "bfloat16": "bf16"}.get(
+            self.precision, self.precision)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other")
         if self.out is None:
