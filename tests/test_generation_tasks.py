@@ -264,3 +264,19 @@ def test_bad_generation_input_stops_train_before_training(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--method", "prompt-tuning", "--task", str(data), "--out", str(out), *TINY]) == 2
     assert "no assistant turn" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_recorded_settings_rebuild_the_same_task(tmp_path, tok):
+    """An artifact's task record (``settings()``) is the one record lopa eval rebuilds a task from."""
+    from lopa.tasks import task_from_settings
+    path = tmp_path / "qa.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["question", "answer"])
+        w.writeheader()
+        w.writerows({"question": f"q{i}", "answer": f"a{i}"} for i in range(30))
+    task = get_task(path, template="Q: {question}\nA:", target_template=" {answer}", system_prompt="Be brief.",
+                    max_length=64, seed=3).prepare(tok)
+    again = task_from_settings(json.loads(json.dumps(task.settings()))).prepare(tok)  # as read from JSON
+    assert again.settings() == task.settings()
+    for split in ("train", "dev", "test"):
+        assert [(e.prompt, e.target) for e in again.split(split)] == [(e.prompt, e.target) for e in task.split(split)]

@@ -360,35 +360,23 @@ class EvalArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-# a generation user task's settings, under the same names in run_config.json and an artifact's task
-_GENERATION_SETTINGS = ("target_template", "chat_template", "system_prompt", "split_map", "max_length")
-
-
-def _run_settings(run_dir: str | None) -> dict[str, Any]:
-    if run_dir and (Path(run_dir) / RUN_CONFIG).exists():
-        return json.loads((Path(run_dir) / RUN_CONFIG).read_text())
-    if run_dir:
-        from .artifact import read_meta
-        try:
-            task = read_meta(run_dir).get("task", {})
-        except ValueError:
-            return {}
-        return {"task": task.get("path") or task.get("name"), "template": task.get("template"),
-                "label_words": ",".join(task.get("label_words") or []) or None, "data_dir": task.get("data_dir"),
-                **{k: task.get(k) for k in _GENERATION_SETTINGS if task.get(k)}}
-    return {}
+def _run_precision(run_dir: str | None) -> str | None:
+    """The precision a run trained with (its run_config.json), for scoring it the same way."""
+    path = Path(run_dir) / RUN_CONFIG if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def eval_cli(args: EvalArgs) -> int:
     from .models import DEFAULT_BASE, load_base
-    run = _run_settings(args.run_dir)
-    same_task = not args.task or args.task == run.get("task")
-    task = get_task(args.task or run.get("task"), data_dir=args.data_dir or run.get("data_dir"),
-                    template=args.template or run.get("template"),
-                    label_words=args.label_words or run.get("label_words"), seed=run.get("split_seed", 0),
-                    **{k: run.get(k) for k in _GENERATION_SETTINGS if same_task and run.get(k)})
+    from .tasks import task_from_settings
     if args.zero_shot:
         from .baselines import BaselineModel
+        task = get_task(args.task, data_dir=args.data_dir, template=args.template, label_words=args.label_words)
         base, tok = load_base(args.model or DEFAULT_BASE)
         model = BaselineModel(base, tok)
     else:
@@ -396,6 +384,9 @@ def eval_cli(args: EvalArgs) -> int:
         if args.model:
             base, tok = load_base(args.model)
         model = load_run_model(args.run_dir, base, tok)
+        # the one record of the task: what the artifact (a run's best/) says, overridden by the options
+        task = task_from_settings(model.task, task=args.task, data_dir=args.data_dir, template=args.template,
+                                  label_words=args.label_words)
     if isinstance(task, GenerationTask):
         task.prepare(model.tokenizer)  # the same text as in training: the format is rebuilt from the settings
         print(task.describe(), file=sys.stderr)
@@ -408,7 +399,7 @@ def eval_cli(args: EvalArgs) -> int:
         gen = dict(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),
                    results_path=args.results or default)
-    precision = precision_name(args.precision or run.get("precision") or "auto")
+    precision = precision_name(args.precision or _run_precision(args.run_dir) or "auto")
     res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=precision, **gen)
     res["model"] = "zero-shot " + (args.model or DEFAULT_BASE) if args.zero_shot else str(args.run_dir)
     print(json.dumps(res))
