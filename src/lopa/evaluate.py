@@ -159,6 +159,9 @@ def evaluate_text_generation(model: Any, task: Task, examples: Sequence[Example]
             "generate_s": round(time.time() - started, 2)}
 
 
+# generation metrics scored per item, so two models on the same items can be compared pairwise
+ITEM_METRICS = ("pass@1", "exact_match", "rouge_l")
+
 DEV_METRICS = ("auto", "accuracy", "macro_f1", "loss", "log_likelihood", "exact_match", "rouge_l")
 
 
@@ -267,6 +270,7 @@ def evaluate_generation(model: Any, task: Task, examples: Sequence[Example], *, 
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in passed) / max(len(passed), 1)
     if n_samples == 1 and passed:
         out["pass@1_ci95"] = list(proportion_ci95(sum(passed), len(passed))[1:])
+        out["pass@1_items"] = [float(c) for c in passed]  # for paired comparisons on the same problems
     return out
 
 
@@ -291,7 +295,8 @@ def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch
           precision: str = "fp32", progress: bool = True, keep_predictions: bool = False,
           **gen: Any) -> dict[str, Any]:
     """Evaluate on one split of a task; the dict is what ``lopa eval`` prints. ``keep_predictions``
-    keeps a classification's per-item predicted class indices under ``"predictions"``."""
+    keeps the per-item results for paired comparisons: a classification's predicted class indices under
+    ``"predictions"``, a generation's ``ITEM_METRICS`` scores under ``"<metric>_items"``."""
     examples = task.split(split)[:limit] if limit else task.split(split)
     started = time.time()
     if task.kind == "classification":
@@ -306,6 +311,8 @@ def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch
     else:
         res = evaluate_generation(model, task, examples, batch_size=batch_size, precision=precision,
                                   progress=progress, **gen)
+        if not keep_predictions:
+            res.pop("pass@1_items", None)
     return {"task": task.name, "split": split, **res, "eval_s": round(time.time() - started, 2)}
 
 

@@ -109,7 +109,7 @@ def task_from_settings(record: dict[str, Any], *, task: str | None = None, data_
         raise TaskError("the artifact records no task: pass --task (and --template, --label-words)")
     same = task is None or task == recorded or task == record.get("name")
     gen = {k: record[k] for k in GENERATION_SETTINGS if same and record.get(k) not in (None, "", {})}
-    return get_task(name, data_dir=data_dir or record.get("data_dir"), template=template or record.get("template"),
+    return get_task(name, data_dir=data_dir or record.get("data_dir"), template=template or record.get("template") or None,
                     label_words=label_words or record.get("label_words") or None,
                     seed=int(record.get("seed", 0)) if same else 0, **gen)
 
