@@ -264,3 +264,40 @@ def test_bad_generation_input_stops_train_before_training(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--method", "prompt-tuning", "--task", str(data), "--out", str(out), *TINY]) == 2
     assert "no assistant turn" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_recorded_settings_rebuild_the_same_task(tmp_path, tok):
+    """An artifact's task record (``settings()``) is the one record lopa eval rebuilds a task from."""
+    from lopa.tasks import task_from_settings
+    path = tmp_path / "qa.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["question", "answer"])
+        w.writeheader()
+        w.writerows({"question": f"q{i}", "answer": f"a{i}"} for i in range(30))
+    task = get_task(path, template="Q: {question}\nA:", target_template=" {answer}", system_prompt="Be brief.",
+                    max_length=64, seed=3).prepare(tok)
+    again = task_from_settings(json.loads(json.dumps(task.settings()))).prepare(tok)  # as read from JSON
+    assert again.settings() == task.settings()
+    for split in ("train", "dev", "test"):
+        assert [(e.prompt, e.target) for e in again.split(split)] == [(e.prompt, e.target) for e in task.split(split)]
+
+
+def test_a_generation_run_is_compared_with_zero_shot_item_by_item(tmp_path, capsys):
+    """Exact match and ROUGE-L get a paired 95% interval against the bare model on the same test rows."""
+    data = _jsonl(tmp_path / "pairs.jsonl", _pairs(30))
+    out = tmp_path / "run"
+    assert main(["train", "--method", "prompt-tuning", "--task", str(data), "--out", str(out), "--max-steps", "2",
+                 "--eval-every", "2", "--batch-size", "4", "--chat-template", "none", "--model", "tiny-random-llama",
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    by_metric = results["vs_zero_shot_by_metric"]
+    assert set(by_metric) == {"exact_match", "rouge_l"} and results["vs_zero_shot"]["metric"] == "rouge_l"
+    preds = json.loads((out / "predictions.json").read_text())
+    for m, d in by_metric.items():
+        a, b = preds["test_items"][m], preds["zero_shot_items"][m]
+        assert len(a) == len(b) == results["test"]["n"] == 3
+        assert d["difference"] == pytest.approx(sum(a) / 3 - sum(b) / 3)
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+        assert results["test"][m] == pytest.approx(sum(a) / 3) and results["zero_shot"][m] == pytest.approx(sum(b) / 3)
+    assert not any(k.endswith("_items") for k in results["test"])  # kept apart, in predictions.json
+    assert "over zero-shot (paired 95% CI" in capsys.readouterr().out

@@ -67,3 +67,37 @@ def test_serving_backend_auto_dtype_follows_it(monkeypatch):
     fake_cpu(monkeypatch, {"avx512f", "avx512_bf16", "amx_bf16"})
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_one_precision_vocabulary_for_train_eval_and_serve(monkeypatch):
+    """Training's --precision, evaluation's --precision and the server's --dtype take the same names,
+    and 'auto' is decided in one place."""
+    from lopa.evaluate import EvalArgs
+    from lopa.serve.backends import DTYPE_CHOICES, resolve_dtype
+    from lopa.serve.protocol import BackendError
+    from lopa.train import TrainArgs
+    assert set(hardware.PRECISION_CHOICES) <= set(DTYPE_CHOICES)
+    for short, long in hardware.SHORT.items():
+        assert hardware.resolve_precision(short) == hardware.resolve_precision(long) == getattr(torch, long)
+        assert resolve_dtype(short, torch.device("cpu")) == getattr(torch, long)
+    assert TrainArgs(precision="bfloat16").precision == TrainArgs(precision="bf16").precision == "bf16"
+    assert TrainArgs(precision="float32").precision == "fp32"
+    with pytest.raises(ValueError, match="loss scaling"):
+        TrainArgs(precision="fp16")
+    eval_choices = {f.name: f.metadata.get("choices") for f in __import__("dataclasses").fields(EvalArgs)}
+    assert set(eval_choices["precision"]) == set(hardware.PRECISION_CHOICES)
+    with pytest.raises(BackendError, match="precision must be one of"):
+        resolve_dtype("half", torch.device("cpu"))
+
+    # auto: the same decision whoever asks
+    fake_cpu(monkeypatch, {"avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.resolve_precision("auto") == resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert TrainArgs(precision="auto").precision == "bf16"
+
+
+def test_autocast_is_off_for_float32_and_on_for_bfloat16():
+    with hardware.autocast("fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with hardware.autocast("bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

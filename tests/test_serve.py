@@ -196,7 +196,7 @@ def test_openai_client_completion(server, artifacts):
     choice = resp.choices[0]
     assert choice.index == 0 and choice.logprobs is None and choice.finish_reason in ("stop", "length")
     assert choice.text == local.generate(TEXTS[:1], max_new_tokens=10)[0]
-    n_prompt = len(local._backend.tokenize(TEXTS[0])) + z.shape[0]
+    n_prompt = len(local.transport.tokenize(TEXTS[0])) + z.shape[0]
     assert resp.usage.prompt_tokens == n_prompt
     assert resp.usage.total_tokens == n_prompt + resp.usage.completion_tokens
     with pytest.raises(openai.AuthenticationError):

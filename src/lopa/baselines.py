@@ -1,8 +1,8 @@
 """Baselines with the wrapper's interface: LoRA and full fine-tuning (they need server-side weights,
 so they are here for comparison only), and the bare model zero-shot.
 
-They reuse :class:`~lopa.model.SoftPromptModel`'s forward, classify and generate with an empty soft
-prompt, so every method is trained and scored by exactly the same code.
+They share :class:`~lopa.model.PromptedModel`'s forward, classify and generate with the soft-prompt
+methods, with an empty soft prompt, so every method is trained and scored by exactly the same code.
 
 Example::
 
@@ -23,18 +23,18 @@ import torch
 from torch import nn
 
 from .methods import MethodConfig
-from .model import SoftPromptModel
+from .model import PromptedModel
 
 BASELINE_CONFIG = "baseline_config.json"
 
 
-class BaselineModel(SoftPromptModel):
+class BaselineModel(PromptedModel):
     """A method that changes the base model's weights (``lora``: PEFT LoRA on the attention
     projections; ``full``: every weight trains), or, with no config, the bare model zero-shot."""
 
     def __init__(self, base: nn.Module, tokenizer: Any, config: MethodConfig | None = None,
                  task: dict[str, Any] | None = None, peft_model: nn.Module | None = None):
-        nn.Module.__init__(self)  # no generator: the soft prompt is empty
+        super().__init__()  # no generator: the soft prompt is empty
         if config is not None and not config.server_weights:
             raise ValueError(f"method {config.method!r} is a soft-prompt method: use SoftPromptModel")
         self.config, self.tokenizer, self.task, self.encoder = config, tokenizer, dict(task or {}), None
@@ -52,14 +52,6 @@ class BaselineModel(SoftPromptModel):
             self.base = base.requires_grad_(True)
         else:
             self.base = base.eval().requires_grad_(False)
-
-    @property
-    def base_name(self) -> str:
-        return str(getattr(self.base.config, "name_or_path", "") or "")
-
-    def train(self, mode: bool = True) -> "BaselineModel":
-        nn.Module.train(self, mode)
-        return self
 
     def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
         w = self.base.get_input_embeddings().weight

@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -44,20 +43,9 @@ import torch
 from .artifact import Artifact, ArtifactError, load_artifact
 from .encoders import Encoder
 from .soft_prompt import compute, load_instance_encoder
-from .serve.backends import ClassifyRow, GenerateRow, classification_result
-from .serve.wire import encode_soft_prompt
+from .transport import HTTP, ClientError, InProcess, Sampling, ServerError, Transport
 
-
-class ClientError(RuntimeError):
-    """The client cannot do what was asked (width mismatch, missing encoder, unreachable server, ...)."""
-
-
-class ServerError(ClientError):
-    """The server answered with an error; ``status`` and the server's message are kept."""
-
-    def __init__(self, status: int, message: str, type: str | None = None):
-        super().__init__(f"server answered {status}: {message}")
-        self.status, self.message, self.type = status, message, type
+__all__ = ["Client", "ClientError", "ServerError"]
 
 
 class Client:
@@ -72,7 +60,7 @@ class Client:
         wire_dtype: how soft prompts travel: ``float32`` (exact, default), ``bfloat16`` or ``float16``.
         timeout: seconds per HTTP request.
         concurrency: requests in flight at once (the server batches them together).
-        batch_size: in-process only: rows per forward pass.
+        batch_size: texts per soft-prompt computation (and, in-process, per forward pass).
     """
 
     def __init__(self, artifact_dir: str | Path, url: str | None = None, api_key: str | None = None,
@@ -82,66 +70,48 @@ class Client:
         self.artifact: Artifact = load_artifact(artifact_dir)
         self.config = self.artifact.config
         self.url = url.rstrip("/") if url else None
-        self.wire_dtype = wire_dtype
-        self.concurrency = max(1, concurrency)
         self.batch_size = max(1, batch_size)
-        self._http: Any = None
-        self._backend: Any = None
-        self.health: dict[str, Any] = {}
         if self.url is None:
-            self._start_in_process(model, dtype)
+            name = model or self.artifact.base_model
+            if not name:
+                raise ClientError("the artifact records no base model; pass model= (a short name, hub id or path)")
+            self.transport: Transport = InProcess(name, dtype=dtype)
         else:
             if model is not None:
                 warnings.warn("model= is ignored with a server url: the server's model answers", stacklevel=2)
-            self._connect(api_key if api_key is not None else os.environ.get("LOPA_API_KEY"), timeout)
+            key = api_key if api_key is not None else os.environ.get("LOPA_API_KEY")
+            self.transport = HTTP(self.url, key, timeout=timeout, concurrency=concurrency, wire_dtype=wire_dtype)
+        self.health: dict[str, Any] = getattr(self.transport, "health", {})
+        self._check_model()
         self.encoder = self._load_encoder()
         self.artifact.generator.eval()
 
     # -- set-up ----------------------------------------------------------------------------------
-    def _start_in_process(self, model: str | None, dtype: str) -> None:
-        from .serve.backends import TransformersBackend
-        name = model or self.artifact.base_model
-        if not name:
-            raise ClientError("the artifact records no base model; pass model= (a short name, hub id or path)")
-        self._backend = TransformersBackend(name, dtype=dtype)
-        if self._backend.hidden_size != self.artifact.hidden_size:
-            raise ClientError(f"the artifact was trained for width {self.artifact.hidden_size} "
-                              f"({self.artifact.base_model!r}), but {name!r} has width {self._backend.hidden_size}")
-
-    def _connect(self, api_key: str | None, timeout: float) -> None:
-        import httpx
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
-        self.health = self._request("GET", "/health")
-        width = self.health.get("hidden_size")
-        if width != self.artifact.hidden_size:
-            raise ClientError(f"the artifact was trained for a base model of width {self.artifact.hidden_size} "
-                              f"({self.artifact.base_model!r}), but the server at {self.url} serves "
-                              f"{self.health.get('model')!r} of width {width}")
-        if self.artifact.num_output_tokens > int(self.health.get("max_soft_tokens", 1 << 30)):
-            raise ClientError(f"the artifact's soft prompts have {self.artifact.num_output_tokens} tokens; the server "
-                              f"accepts at most {self.health['max_soft_tokens']} (lopa serve --max-soft-tokens)")
-        served = str(self.health.get("model", ""))
-        if self.artifact.base_model and served and served != self.artifact.base_model:
-            warnings.warn(f"the artifact was trained on {self.artifact.base_model!r}, the server serves {served!r} "
-                          f"(same width {width}): check that this is the same model", stacklevel=3)
+    def _check_model(self) -> None:
+        t, a = self.transport, self.artifact
+        where = f"the server at {self.url} serves" if self.url else "in this process,"
+        if t.hidden_size != a.hidden_size:
+            raise ClientError(f"the artifact was trained for a base model of width {a.hidden_size} "
+                              f"({a.base_model!r}), but {where} {t.model!r} of width {t.hidden_size}")
+        if t.max_soft_tokens is not None and a.num_output_tokens > t.max_soft_tokens:
+            raise ClientError(f"the artifact's soft prompts have {a.num_output_tokens} tokens; the server "
+                              f"accepts at most {t.max_soft_tokens} (lopa serve --max-soft-tokens)")
+        if self.url and a.base_model and t.model and t.model != a.base_model:
+            warnings.warn(f"the artifact was trained on {a.base_model!r}, the server serves {t.model!r} "
+                          f"(same width {t.hidden_size}): check that this is the same model", stacklevel=3)
 
     def _load_encoder(self) -> Encoder | None:
-        if getattr(self.config, "encoder", None) == "self" and self._backend is None:
+        if getattr(self.config, "encoder", None) == "self" and self.transport.base is None:
             raise ClientError("this artifact's encoder is 'self' (the base model's own embeddings), so it "
                               "needs the base model's weights: run it in-process (url=None)")
-        backend = self._backend
         try:
-            return load_instance_encoder(self.config, self.artifact_dir, base=getattr(backend, "base", None),
-                                         tokenizer=getattr(backend, "tokenizer", None),
-                                         encoder_dim=self.artifact.encoder_dim)
+            return load_instance_encoder(self.config, self.artifact_dir, base=self.transport.base,
+                                         tokenizer=self.transport.tokenizer, encoder_dim=self.artifact.encoder_dim)
         except ValueError as e:
             raise ClientError(str(e)) from None
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
+        self.transport.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -176,30 +146,6 @@ class Client:
             chunk = texts[i:i + self.batch_size]
             yield chunk, self.soft_prompt(chunk)
 
-    # -- HTTP ------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        import httpx
-        try:
-            r = self._http.request(method, path, json=body)
-        except httpx.HTTPError as e:
-            raise ClientError(f"cannot reach the server at {self.url}: {e}") from None
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        if r.status_code >= 400:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            raise ServerError(r.status_code, err.get("message") or r.text[:500], err.get("type"))
-        if not isinstance(data, dict):
-            raise ClientError(f"the server at {self.url} answered {path} with something other than a JSON object")
-        return data
-
-    def _post_all(self, path: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if len(bodies) == 1:
-            return [self._request("POST", path, bodies[0])]
-        with ThreadPoolExecutor(self.concurrency) as pool:  # the server batches what arrives together
-            return list(pool.map(lambda b: self._request("POST", path, b), bodies))
-
     # -- tasks -----------------------------------------------------------------------------------
     def classify(self, texts: Sequence[str], label_words: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """One ``{"logprobs", "label", "label_word"}`` per text, as the server's ``/v1/classify`` answers.
@@ -209,36 +155,13 @@ class Client:
         words = list(label_words if label_words is not None else self.task.get("label_words") or [])
         if len(words) < 2:
             raise ClientError("pass label_words: the artifact records none for its task")
-        out: list[dict[str, Any]] = []
-        if self._backend is not None:
-            ids = self._backend.label_token_ids(words)
-            for chunk, z in self._chunks(texts):
-                rows = [ClassifyRow(self._backend.tokenize(t), zi, ids) for t, zi in zip(chunk, z)]
-                out += [classification_result(lp, words) for lp in self._backend.classify(rows)]
-            return out
-        for chunk, z in self._chunks(texts):
-            bodies = [{"text": t, "soft_prompt": encode_soft_prompt(zi, self.wire_dtype), "label_words": words}
-                      for t, zi in zip(chunk, z)]
-            out += self._post_all("/v1/classify", bodies)
-        return out
+        return [r for chunk, z in self._chunks(texts) for r in self.transport.classify(chunk, z, words)]
 
     def generate(self, texts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = None, seed: int | None = None) -> list[str]:
         """One completion per text: greedy at ``temperature=0`` (default), else sampled."""
-        stop_t = tuple(stop or ())
-        out: list[str] = []
-        if self._backend is not None:
-            for chunk, z in self._chunks(texts):
-                rows = [GenerateRow(self._backend.tokenize(t), zi, max_new_tokens, temperature, top_p, stop_t, seed)
-                        for t, zi in zip(chunk, z)]
-                out += [c.text for c in self._backend.generate(rows)]
-            return out
-        for chunk, z in self._chunks(texts):
-            bodies = [{"text": t, "soft_prompt": encode_soft_prompt(zi, self.wire_dtype),
-                       "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                       "stop": list(stop_t), "seed": seed} for t, zi in zip(chunk, z)]
-            out += [r["text"] for r in self._post_all("/v1/generate", bodies)]
-        return out
+        sampling = Sampling(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
+        return [t for chunk, z in self._chunks(texts) for t in self.transport.generate(chunk, z, sampling)]
 
 
 # -- the command line ------------------------------------------------------------------------------

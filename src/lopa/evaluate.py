@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,18 +21,12 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .hardware import PRECISION_CHOICES, autocast, precision_name
 from .tasks import Example, GenerationTask, Task, generation_inputs, get_task
 from .tasks.metrics import (accuracy, exact_match, macro_f1, mean_ci95, pass_at_k, perplexity,
                             proportion_ci95, rouge_l)
 
 RUN_CONFIG = "run_config.json"
-
-
-def autocast(precision: str) -> Any:
-    """bf16 autocast on CPU or GPU, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _batches_by_length(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
@@ -166,6 +159,9 @@ def evaluate_text_generation(model: Any, task: Task, examples: Sequence[Example]
             "generate_s": round(time.time() - started, 2)}
 
 
+# generation metrics scored per item, so two models on the same items can be compared pairwise
+ITEM_METRICS = ("pass@1", "exact_match", "rouge_l")
+
 DEV_METRICS = ("auto", "accuracy", "macro_f1", "loss", "log_likelihood", "exact_match", "rouge_l")
 
 
@@ -274,6 +270,7 @@ def evaluate_generation(model: Any, task: Task, examples: Sequence[Example], *, 
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in passed) / max(len(passed), 1)
     if n_samples == 1 and passed:
         out["pass@1_ci95"] = list(proportion_ci95(sum(passed), len(passed))[1:])
+        out["pass@1_items"] = [float(c) for c in passed]  # for paired comparisons on the same problems
     return out
 
 
@@ -298,7 +295,8 @@ def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch
           precision: str = "fp32", progress: bool = True, keep_predictions: bool = False,
           **gen: Any) -> dict[str, Any]:
     """Evaluate on one split of a task; the dict is what ``lopa eval`` prints. ``keep_predictions``
-    keeps a classification's per-item predicted class indices under ``"predictions"``."""
+    keeps the per-item results for paired comparisons: a classification's predicted class indices under
+    ``"predictions"``, a generation's ``ITEM_METRICS`` scores under ``"<metric>_items"``."""
     examples = task.split(split)[:limit] if limit else task.split(split)
     started = time.time()
     if task.kind == "classification":
@@ -313,6 +311,8 @@ def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch
     else:
         res = evaluate_generation(model, task, examples, batch_size=batch_size, precision=precision,
                                   progress=progress, **gen)
+        if not keep_predictions:
+            res.pop("pass@1_items", None)
     return {"task": task.name, "split": split, **res, "eval_s": round(time.time() - started, 2)}
 
 
@@ -344,8 +344,8 @@ class EvalArgs:
     """score only the first N items of the split"""
     batch_size: int = 32
     """items per forward pass"""
-    precision: str | None = field(default=None, metadata={"choices": ["auto", "fp32", "bf16"]})
-    """fp32 or bf16 autocast (default: the run's own; else auto = bf16 where the hardware runs it faster than fp32)"""
+    precision: str | None = field(default=None, metadata={"choices": list(PRECISION_CHOICES)})
+    """autocast precision: auto, float32 (fp32), bfloat16 (bf16), float16 (fp16), as lopa serve --dtype (default: the run's own; else auto = bf16 where the hardware runs it faster than fp32)"""
     n_samples: int = 1
     """generation: samples per problem (pass@k for every k <= n)"""
     temperature: float = 0.0
@@ -367,35 +367,23 @@ class EvalArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-# a generation user task's settings, under the same names in run_config.json and an artifact's task
-_GENERATION_SETTINGS = ("target_template", "chat_template", "system_prompt", "split_map", "max_length")
-
-
-def _run_settings(run_dir: str | None) -> dict[str, Any]:
-    if run_dir and (Path(run_dir) / RUN_CONFIG).exists():
-        return json.loads((Path(run_dir) / RUN_CONFIG).read_text())
-    if run_dir:
-        from .artifact import read_meta
-        try:
-            task = read_meta(run_dir).get("task", {})
-        except ValueError:
-            return {}
-        return {"task": task.get("path") or task.get("name"), "template": task.get("template"),
-                "label_words": ",".join(task.get("label_words") or []) or None, "data_dir": task.get("data_dir"),
-                **{k: task.get(k) for k in _GENERATION_SETTINGS if task.get(k)}}
-    return {}
+def _run_precision(run_dir: str | None) -> str | None:
+    """The precision a run trained with (its run_config.json), for scoring it the same way."""
+    path = Path(run_dir) / RUN_CONFIG if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def eval_cli(args: EvalArgs) -> int:
     from .models import DEFAULT_BASE, load_base
-    run = _run_settings(args.run_dir)
-    same_task = not args.task or args.task == run.get("task")
-    task = get_task(args.task or run.get("task"), data_dir=args.data_dir or run.get("data_dir"),
-                    template=args.template or run.get("template"),
-                    label_words=args.label_words or run.get("label_words"), seed=run.get("split_seed", 0),
-                    **{k: run.get(k) for k in _GENERATION_SETTINGS if same_task and run.get(k)})
+    from .tasks import task_from_settings
     if args.zero_shot:
         from .baselines import BaselineModel
+        task = get_task(args.task, data_dir=args.data_dir, template=args.template, label_words=args.label_words)
         base, tok = load_base(args.model or DEFAULT_BASE)
         model = BaselineModel(base, tok)
     else:
@@ -403,6 +391,9 @@ def eval_cli(args: EvalArgs) -> int:
         if args.model:
             base, tok = load_base(args.model)
         model = load_run_model(args.run_dir, base, tok)
+        # the one record of the task: what the artifact (a run's best/) says, overridden by the options
+        task = task_from_settings(model.task, task=args.task, data_dir=args.data_dir, template=args.template,
+                                  label_words=args.label_words)
     if isinstance(task, GenerationTask):
         task.prepare(model.tokenizer)  # the same text as in training: the format is rebuilt from the settings
         print(task.describe(), file=sys.stderr)
@@ -415,10 +406,7 @@ def eval_cli(args: EvalArgs) -> int:
         gen = dict(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),
                    results_path=args.results or default)
-    precision = args.precision or run.get("precision") or "auto"
-    if precision == "auto":
-        from .hardware import fast_precision
-        precision = fast_precision()
+    precision = precision_name(args.precision or _run_precision(args.run_dir) or "auto")
     res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=precision, **gen)
     res["model"] = "zero-shot " + (args.model or DEFAULT_BASE) if args.zero_shot else str(args.run_dir)
     print(json.dumps(res))

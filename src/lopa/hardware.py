@@ -1,4 +1,9 @@
-"""What this machine runs fast: the server's ``--dtype auto`` and training's ``--precision auto`` ask here.
+"""What this machine runs fast, and the one precision vocabulary: training's and evaluation's
+``--precision`` and the server's ``--dtype`` take the same names and are decided here only.
+
+Names: ``auto``, ``float32``, ``bfloat16``, ``float16``, with the short forms ``fp32``, ``bf16`` and
+``fp16`` accepted everywhere. ``auto`` is bfloat16 on a GPU that has it (else float16) or a CPU where
+bf16 is native and faster (:func:`cpu_bf16_is_faster`), else float32.
 
 On a CPU, bfloat16 pays only where the matrix units run it natively *and* faster than float32. With
 AMX (Sapphire Rapids and later, when the kernel exposes it) bf16 matmuls are several times faster
@@ -11,15 +16,28 @@ in both dtypes, once per process, and picks the faster.
 (True, True)
 >>> fast_precision() in ("bf16", "fp32")
 True
+>>> resolve_precision("bf16"), precision_name("fp32")
+(torch.bfloat16, 'float32')
+>>> precision_name("half")
+Traceback (most recent call last):
+...
+ValueError: precision must be one of auto, float32 (fp32), bfloat16 (bf16), float16 (fp16); got 'half'
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+SHORT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRECISION_CHOICES = (*PRECISIONS, *SHORT)  # what an option accepts
+PRECISION_HELP = "auto, float32 (fp32), bfloat16 (bf16), float16 (fp16)"
 
 # bf16 is chosen only when it is clearly faster: the timing is a few milliseconds on a shared machine
 BF16_MIN_SPEEDUP = 1.15
@@ -78,7 +96,34 @@ def cpu_bf16_is_faster() -> bool:
 
 
 def fast_precision() -> str:
-    """``bf16`` on a GPU with bfloat16 or a CPU where bf16 is faster (:func:`cpu_bf16_is_faster`), else ``fp32``."""
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_bf16_is_faster() else "fp32"
+    """What training records for ``--precision auto``: ``bf16`` where :func:`resolve_precision` picks
+    bfloat16, else ``fp32`` (training never picks float16 by itself: it would need loss scaling)."""
+    return "bf16" if resolve_precision("auto") == torch.bfloat16 else "fp32"
+
+
+def precision_name(value: str) -> str:
+    """The canonical name of a precision (``bf16`` → ``bfloat16``); a ValueError names the choices."""
+    name = SHORT.get(value, value)
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISION_HELP}; got {value!r}")
+    return name
+
+
+def resolve_precision(value: str, device: torch.device | str | None = None) -> torch.dtype:
+    """The torch dtype a precision means on ``device`` (default: CUDA when available, else the CPU);
+    ``auto`` is decided here and nowhere else."""
+    name = precision_name(value)
+    if name != "auto":
+        return getattr(torch, name)
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_bf16_is_faster() else torch.float32
+
+
+def autocast(precision: str | torch.dtype) -> Any:
+    """Mixed-precision autocast for a reduced precision (on the GPU when there is one), nothing for float32."""
+    dtype = precision if isinstance(precision, torch.dtype) else resolve_precision(precision)
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)

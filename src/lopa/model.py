@@ -30,32 +30,13 @@ from .methods import InitContext, MethodConfig, SoftPromptConfig, build_generato
 ENCODER_PREFIX = "encoder."  # trainable-state keys of a fine-tuned encoder (generator keys never start so)
 
 
-class SoftPromptModel(nn.Module):
-    """A frozen base model and a trainable soft-prompt generator.
+class PromptedModel(nn.Module):
+    """What every wrapper shares: a base model run on ``[soft prompts ; tokens]`` for the training
+    loss, classification and generation. Subclasses say what the soft prompt is (:meth:`soft_prompts`,
+    possibly empty) and what trains; the trainer and the scorers talk to this interface only."""
 
-    Args:
-        base: a Hugging Face causal LM (frozen here, whatever its state).
-        tokenizer: its tokenizer.
-        config: a method config from :func:`lopa.make_config`.
-        encoder: a ready :class:`~lopa.encoders.Encoder`; loaded from ``config.encoder`` when omitted.
-        task: the task's settings (template, label words, ...) to record in saved artifacts.
-    """
-
-    def __init__(self, base: nn.Module, tokenizer: Any, config: SoftPromptConfig, encoder: Encoder | None = None,
-                 task: dict[str, Any] | None = None):
-        super().__init__()
-        self.base = base.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.config = config
-        self.task = dict(task or {})
-        if config.instance_dependent and encoder is None:
-            encoder = soft_prompt.load_instance_encoder(config, base=base, tokenizer=tokenizer)
-        self.encoder = encoder if config.instance_dependent else None
-        if self.encoder is not None:
-            self.encoder.set_trainable(bool(getattr(config, "train_encoder", False)))
-        ctx = InitContext(base.get_input_embeddings().weight, tokenizer,
-                          encoder.dim if self.encoder is not None else None)
-        self.generator = build_generator(config, ctx)
+    base: nn.Module
+    tokenizer: Any
 
     @property
     def hidden_size(self) -> int:
@@ -65,18 +46,9 @@ class SoftPromptModel(nn.Module):
     def base_name(self) -> str:
         return str(getattr(self.base.config, "name_or_path", "") or "")
 
-    def train(self, mode: bool = True) -> "SoftPromptModel":
-        super().train(mode)
-        self.base.eval()  # dropout in the frozen model would make its output depend on training mode
-        if self.encoder is not None:
-            self.encoder.eval()
-        return self
-
-    # -- the soft prompt -------------------------------------------------------------------------
     def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Z for each text: B × n × d (n = the generator's number of output tokens), in float32
-        (see :func:`lopa.soft_prompt.compute`)."""
-        return soft_prompt.compute(self.generator, self.encoder, texts)
+        """Z for each text: B × n × d (n may be 0)."""
+        raise NotImplementedError
 
     def _batch(self, texts: Sequence[str], suffix_ids: Sequence[Sequence[int]] | None = None) -> prefix.PrefixBatch:
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -125,6 +97,59 @@ class SoftPromptModel(nn.Module):
         return prefix.generate(self.base, self.tokenizer, self._batch(texts), max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
 
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def num_trainable_parameters(self) -> int:
+        raise NotImplementedError
+
+    def num_all_parameters(self) -> int:
+        seen = {id(p): p for p in self.parameters()}  # the self encoder shares the base's embeddings
+        return sum(p.numel() for p in seen.values())
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
+        t, a = self.num_trainable_parameters(), self.num_all_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+
+class SoftPromptModel(PromptedModel):
+    """A frozen base model and a trainable soft-prompt generator.
+
+    Args:
+        base: a Hugging Face causal LM (frozen here, whatever its state).
+        tokenizer: its tokenizer.
+        config: a method config from :func:`lopa.make_config`.
+        encoder: a ready :class:`~lopa.encoders.Encoder`; loaded from ``config.encoder`` when omitted.
+        task: the task's settings (template, label words, ...) to record in saved artifacts.
+    """
+
+    def __init__(self, base: nn.Module, tokenizer: Any, config: SoftPromptConfig, encoder: Encoder | None = None,
+                 task: dict[str, Any] | None = None):
+        super().__init__()
+        self.base = base.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.task = dict(task or {})
+        if config.instance_dependent and encoder is None:
+            encoder = soft_prompt.load_instance_encoder(config, base=base, tokenizer=tokenizer)
+        self.encoder = encoder if config.instance_dependent else None
+        if self.encoder is not None:
+            self.encoder.set_trainable(bool(getattr(config, "train_encoder", False)))
+        ctx = InitContext(base.get_input_embeddings().weight, tokenizer,
+                          encoder.dim if self.encoder is not None else None)
+        self.generator = build_generator(config, ctx)
+
+    def train(self, mode: bool = True) -> "SoftPromptModel":
+        super().train(mode)
+        self.base.eval()  # dropout in the frozen model would make its output depend on training mode
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
+    def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Z for each text: B × n × d (n = the generator's number of output tokens), in float32
+        (see :func:`lopa.soft_prompt.compute`)."""
+        return soft_prompt.compute(self.generator, self.encoder, texts)
+
     # -- what the trainer needs ------------------------------------------------------------------
     @property
     def _trained_encoder(self) -> Encoder | None:
@@ -159,15 +184,6 @@ class SoftPromptModel(nn.Module):
         if self._trained_encoder is not None:
             n += sum(p.numel() for p in self.encoder.parameters())
         return n
-
-    def num_all_parameters(self) -> int:
-        seen = {id(p): p for p in self.parameters()}  # the self encoder shares the base's embeddings
-        return sum(p.numel() for p in seen.values())
-
-    def print_trainable_parameters(self) -> None:
-        """PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
-        t, a = self.num_trainable_parameters(), self.num_all_parameters()
-        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``soft_prompt_config.json`` and ``soft_prompt.safetensors`` (see :mod:`lopa.artifact`)."""

@@ -28,12 +28,14 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .evaluate import (DEV_METRICS, RUN_CONFIG, autocast, dev_score, load_run_model, resolve_dev_metric, score)
+from .hardware import autocast
+from .evaluate import (DEV_METRICS, ITEM_METRICS, RUN_CONFIG, dev_score, load_run_model, resolve_dev_metric, score)
 from .methods import METHODS, ConfigError, MethodConfig, get_method, make_config
 from .tasks import GenerationTask, Task, TaskError, describe_task, generation_inputs, get_task
 from .tasks.metrics import paired_difference_ci95
 
 # settings that may change between a run and its --resume without changing the result
+HEADLINE = ("accuracy", "pass@1", "rouge_l")  # the test metric a run's last line reports, by kind of task
 ZERO_SHOT = "zero_shot.json"  # the bare model's test scores, taken before training
 PREDICTIONS = "predictions.json"  # per-item test predictions (and labels), for paired comparisons
 RESUMABLE = {"resume", "overwrite", "dry_run", "progress", "max_steps", "patience"}
@@ -102,8 +104,8 @@ class TrainArgs:
     """also score the unmodified bare model on the test split with the same template (before training, so a baseline that changes the model's weights cannot leak into it)"""
     seed: int = 0
     """seeds initialisation, data order and dropout"""
-    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
-    """bf16 autocast of the base model or fp32 (the soft-prompt generator always computes in fp32); auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32"""
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "float32", "bfloat16"]})
+    """the base model's autocast: bf16 (bfloat16) or fp32 (float32); the soft-prompt generator always computes in fp32; auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32 (the names are lopa serve --dtype's)"""
     resume: bool = False
     """continue the run in --out from its newest checkpoint"""
     overwrite: bool = False
@@ -124,9 +126,12 @@ class TrainArgs:
             raise ValueError("--warmup-steps must be >= 0")
         if self.lr is not None and not 0 < self.lr < 1:
             raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
-        if self.precision == "auto":  # recorded resolved, so a resumed run on another machine keeps it
-            from .hardware import fast_precision
-            self.precision = fast_precision()
+        from .hardware import fast_precision, precision_name
+        if precision_name(self.precision) == "float16":
+            raise ValueError("--precision float16 is not offered for training (it needs loss scaling): use bf16 or fp32")
+        # recorded resolved and short, so a resumed run on another machine keeps it
+        self.precision = fast_precision() if self.precision == "auto" else {"float32": "fp32", "bfloat16": "bf16"}.get(
+            self.precision, self.precision)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other")
         if self.out is None:
@@ -478,35 +483,62 @@ def _finish(run: _Run) -> dict[str, Any]:
         if (run.out / ZERO_SHOT).exists():
             results["zero_shot"] = json.loads((run.out / ZERO_SHOT).read_text())
             results.update(_paired_with_zero_shot(run.task, results["test"], results["zero_shot"]))
-        # per-item predictions, so two runs scored on the same items can be compared pairwise
-        preds = {k: r.pop("predictions") for k, r in (("test", results["test"]), ("zero_shot", results.get("zero_shot")))
-                 if r and "predictions" in r}
-        if preds:
-            limit = results["test"]["n"]
-            preds["labels"] = [e.label for e in run.task.split("test")[:limit]]
-            (run.out / PREDICTIONS).write_text(json.dumps(preds) + "\n")
+        _write_predictions(run, results)
     (run.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
+def _write_predictions(run: _Run, results: dict[str, Any]) -> None:
+    """Move the per-item results out of results.json into predictions.json, so two runs scored on the
+    same items can be compared pairwise (classification: predicted classes and the labels)."""
+    keys = ("predictions", *(f"{m}_items" for m in ITEM_METRICS))
+    preds: dict[str, Any] = {}
+    for name in ("test", "zero_shot"):
+        r = results.get(name) or {}
+        for k in keys:
+            if k in r:
+                value = r.pop(k)
+                if k == "predictions":
+                    preds[name] = value
+                else:
+                    preds.setdefault(f"{name}_items", {})[k[:-len("_items")]] = value
+    if "test" in preds:
+        preds["labels"] = [e.label for e in run.task.split("test")[:results["test"]["n"]]]
+    if preds:
+        (run.out / PREDICTIONS).write_text(json.dumps(preds) + "\n")
+
+
 def _final_scores(model: Any, task: Task, args: TrainArgs) -> dict[str, Any]:
-    if task.kind == "classification":
-        return score(model, task, "test", limit=args.test_limit, precision=args.precision, progress=args.progress,
-                     keep_predictions=True)
+    gen = {} if task.kind == "classification" else {"max_new_tokens": 128, "ks": (1,)}
     return score(model, task, "test", limit=args.test_limit, precision=args.precision, progress=args.progress,
-                 max_new_tokens=128, ks=(1,))
+                 keep_predictions=True, **gen)
+
+
+def _per_item(task: Task, res: dict[str, Any]) -> dict[str, list[float]]:
+    """Each item's score under every metric that has one: accuracy (classification) or ITEM_METRICS."""
+    if "predictions" in res:
+        labels = [e.label for e in task.split("test")[:res["n"]]]
+        return {"accuracy": [float(p == y) for p, y in zip(res["predictions"], labels)]}
+    return {m: res[f"{m}_items"] for m in ITEM_METRICS if f"{m}_items" in res}
 
 
 def _paired_with_zero_shot(task: Task, test: dict[str, Any], zero_shot: dict[str, Any]) -> dict[str, Any]:
-    """The trained model's accuracy minus the zero-shot accuracy on the same test items, with a
-    paired 95% interval: ``{"vs_zero_shot": {"difference", "ci95"}}`` (classification only)."""
-    if "predictions" not in test or "predictions" not in zero_shot:
+    """The trained model minus the zero-shot model on the same test items, with a paired 95% interval:
+    ``{"vs_zero_shot": {"metric", "difference", "ci95"}}`` for the headline metric (accuracy, pass@1 or
+    ROUGE-L), and ``"vs_zero_shot_by_metric"`` for each per-item metric of a generation task."""
+    a, b = _per_item(task, test), _per_item(task, zero_shot)
+    diffs = {}
+    for m in a:
+        if m in b and len(a[m]) == len(b[m]) > 0:
+            d, lo, hi = paired_difference_ci95(a[m], b[m])
+            diffs[m] = {"metric": m, "difference": d, "ci95": [lo, hi]}
+    if not diffs:
         return {}
-    limit = test["n"]
-    labels = [e.label for e in task.split("test")[:limit]]
-    d, lo, hi = paired_difference_ci95([p == y for p, y in zip(test["predictions"], labels)],
-                                       [p == y for p, y in zip(zero_shot["predictions"], labels)])
-    return {"vs_zero_shot": {"difference": d, "ci95": [lo, hi]}}
+    headline = next(m for m in (*HEADLINE, *diffs) if m in diffs)
+    out: dict[str, Any] = {"vs_zero_shot": diffs[headline]}
+    if task.kind != "classification":
+        out["vs_zero_shot_by_metric"] = diffs
+    return out
 
 
 def train_cli(args: TrainArgs) -> int:
@@ -519,14 +551,14 @@ def train_cli(args: TrainArgs) -> int:
         return 0
     test, zs = results.get("test"), results.get("zero_shot")
     if test:
-        key = next(k for k in ("accuracy", "pass@1", "rouge_l") if k in test)
+        key = next(k for k in HEADLINE if k in test)
         line = f"test {key}: {test[key]:.4f}"
         if "macro_f1" in test:
             line += f"  macro-F1: {test['macro_f1']:.4f}"
         if zs:
             line += f"  |  zero-shot {key}: {zs[key]:.4f}"
         vs = results.get("vs_zero_shot")
-        if vs:
+        if vs and vs.get("metric", key) == key:
             lo, hi = vs["ci95"]
             line += (f"  |  {100 * vs['difference']:+.1f} points over zero-shot "
                      f"(paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f})")

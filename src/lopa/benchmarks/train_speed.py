@@ -130,7 +130,7 @@ def _optimizer(params: Any) -> torch.optim.Optimizer:
 
 
 def lopa_step(model: Any, pad_to_multiple: int | None) -> Callable[[list[str], list[int], str], float]:
-    from lopa.evaluate import autocast
+    from lopa.hardware import autocast
     opt = _optimizer(model.generator.parameters())
     model.train()
 
@@ -145,7 +145,7 @@ def lopa_step(model: Any, pad_to_multiple: int | None) -> Callable[[list[str], l
 
 
 def peft_step(peft_model: Any, tokenizer: Any, pad_to_multiple: int | None) -> Callable[[list[str], list[int], str], float]:
-    from lopa.evaluate import autocast
+    from lopa.hardware import autocast
     opt = _optimizer(peft_model.parameters())
     peft_model.train()
 
@@ -190,7 +190,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], dict[str, Any]
         encode_times: dict[str, list[float]] = {"fp32": [], "bf16": []}
 
         def reencode(texts: list[str], answers: list[int], precision: str) -> float:
-            from lopa.evaluate import autocast
+            from lopa.hardware import autocast
             enc.clear_cache()
             t0 = time.perf_counter()
             with autocast(precision):  # what forward would do on a miss, timed on its own

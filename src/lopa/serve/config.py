@@ -48,7 +48,7 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)
     """require this key on /v1/* (Authorization: Bearer KEY or X-API-Key: KEY); default $LOPA_API_KEY, unset: no key"""
     dtype: str = field(default="auto", metadata={"choices": list(DTYPE_CHOICES)})
-    """model dtype; auto = bfloat16 on a GPU or a CPU where native bf16 (AMX; AVX512-BF16 if a timed matmul says so) beats float32, float32 elsewhere"""
+    """model dtype: auto, float32 (fp32), bfloat16 (bf16), float16 (fp16), the names lopa train --precision takes; auto = bfloat16 on a GPU or a CPU where native bf16 (AMX; AVX512-BF16 if a timed matmul says so) beats float32, float32 elsewhere"""
     device: str = "auto"
     """where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     batch_invariant: str = field(default="auto", metadata={"choices": list(BATCH_INVARIANT_CHOICES)})

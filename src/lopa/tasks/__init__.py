@@ -83,5 +83,36 @@ def get_task(name_or_path: str | Path, *, data_dir: str | Path | None = None,
     return TASKS[matches[0]](data_dir=data_dir, template=template, label_words=label_words, seed=seed, **kw)
 
 
-__all__ = ["DATA_DIR_ENV", "Example", "GenerationTask", "TASKS", "Task", "TaskError", "describe_task",
-           "generation_inputs", "get_task", "list_tasks", "register_task", "resolve_data_dir"]
+# a generation user task's settings: recorded by its settings() and given back to get_task by name
+GENERATION_SETTINGS = ("target_template", "chat_template", "system_prompt", "split_map", "max_length")
+
+
+def task_from_settings(record: dict[str, Any], *, task: str | None = None, data_dir: str | Path | None = None,
+                       template: str | None = None, label_words: Sequence[str] | str | None = None) -> Task:
+    """Rebuild the task an artifact records (``Task.settings()``, kept under ``"task"`` in every artifact
+    and in a run's ``best/``), with what the caller overrides. This is the only reader of that record.
+
+    Another ``task`` than the recorded one keeps the recorded template and label words (unless
+    overridden) but not the recorded splits' seed or a generation task's format settings.
+
+    >>> t = get_task("sst2", data_dir="/nonexistent", template="{sentence} So it was")
+    >>> task_from_settings(t.settings()).template
+    '{sentence} So it was'
+    >>> task_from_settings({})
+    Traceback (most recent call last):
+    ...
+    lopa.tasks.base.TaskError: the artifact records no task: pass --task (and --template, --label-words)
+    """
+    recorded = record.get("path") or record.get("name")
+    name = task or recorded
+    if not name:
+        raise TaskError("the artifact records no task: pass --task (and --template, --label-words)")
+    same = task is None or task == recorded or task == record.get("name")
+    gen = {k: record[k] for k in GENERATION_SETTINGS if same and record.get(k) not in (None, "", {})}
+    return get_task(name, data_dir=data_dir or record.get("data_dir"), template=template or record.get("template") or None,
+                    label_words=label_words or record.get("label_words") or None,
+                    seed=int(record.get("seed", 0)) if same else 0, **gen)
+
+
+__all__ = ["DATA_DIR_ENV", "GENERATION_SETTINGS", "Example", "GenerationTask", "TASKS", "Task", "TaskError", "describe_task",
+           "generation_inputs", "get_task", "list_tasks", "register_task", "resolve_data_dir", "task_from_settings"]

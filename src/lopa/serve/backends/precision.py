@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ...hardware import cpu_bf16_is_faster
+from ...hardware import PRECISION_CHOICES, resolve_precision
 from ..protocol import BackendError
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_CHOICES = PRECISION_CHOICES  # the server's --dtype takes the names training's --precision takes
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -24,12 +24,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that has it (else float16) or a CPU where native bf16 is faster than
-    float32 (:func:`lopa.hardware.cpu_bf16_is_faster`), else float32."""
-    if dtype not in DTYPE_CHOICES:
-        raise BackendError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_bf16_is_faster() else torch.float32
+    """The backend's dtype: :func:`lopa.hardware.resolve_precision`, its errors as a BackendError."""
+    try:
+        return resolve_precision(dtype, device)
+    except ValueError as e:
+        raise BackendError(f"dtype: {e}") from None
