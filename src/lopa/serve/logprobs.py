@@ -30,15 +30,24 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Sequence
 
 from ..prefix import TokenLogprob
 
-MAX_LOGPROBS = 20
-"""the most alternatives a request may ask for per token (OpenAI's chat limit, vLLM's default ``max_logprobs``)"""
-
 _HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+FLOOR = -9999.0
+"""what a log-probability of minus infinity (a token the model rules out) or NaN is written as: JSON has neither"""
+
+
+def finite(x: float) -> float:
+    """``x``, or :data:`FLOOR` where JSON could not carry it.
+
+    >>> finite(-1.5), finite(float("-inf")), finite(float("nan"))
+    (-1.5, -9999.0, -9999.0)
+    """
+    return x if math.isfinite(x) else FLOOR
 
 
 def _byte_level_table() -> dict[str, int]:
@@ -127,16 +136,16 @@ def completion_logprobs(strings: TokenStrings, steps: Sequence[TokenLogprob], of
     for s in steps:
         name = strings.token(s.token)[0]
         tokens.append(name)
-        values.append(s.logprob)
-        top = {strings.token(t)[0]: lp for t, lp in s.top}
-        top.setdefault(name, s.logprob)
+        values.append(finite(s.logprob))
+        top = {strings.token(t)[0]: finite(lp) for t, lp in s.top}
+        top.setdefault(name, finite(s.logprob))
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
 def _entry(strings: TokenStrings, token_id: int, logprob: float) -> dict[str, Any]:
     name, raw = strings.token(token_id)
-    return {"token": name, "logprob": logprob, "bytes": raw}
+    return {"token": name, "logprob": finite(logprob), "bytes": raw}
 
 
 def chat_logprobs(strings: TokenStrings, steps: Sequence[TokenLogprob]) -> dict[str, Any]:
@@ -145,4 +154,5 @@ def chat_logprobs(strings: TokenStrings, steps: Sequence[TokenLogprob]) -> dict[
                          "top_logprobs": [_entry(strings, t, lp) for t, lp in s.top]} for s in steps]}
 
 
-__all__ = ["MAX_LOGPROBS", "TokenStrings", "chat_logprobs", "completion_logprobs", "kept", "next_offset"]
+__all__ = ["FLOOR", "TokenStrings", "chat_logprobs", "completion_logprobs", "finite", "kept",
+           "next_offset"]

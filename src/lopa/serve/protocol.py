@@ -29,6 +29,9 @@ KINDS = ("classify", "generate")
 # Below this, sampling divides logits by so little that they overflow to infinity (1e-40 does), and
 # the distribution is a point mass anyway: such a temperature means greedy. vLLM uses the same cut.
 MIN_SAMPLING_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20
+"""the most alternatives a request may ask for per generated token (OpenAI's chat limit; vLLM's
+``max_logprobs``, which the vLLM backend sets to it)"""
 
 
 class BackendError(RuntimeError):

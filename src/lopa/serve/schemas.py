@@ -25,13 +25,14 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       ValidationError)
 
+from .protocol import MAX_LOGPROBS
+
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 256  # a label word is scored by its first token; longer words only cost tokenising time
 MAX_STOP = 16
 MAX_CHOICES = 16  # n: each choice is a row of its own in the batch
 MAX_MESSAGES = 1024
 MAX_PROMPTS = 64  # prompts in one /v1/completions request; each makes n rows
-MAX_LOGPROBS = 20  # alternatives per generated token (OpenAI's chat limit, vLLM's default max_logprobs)
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "ClassifyRequest", "CompletionRequest", "GenerateRequest",
            "OpenAIRequest", "SoftPrompt", "ValidationError"]
