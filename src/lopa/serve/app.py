@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -192,7 +193,10 @@ def _openai_routes(app: FastAPI, backend: Backend, checks: Checks, batcher: Subm
     async def answer(obj: str, rows: list[GenerateRow], req: OpenAIRequest) -> dict[str, Any] | StreamingResponse:
         a = Answer(obj, backend.model_name, rows, tokenizer, req.n or 1)
         if not req.stream:
-            return a.body(await run_rows(batcher, rows))
+            outs = await run_rows(batcher, rows)
+            if a.strings is not None:  # log-probabilities: token offsets cost a decode per token, off the loop
+                return await asyncio.to_thread(a.body, outs)
+            return a.body(outs)
         stream = Stream(a, batcher, tokenizer, bool(req.stream_options and req.stream_options.include_usage))
         await stream.started()
         return StreamingResponse(stream.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

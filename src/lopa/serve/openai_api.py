@@ -122,13 +122,15 @@ class Answer:
         wanted = any(r.logprobs is not None for r in self.rows)
         self.strings = TokenStrings(self.tokenizer) if wanted and self.tokenizer is not None else None
 
-    def listed(self, out: Completion) -> tuple[list[TokenLogprob], list[int]]:
+    def listed(self, out: Completion, offsets: list[int] | None = None) -> tuple[list[TokenLogprob], list[int]]:
         """The tokens of a finished choice that its answer lists (see :func:`~lopa.serve.logprobs.kept`),
-        with their text offsets."""
+        with their text offsets (computed here unless given: a decode per token, so call it off the
+        event loop for long answers)."""
         assert self.strings is not None
         steps = list(out.logprobs or [])
         ids = [s.token for s in steps]
-        offsets = self.strings.offsets(ids)
+        if offsets is None or len(offsets) != len(ids):
+            offsets = self.strings.offsets(ids)
         cut = self.tokenizer.decode(ids, skip_special_tokens=True) != out.text  # a stop string cut it
         k = kept(steps, offsets, out.text, cut)
         return steps[:k], offsets[:k]
@@ -287,7 +289,7 @@ class Stream:
                 rest = out.text[len(sent[i]):] if out.text.startswith(sent[i]) else ""
                 lp = None
                 if a.rows[i].logprobs is not None and a.strings is not None:
-                    final, where = a.listed(out)
+                    final, where = a.listed(out, offsets[i])  # the stream's offsets, where it saw every token
                     if len(final) > listed[i]:
                         lp = a.logprobs(i, final[listed[i]:], where[listed[i]:])
                 if rest or lp is not None:
