@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -77,7 +78,7 @@ class TokenStrings:
         self.metaspace = "Metaspace" in repr(decoder) or "\u2581" in repr(decoder)
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self.added = {int(i): str(getattr(t, "content", t)) for i, t in added.items()}
-        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._cache: dict[int, tuple[str, bytes]] = {}  # at most one entry per vocabulary id
 
     def _bytes(self, token_id: int) -> bytes:
         if token_id in self.added:
@@ -103,8 +104,8 @@ class TokenStrings:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-            hit = self._cache[token_id] = (text, list(raw))
-        return hit
+            hit = self._cache[token_id] = (text, raw)
+        return hit[0], list(hit[1])
 
     def offsets(self, ids: Sequence[int]) -> list[int]:
         """Where each token's text begins in ``decode(ids)`` (special tokens skipped, as the answer's
@@ -114,6 +115,12 @@ class TokenStrings:
         for k in range(len(ids)):
             out.append(next_offset(out, self.tokenizer.decode(list(ids[:k]), skip_special_tokens=True)))
         return out
+
+
+@functools.lru_cache(maxsize=4)
+def token_strings(tokenizer: Any) -> TokenStrings:
+    """The server's one :class:`TokenStrings` of ``tokenizer``, so its cache lasts across requests."""
+    return TokenStrings(tokenizer)
 
 
 def next_offset(offsets: list[int], text_before: str) -> int:
@@ -154,5 +161,5 @@ def chat_logprobs(strings: TokenStrings, steps: Sequence[TokenLogprob]) -> dict[
                          "top_logprobs": [_entry(strings, t, lp) for t, lp in s.top]} for s in steps]}
 
 
-__all__ = ["FLOOR", "TokenStrings", "chat_logprobs", "completion_logprobs", "finite", "kept",
-           "next_offset"]
+__all__ = ["FLOOR", "TokenStrings", "chat_logprobs", "completion_logprobs", "finite", "kept", "next_offset",
+           "token_strings"]

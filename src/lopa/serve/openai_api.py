@@ -45,7 +45,7 @@ from ..prompt_format import PromptFormat, build_text
 from ..tasks.base import TaskError
 from .checks import Checks
 from .errors import APIError, error_body
-from .logprobs import TokenStrings, chat_logprobs, completion_logprobs, kept, next_offset
+from .logprobs import chat_logprobs, completion_logprobs, kept, next_offset, token_strings
 from .protocol import Completion, GenerateRow, Submitter, TokenLogprob
 from .schemas import IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIRequest
 
@@ -60,7 +60,7 @@ def check_fields(req: OpenAIRequest, model_name: str) -> None:
         raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                        "not_found_error", "model")
     for name, value in (req.model_extra or {}).items():
-        if name == "top_logprobs" and isinstance(req, CompletionRequest):
+        if name == "top_logprobs" and value is not None and isinstance(req, CompletionRequest):
             raise APIError(400, "top_logprobs is a chat field; /v1/completions takes logprobs: k (0-20), "
                                 "the number of most likely tokens to list per generated token", param=name)
         if name in UNSUPPORTED:
@@ -120,7 +120,7 @@ class Answer:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         wanted = any(r.logprobs is not None for r in self.rows)
-        self.strings = TokenStrings(self.tokenizer) if wanted and self.tokenizer is not None else None
+        self.strings = token_strings(self.tokenizer) if wanted and self.tokenizer is not None else None
 
     def listed(self, out: Completion, offsets: list[int] | None = None) -> tuple[list[TokenLogprob], list[int]]:
         """The tokens of a finished choice that its answer lists (see :func:`~lopa.serve.logprobs.kept`),
