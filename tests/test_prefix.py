@@ -114,3 +114,32 @@ def test_decoding_passes_the_cache_under_the_name_the_model_takes(tiny_base):
                 emb = torch.cat([emb, base.get_input_embeddings()(torch.tensor([[t]]))], 1)
                 mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
         assert row == want
+
+
+def test_generate_logprobs_reports_the_same_tokens_with_the_models_numbers(tiny_base):
+    """Same tokens as generate_ids (greedy and seeded sampling); a greedy token leads its top list,
+    and every number is one plain forward pass's log_softmax at that position."""
+    base, tok = tiny_base
+    batch = _batch(base)
+    greedy = prefix.generate_logprobs(base, tok, batch, top_logprobs=3, max_new_tokens=5)
+    assert [[s.token for s in r] for r in greedy] == prefix.generate_ids(base, tok, batch, max_new_tokens=5)
+    for r in greedy:
+        for s in r:
+            assert len(s.top) == 3 and s.top[0] == (s.token, s.logprob) and s.top[0][1] >= s.top[1][1] >= s.top[2][1]
+    # row 0 again, without a cache: [soft ; prompt ; the first 4 generated tokens]
+    g = torch.Generator().manual_seed(0)
+    soft = torch.randn(3, base.get_input_embeddings().weight.shape[1], generator=g) * 0.5
+    new = [s.token for s in greedy[0]]
+    full = prefix.assemble(base, [soft], [[5, 17, 99] + new[:-1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(base(**full.model_inputs(), use_cache=False).logits[0, -5:].float(), -1)
+    assert torch.allclose(torch.tensor([s.logprob for s in greedy[0]]), logp[torch.arange(5), torch.tensor(new)],
+                          atol=1e-4)
+    kw = dict(max_new_tokens=6, do_sample=True, temperature=1.5, seed=7)
+    sampled = prefix.generate_logprobs(base, tok, batch, top_logprobs=0, **kw)
+    assert [[s.token for s in r] for r in sampled] == prefix.generate_ids(base, tok, batch, **kw)
+    assert all(s.top == () and s.logprob <= 0 for r in sampled for s in r)
+    seen = []
+    prefix.generate_logprobs(base, tok, batch, top_logprobs=1, max_new_tokens=2,
+                             on_token=lambda i, t, lp: seen.append((i, t, lp.token)))
+    assert len(seen) == 8 and all(t == tt for _, t, tt in seen)

@@ -1,8 +1,10 @@
 """The OpenAI endpoints against the official ``openai`` client: a real ``lopa serve`` on loopback.
 
 Chat through the model's chat template, ``n`` choices, ``stream: true`` on both endpoints (with the
-usage chunk), and bad requests answered 4xx. The server's answers are checked against the in-process
-backend on the same text and soft prompt, so a chat is known to be the templated text, not only a 200.
+usage chunk), log-probabilities in both endpoints' shapes (streamed too), lists of prompts, and bad
+requests answered 4xx. The server's answers are checked against the in-process backend on the same
+text and soft prompt, so a chat is known to be the templated text, not only a 200, and greedy
+log-probabilities against one plain forward pass over ``[Z ; prompt ; generated tokens]``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import openai
 import pytest
 import torch
 
+from lopa import prefix
 from lopa.models import load_tokenizer
 from lopa.prompt_format import PromptFormat, build_text
 from lopa.serve.backends import GenerateRow, TransformersBackend
-from lopa.serve.wire import encode_soft_prompt
+from lopa.serve.wire import decode_soft_prompt, encode_soft_prompt
 from serverproc import start_server, stop_server, wait_healthy
 
 KEY = "openai-test-key"
@@ -147,8 +150,8 @@ def test_bad_chat_requests_are_4xx(oa, soft, server):
                                    extra_body={"soft_prompt": soft})
     with pytest.raises(openai.BadRequestError, match="soft_prompt is required"):
         oa.chat.completions.create(model=MODEL, messages=MESSAGES)
-    with pytest.raises(openai.BadRequestError, match="logprobs=True is not supported"):
-        oa.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True, extra_body={"soft_prompt": soft})
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs=true"):
+        oa.chat.completions.create(model=MODEL, messages=MESSAGES, top_logprobs=2, extra_body={"soft_prompt": soft})
     with pytest.raises(openai.BadRequestError, match="max_tokens is 999"):
         oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=999, extra_body={"soft_prompt": soft})
     with pytest.raises(openai.NotFoundError, match="is not served here"):
@@ -187,3 +190,190 @@ def test_a_stream_dropped_by_its_client_leaves_the_server_serving(server, soft, 
             assert first.startswith("data: {")
     r = oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"soft_prompt": soft})
     assert r.choices[0].message.content is not None
+
+
+# -- log-probabilities and lists of prompts ----------------------------------------------------------
+
+PROMPT = "Once upon a time"
+
+
+def forward_logprobs(backend: TransformersBackend, z: torch.Tensor, prompt_ids: list[int],
+                     new_ids: list[int]) -> torch.Tensor:
+    """log_softmax at the positions that predicted ``new_ids``: one pass over ``[Z ; prompt ; new]``
+    without a KV cache (len(new_ids) × V)."""
+    batch = prefix.assemble(backend.base, [z], [prompt_ids + new_ids])
+    with torch.inference_mode():
+        logits = backend.base(**batch.model_inputs(), use_cache=False).logits[0].float()
+    return torch.log_softmax(logits[-len(new_ids) - 1:-1], dim=-1)
+
+
+def test_greedy_completion_logprobs_are_the_models(oa, soft, backend):
+    """``logprobs: 5`` at temperature 0: the chosen token leads its top list, and every number is what
+    one plain forward pass over [Z ; prompt ; generated tokens] gives."""
+    r = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.0, logprobs=5,
+                              extra_body={"soft_prompt": soft})
+    (c,) = r.choices
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == \
+        r.usage.completion_tokens == 6  # the tiny random model meets no EOS here
+    for chosen, tok, top in zip(lp.token_logprobs, lp.tokens, lp.top_logprobs):
+        assert 5 <= len(top) <= 6 and top[tok] == chosen == max(top.values())
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(c.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens) if not t.startswith("bytes:"))
+
+    z = decode_soft_prompt(soft, hidden_size=D, max_soft_tokens=64, out_dtype=backend.dtype)
+    ids = backend.tokenize(PROMPT)
+    (ref,) = backend.generate([GenerateRow(ids, z, 6, logprobs=5)])
+    assert ref.text == c.text
+    new = [s.token for s in ref.logprobs]
+    want = forward_logprobs(backend, z, ids, new)
+    got = torch.tensor(lp.token_logprobs)
+    assert torch.allclose(got, want[torch.arange(len(new)), torch.tensor(new)], atol=1e-4), (got, want.max(-1))
+    for step, row in zip(ref.logprobs, want):  # the top 5 ids too, in order
+        assert [t for t, _ in step.top] == row.topk(5).indices.tolist()
+
+
+def test_chat_logprobs_and_top_logprobs(oa, soft):
+    r = oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0.0, logprobs=True,
+                                   top_logprobs=3, extra_body={"soft_prompt": soft})
+    (c,) = r.choices
+    content = c.logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.logprob == e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+        assert e.logprob <= 0
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8") == c.message.content
+    # logprobs without top_logprobs: each token alone; without logprobs: none
+    bare = oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0.0, logprobs=True,
+                                      extra_body={"soft_prompt": soft}).choices[0].logprobs.content
+    assert [(e.token, e.logprob, e.top_logprobs) for e in bare] == [(e.token, e.logprob, []) for e in content]
+    assert oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0.0,
+                                      extra_body={"soft_prompt": soft}).choices[0].logprobs is None
+
+
+def test_sampled_logprobs_are_the_raw_distribution(oa, soft):
+    """At temperature 2 the numbers are still the model's own distribution (as vLLM's default), not
+    the flattened one sampled from: the same token after the same text scores the same."""
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=1, logprobs=20, extra_body={"soft_prompt": soft})
+    greedy = oa.completions.create(temperature=0.0, **kw).choices[0].logprobs.top_logprobs[0]
+    for seed in range(3):
+        hot = oa.completions.create(temperature=2.0, seed=seed, **kw).choices[0].logprobs
+        tok, value = hot.tokens[0], hot.token_logprobs[0]
+        if tok in greedy:
+            assert abs(greedy[tok] - value) < 1e-5
+        assert value <= max(greedy.values()) + 1e-5
+
+
+def _chunk_logprobs(chunks, chat: bool) -> list:
+    out = []
+    for ch in chunks:
+        if not ch.choices or ch.choices[0].logprobs is None:
+            continue
+        lp = ch.choices[0].logprobs
+        if chat:
+            out += [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in lp.content]
+        else:
+            out += list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset))
+    return out
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streamed_logprobs_equal_the_whole_answers(oa, soft, endpoint):
+    """Streamed with logprobs, with and without a stop string that cuts the text: the chunks' tokens,
+    in order, are the whole answer's, and each chunk carries the tokens whose text begins in it."""
+    dropped = 0
+    for seed, cut in [(0, False), (1, True), (2, True)]:
+        kw = dict(model=MODEL, max_tokens=MAX_NEW, temperature=1.0, seed=seed, extra_body={"soft_prompt": soft})
+        if endpoint == "chat":
+            kw.update(messages=MESSAGES, logprobs=True, top_logprobs=2)
+            create, text_of = oa.chat.completions.create, (lambda c: c.message.content)
+        else:
+            kw.update(prompt=PROMPT, logprobs=2)
+            create, text_of = oa.completions.create, (lambda c: c.text)
+        if cut:
+            free = text_of(create(**kw).choices[0])
+            kw["stop"] = [free[4:7] or "zz"]
+        resp = create(**kw)
+        whole = resp.choices[0]
+        chunks = list(create(**kw, stream=True))
+        if endpoint == "chat":
+            want = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in whole.logprobs.content]
+            streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            lp = whole.logprobs
+            want = list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset))
+            streamed_text = "".join(c.choices[0].text for c in chunks if c.choices)
+            for ch in chunks:  # a chunk's tokens begin inside its own text
+                if ch.choices and ch.choices[0].logprobs is not None and ch.choices[0].text:
+                    start = streamed_text.find(ch.choices[0].text)
+                    assert all(o < start + len(ch.choices[0].text) for o in ch.choices[0].logprobs.text_offset)
+        assert streamed_text == text_of(whole)
+        assert _chunk_logprobs(chunks, endpoint == "chat") == want
+        assert len(want) >= 1 and (cut or len(want) == MAX_NEW)
+        dropped += resp.usage.completion_tokens - len(want)
+    assert dropped > 0  # the stop strings' tokens: counted in usage, not listed
+
+
+def test_a_list_of_prompts_with_n_choices(oa, soft):
+    """prompt i's choice j is choice i * n + j, each as if its prompt came alone (a seed included)."""
+    prompts = ["Once upon", "The cat sat", "def add(a, b):"]
+    r = oa.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=4, temperature=1.0, seed=3,
+                              extra_body={"soft_prompt": soft})
+    assert [c.index for c in r.choices] == list(range(6))
+    for i, p in enumerate(prompts):
+        alone = oa.completions.create(model=MODEL, prompt=p, n=2, max_tokens=4, temperature=1.0, seed=3,
+                                      extra_body={"soft_prompt": soft})
+        assert [c.text for c in r.choices[2 * i:2 * i + 2]] == [c.text for c in alone.choices]
+    tok = load_tokenizer(MODEL)
+    n_prompt = sum(len(tok(p, add_special_tokens=False)["input_ids"]) + 4 for p in prompts)
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.completion_tokens == sum(1 for _ in r.choices) * 4  # no EOS on the tiny model
+
+
+def test_a_list_of_prompts_with_a_soft_prompt_each(oa, soft):
+    other = encode_soft_prompt(torch.randn(6, D, generator=torch.Generator().manual_seed(1)))
+    kw = dict(model=MODEL, max_tokens=4, temperature=0.0, logprobs=1)
+    r = oa.completions.create(prompt=["Once upon", "The cat sat"], extra_body={"soft_prompt": [soft, other]}, **kw)
+    a = oa.completions.create(prompt="Once upon", extra_body={"soft_prompt": soft}, **kw).choices[0]
+    b = oa.completions.create(prompt="The cat sat", extra_body={"soft_prompt": other}, **kw).choices[0]
+    assert [(c.text, c.logprobs.token_logprobs) for c in r.choices] == \
+        [(a.text, a.logprobs.token_logprobs), (b.text, b.logprobs.token_logprobs)]
+    # token-id prompts in a list too, and streamed: chunks carry their choice's index
+    ids = load_tokenizer(MODEL)("Once upon", add_special_tokens=False)["input_ids"]
+    chunks = list(oa.completions.create(prompt=[ids, ids], n=2, stream=True, extra_body={"soft_prompt": soft}, **kw))
+    for i in range(4):
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) == a.text
+
+
+def test_bad_logprobs_and_prompt_lists_are_4xx(oa, soft, server):
+    import httpx
+    extra = {"soft_prompt": soft}
+    for bad in (21, -1):
+        with pytest.raises(openai.UnprocessableEntityError, match="logprobs"):
+            oa.completions.create(model=MODEL, prompt="x", logprobs=bad, extra_body=extra)
+        with pytest.raises(openai.UnprocessableEntityError, match="top_logprobs"):
+            oa.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True, top_logprobs=bad,
+                                       extra_body=extra)
+    with pytest.raises(openai.BadRequestError, match="echo=true is not supported"):
+        oa.completions.create(model=MODEL, prompt="x", echo=True, logprobs=1, extra_body=extra)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs is a chat field"):
+        oa.completions.create(model=MODEL, prompt="x", extra_body={**extra, "top_logprobs": 2})
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs=true"):
+        oa.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=False, top_logprobs=0, extra_body=extra)
+    with pytest.raises(openai.BadRequestError, match="a list of 2 soft prompts for 3 prompt"):
+        oa.completions.create(model=MODEL, prompt=["a", "b", "c"], extra_body={"soft_prompt": [soft, soft]})
+    with pytest.raises(openai.UnprocessableEntityError, match="prompt"):
+        oa.completions.create(model=MODEL, prompt=["a"] * 65, extra_body=extra)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path, body in [("/v1/completions", {"prompt": "x", "logprobs": True}),
+                       ("/v1/completions", {"prompt": "x", "logprobs": "3"}),
+                       ("/v1/completions", {"prompt": "x", "logprobs": 2.5}),
+                       ("/v1/completions", {"prompt": "x", "echo": "yes"}),
+                       ("/v1/completions", {"prompt": ["x", 3]}),
+                       ("/v1/completions", {"prompt": "x", "soft_prompt": []}),
+                       ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 1}),
+                       ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": True}),
+                       ("/v1/chat/completions", {"messages": MESSAGES, "soft_prompt": [soft]})]:
+        r = httpx.post(server + path, headers=headers, json={"soft_prompt": soft, "max_tokens": 2, **body})
+        assert r.status_code == 422 and "error" in r.json(), (body, r.text)

@@ -96,6 +96,13 @@ BAD = [
     ("text-cannot-fit", "/v1/classify", _classify(text="x" * (2 * MAX_PROMPT * 81 + 1)), 400,
      f"cannot fit in {MAX_PROMPT} tokens"),
     ("invalid-utf8", "/v1/classify", b'{"text": "\xff\xfe"}', 400, "error parsing the body"),
+    ("logprobs-too-many", "/v1/completions", _completion(logprobs=21), 422, "logprobs: Input should be less than"),
+    ("logprobs-bool", "/v1/completions", _completion(logprobs=True), 422, "logprobs: Input should be a valid integer"),
+    ("top-logprobs-alone", "/v1/chat/completions", {**_completion(prompt=None), "top_logprobs": 3,
+                                                    "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "top_logprobs needs logprobs=true"),
+    ("prompt-list-soft-mismatch", "/v1/completions", _completion(prompt=["a", "b"], soft_prompt=[_soft()] * 3), 400,
+     "a list of 3 soft prompts for 2 prompt(s)"),
 ]
 
 

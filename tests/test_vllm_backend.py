@@ -177,6 +177,50 @@ def test_same_validation_as_the_default_backend(http, soft, status, fragment):
                                             "label_words": [" no", " yes"]}).status_code == 200
 
 
+@needs_vllm
+@pytest.mark.real_model
+def test_logprobs_match_the_transformers_backend(http, setup):
+    """Greedy ``logprobs: 5`` on /v1/completions: the same tokens, log-probabilities within 1e-3 and the
+    same top-5 ids as the transformers backend (both report the raw model distribution); chat's
+    format from the same numbers; streamed, the chunks' tokens are the whole answer's."""
+    from lopa.serve.logprobs import TokenStrings
+    ref = setup["ref"]
+    strings = TokenStrings(ref.tokenizer)
+    for i in (0, 3):
+        want = ref.generate([GenerateRow(setup["ids"][i], setup["z"][i], NEW, logprobs=5)])[0]
+        body = {"model": MODEL, "prompt": TEXTS[i], "max_tokens": NEW, "temperature": 0, "logprobs": 5,
+                "soft_prompt": encode_soft_prompt(setup["z"][i])}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert r.json()["choices"][0]["text"] == want.text
+        assert len(lp["tokens"]) == len(want.logprobs)
+        for got, top, step in zip(lp["token_logprobs"], lp["top_logprobs"], want.logprobs):
+            assert abs(got - step.logprob) < 1e-3
+            assert got == max(top.values())
+            # the top 5 alike (values; ids may swap only where two are within the tolerance)
+            values = sorted(top.values(), reverse=True)[:5]
+            assert max(abs(a - b) for a, b in zip(values, [v for _, v in step.top])) < 1e-3
+            assert set(top) <= {strings.token(t)[0] for t, _ in step.top} | {strings.token(step.token)[0]} or \
+                min(abs(a - b) for a, b in zip(values[1:], values)) < 1e-3
+        chunks = [json.loads(line[6:]) for line in http.post("/v1/completions", json={**body, "stream": True}).text.splitlines()
+                  if line.startswith("data: {")]
+        streamed = [t for c in chunks for t in ((c["choices"][0]["logprobs"] or {}).get("tokens") or [])]
+        assert streamed == lp["tokens"]
+
+
+@needs_vllm
+@pytest.mark.real_model
+def test_a_list_of_prompts_with_a_soft_prompt_each(http, setup):
+    body = {"model": MODEL, "prompt": TEXTS[:3], "n": 2, "max_tokens": NEW, "temperature": 0,
+            "soft_prompt": [encode_soft_prompt(z) for z in setup["z"][:3]]}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    assert [c["text"] for c in choices] == [setup["gen"][i // 2].text for i in range(6)]
+
+
 def test_the_module_keeps_the_wall_and_imports_vllm_lazily():
     """Importing the backend imports neither vLLM (only building it does) nor the client side."""
     code = ("import sys, json, lopa.serve.server, lopa.serve.backends.vllm; "

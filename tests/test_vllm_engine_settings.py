@@ -85,7 +85,8 @@ def test_engine_kwargs_maps_every_setting():
     kw = engine_kwargs("/models/m", "bfloat16", enforce_eager=False, max_model_len=2048, max_num_seqs=64,
                        settings=settings)
     assert kw == {"model": "/models/m", "enable_prompt_embeds": True, "dtype": "bfloat16", "enforce_eager": False,
-                  "generation_config": "vllm", "disable_log_stats": True, "seed": 0, "max_num_seqs": 64,
+                  "generation_config": "vllm", "disable_log_stats": True, "seed": 0, "max_logprobs": 20,
+                  "max_num_seqs": 64,
                   "tensor_parallel_size": 4, "gpu_memory_utilization": 0.8, "max_model_len": 4096,
                   "quantization": "awq", "enable_prefix_caching": False, "kv_cache_memory_bytes": 2 * GiB}
     assert isinstance(kw["kv_cache_memory_bytes"], int)

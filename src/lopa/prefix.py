@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,14 +214,33 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class TokenLogprob(NamedTuple):
+    """One generated token with its log-probability and the step's most likely tokens.
+
+    The log-probabilities are of the model's own next-token distribution (``log_softmax`` of the raw
+    logits, in float32), before temperature and top-p reshape it for sampling: the quantity vLLM
+    reports by default (``logprobs_mode="raw_logprobs"``) and the one :func:`classify` scores.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """the step's ``k`` most likely ``(token id, logprob)``, most likely first"""
+
+    def keep_top(self, k: int) -> "TokenLogprob":
+        """The same token with only its ``k`` most likely alternatives."""
+        return self if len(self.top) <= k else self._replace(top=self.top[:k])
+
+
 @torch.inference_mode()
 def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-                 seed: int | None = None, on_token: Callable[[int, int], bool | None] | None = None) -> list[list[int]]:
+                 seed: int | None = None, on_token: Callable[..., bool | None] | None = None) -> list[list[int]]:
     """The new token ids of every row, each cut before its EOS and after the token that completed a
     stop string: greedy or sampled decoding with the KV cache. ``on_token(row, token_id)`` is called
     for each token as it is kept (a server streams with it); when it returns False that row stops
     there (its client went away), and the loop ends once no row is left.
+    :func:`generate_logprobs` is the same loop that also reports each token's log-probability.
 
     One prefill over ``[pad][soft][tokens]`` (the LM head at the last position only), then one token
     per row and step; a finished row is fed EOS until every row is done. This loop is all the
@@ -229,8 +248,46 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
     ``model.generate`` for a batch of 32 short rows on a CPU). ``seed`` seeds a private generator,
     so sampling is repeatable and leaves torch's global RNG alone.
     """
+    return _decode(base, tokenizer, batch, max_new_tokens, do_sample, temperature, top_p, stop, seed, on_token,
+                   None)[0]
+
+
+@torch.inference_mode()
+def generate_logprobs(base: Any, tokenizer: Any, batch: PrefixBatch, top_logprobs: int = 0,
+                      max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                      top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
+                      on_token: Callable[..., bool | None] | None = None) -> list[list[TokenLogprob]]:
+    """:func:`generate_ids` (same tokens, same arguments) with every kept token's
+    :class:`TokenLogprob` and the ``top_logprobs`` most likely tokens of its step;
+    ``on_token(row, token_id, token_logprob)`` is called as each is kept.
+
+    The log-probabilities are the model's raw distribution (see :class:`TokenLogprob`): a greedy
+    token's is the largest of its step.
+    """
+    if top_logprobs < 0:
+        raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+    return _decode(base, tokenizer, batch, max_new_tokens, do_sample, temperature, top_p, stop, seed, on_token,
+                   top_logprobs)[1]
+
+
+def _step_logprobs(logits: torch.Tensor, nxt: torch.Tensor, k: int) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """Each row's chosen-token log-probability and its ``k`` most likely tokens, from one step's logits."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+    if k == 0:
+        return [(c, ()) for c in chosen]
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
+def _decode(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int, do_sample: bool, temperature: float,
+            top_p: float, stop: Sequence[str] | None, seed: int | None, on_token: Callable[..., bool | None] | None,
+            top_logprobs: int | None) -> tuple[list[list[int]], list[list[TokenLogprob]]]:
+    """The decoding loop of :func:`generate_ids` and :func:`generate_logprobs`: the kept ids of every
+    row and, when ``top_logprobs`` is not None, their log-probabilities (else empty lists)."""
     if max_new_tokens < 1:
-        return [[] for _ in range(batch.inputs_embeds.shape[0])]
+        empty: list[list[Any]] = [[] for _ in range(batch.inputs_embeds.shape[0])]
+        return empty, [[] for _ in empty]
     if do_sample and temperature <= 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
     device = batch.inputs_embeds.device
@@ -244,10 +301,12 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
     out = base(**batch.model_inputs(), **cache_arg, use_cache=True,
                logits_to_keep=_last_positions(batch, 1))
     rows: list[list[int]] = [[] for _ in range(bsz)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(bsz)]
     done = [False] * bsz
     for step in range(max_new_tokens):
         nxt = _next_tokens(out.logits[:, -1], do_sample, temperature, top_p, generator)
         is_eos = torch.isin(nxt, eos_t).tolist()
+        steps = _step_logprobs(out.logits[:, -1], nxt, top_logprobs) if top_logprobs is not None else None
         for i, (t, e) in enumerate(zip(nxt.tolist(), is_eos)):
             if done[i]:
                 continue
@@ -255,7 +314,12 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
                 done[i] = True
                 continue
             rows[i].append(t)
-            if on_token is not None and on_token(i, t) is False:  # the caller wants no more of this row
+            if steps is not None:
+                logprobs[i].append(TokenLogprob(t, *steps[i]))
+                stay = on_token is None or on_token(i, t, logprobs[i][-1]) is not False
+            else:
+                stay = on_token is None or on_token(i, t) is not False
+            if not stay:  # the caller wants no more of this row
                 done[i] = True
                 continue
             if stop:
@@ -267,7 +331,7 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
         mask = torch.cat([mask, mask.new_ones(bsz, 1)], 1)
         pos = pos[:, -1:] + 1
         out = base(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, **cache_arg, use_cache=True)
-    return rows
+    return rows, logprobs
 
 
 def generate(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int = 32, do_sample: bool = False,

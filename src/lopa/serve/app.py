@@ -7,10 +7,12 @@ Endpoints (JSON; errors are ``{"error": {"message": ..., "type": ..., "param": .
 * ``POST /v1/generate``: ``{text | token_ids, soft_prompt, max_new_tokens, temperature, top_p, stop,
   seed}`` → ``{"text": ..., "finish_reason": "stop" | "length"}``
 * ``POST /v1/completions``: OpenAI's legacy completions, with ``soft_prompt`` as an extra body field
-  (``openai`` client: ``extra_body={"soft_prompt": ...}``); ``n`` choices, ``stream: true`` as
+  (``openai`` client: ``extra_body={"soft_prompt": ...}``); a list of prompts (with one soft prompt
+  for all or a list of one per prompt), ``n`` choices, ``logprobs: k``, ``stream: true`` as
   server-sent events; ``GET /v1/models`` lists the one model.
 * ``POST /v1/chat/completions``: OpenAI's chat, ``messages`` through the model's chat template, the
-  soft prompt as for completions (:mod:`~lopa.serve.openai_api`).
+  soft prompt as for completions, ``logprobs: true`` with ``top_logprobs: k``
+  (:mod:`~lopa.serve.openai_api`).
 * ``GET /health`` (model, width, limits) and ``GET /metrics`` (Prometheus text); both need no key.
 
 With an API key configured, every ``/v1/`` call needs ``Authorization: Bearer KEY`` (what the
@@ -33,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -188,9 +191,12 @@ def _openai_routes(app: FastAPI, backend: Backend, checks: Checks, batcher: Subm
     tokenizer = getattr(backend, "tokenizer", None)
 
     async def answer(obj: str, rows: list[GenerateRow], req: OpenAIRequest) -> dict[str, Any] | StreamingResponse:
-        a = Answer(obj, backend.model_name, rows)
+        a = Answer(obj, backend.model_name, rows, tokenizer, req.n or 1)
         if not req.stream:
-            return a.body(await run_rows(batcher, rows))
+            outs = await run_rows(batcher, rows)
+            if a.strings is not None:  # log-probabilities: token offsets cost a decode per token, off the loop
+                return await asyncio.to_thread(a.body, outs)
+            return a.body(outs)
         stream = Stream(a, batcher, tokenizer, bool(req.stream_options and req.stream_options.include_usage))
         await stream.started()
         return StreamingResponse(stream.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -22,11 +22,16 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from ..prefix import TokenLogprob
+
 KINDS = ("classify", "generate")
 
 # Below this, sampling divides logits by so little that they overflow to infinity (1e-40 does), and
 # the distribution is a point mass anyway: such a temperature means greedy. vLLM uses the same cut.
 MIN_SAMPLING_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20
+"""the most alternatives a request may ask for per generated token (OpenAI's chat limit; vLLM's
+``max_logprobs``, which the vLLM backend sets to it)"""
 
 
 class BackendError(RuntimeError):
@@ -56,9 +61,14 @@ class GenerateRow:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    on_token: Callable[[int], bool | None] | None = field(default=None, repr=False, compare=False)
-    """called from the backend's thread with each new token id, where the backend can (streaming);
-    False stops the row there (its client went away)"""
+    on_token: Callable[..., bool | None] | None = field(default=None, repr=False, compare=False)
+    """called from the backend's thread with each new token id, where the backend can (streaming),
+    and with its :class:`TokenLogprob` as a second argument when ``logprobs`` is set; False stops
+    the row there (its client went away)"""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each generated token's log-probability and its step's k
+    most likely tokens (:class:`TokenLogprob`, the model's raw distribution) in ``Completion.logprobs``.
+    Rows asking for different k decode together (it is no part of :meth:`group_key`)."""
 
     def __post_init__(self) -> None:
         if self.temperature < MIN_SAMPLING_TEMPERATURE:
@@ -85,6 +95,9 @@ class Completion:
     text: str
     finish_reason: str
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    """every generated token (``completion_tokens`` of them, the one that completed a stop string
+    included) when the row asked for ``logprobs``, else None"""
 
 
 class Submitter(Protocol):

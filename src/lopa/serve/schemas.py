@@ -25,11 +25,14 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       ValidationError)
 
+from .protocol import MAX_LOGPROBS
+
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 256  # a label word is scored by its first token; longer words only cost tokenising time
 MAX_STOP = 16
 MAX_CHOICES = 16  # n: each choice is a row of its own in the batch
 MAX_MESSAGES = 1024
+MAX_PROMPTS = 64  # prompts in one /v1/completions request; each makes n rows
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "ClassifyRequest", "CompletionRequest", "GenerateRequest",
            "OpenAIRequest", "SoftPrompt", "ValidationError"]
@@ -93,6 +96,7 @@ class GenerateRequest(PromptRequest):
 
 
 Choices = Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)]
+LogprobCount = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class StreamOptions(BaseModel):
@@ -120,10 +124,31 @@ class OpenAIRequest(BaseModel):
     soft_prompt: SoftPrompt | None = None
 
 
-class CompletionRequest(OpenAIRequest):
-    """OpenAI's ``/v1/completions`` body."""
+TokenIds = list[StrictInt]
 
-    prompt: Text | list[Text] | list[StrictInt]
+
+class CompletionRequest(OpenAIRequest):
+    """OpenAI's ``/v1/completions`` body: one prompt or a list of them (choice ``i * n + j`` is prompt
+    ``i``'s choice ``j``), with one soft prompt for all of them or one per prompt.
+
+    >>> CompletionRequest(prompt=["a", "b"], logprobs=3).logprobs
+    3
+    >>> try:
+    ...     CompletionRequest(prompt="a", logprobs=21)
+    ... except ValidationError as e:
+    ...     print(e.errors()[0]["loc"], e.errors()[0]["msg"])
+    ('logprobs',) Input should be less than or equal to 20
+    """
+
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    """a text, a list of texts, token ids of the server's tokenizer, or a list of such lists"""
+    soft_prompt: SoftPrompt | Annotated[list[SoftPrompt], Field(min_length=1, max_length=MAX_PROMPTS)] | None = None
+    """one soft prompt for every prompt, or a list with one per prompt"""
+    logprobs: LogprobCount | None = None
+    """each generated token's log-probability and its step's k most likely tokens (0-20)"""
+    echo: StrictBool | None = False
+    """not supported (true is refused): the prompt's own tokens are not scored"""
 
 
 class ChatMessage(BaseModel):
@@ -150,10 +175,15 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = None
     """the newer name of max_tokens; give one of them"""
+    logprobs: StrictBool | None = False
+    """answer each generated token's log-probability"""
+    top_logprobs: LogprobCount | None = None
+    """with logprobs: the k most likely tokens of each step too (0-20)"""
 
 
 # OpenAI fields lopa cannot honour, and the values that mean "not used"
-UNSUPPORTED = {"echo": (False, None), "logprobs": (None, 0, False), "top_logprobs": (None, 0),
+# (a field the endpoint's schema declares never reaches this table: chat's logprobs, completions' echo)
+UNSUPPORTED = {"echo": (False, None), "top_logprobs": (None,),
                "best_of": (None, 1), "suffix": (None, ""), "frequency_penalty": (None, 0, 0.0),
                "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
                "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),

@@ -115,16 +115,25 @@ class TransformersBackend:
                                     pad_to_multiple=key[-1])
             sample = first.temperature > 0
             stop = list(first.stop) or None
-            ids = prefix.generate_ids(self.base, self.tokenizer, batch, max_new_tokens=first.max_new_tokens,
-                                      do_sample=sample, temperature=first.temperature if sample else 1.0,
-                                      top_p=first.top_p if sample else 1.0, stop=stop,
-                                      seed=first.seed if sample else None, on_token=_stream_to(rows, idx))
-            for i, toks in zip(idx, ids):
+            kw = dict(max_new_tokens=first.max_new_tokens, do_sample=sample,
+                      temperature=first.temperature if sample else 1.0, top_p=first.top_p if sample else 1.0,
+                      stop=stop, seed=first.seed if sample else None, on_token=_stream_to(rows, idx))
+            # log-probabilities cost a log_softmax per step: only for groups where a row asks for them,
+            # at the largest k asked, each row then keeping its own k
+            ks = [rows[i].logprobs for i in idx if rows[i].logprobs is not None]
+            if ks:
+                steps = prefix.generate_logprobs(self.base, self.tokenizer, batch, top_logprobs=max(ks), **kw)
+                ids = [[s.token for s in r] for r in steps]
+            else:
+                ids = prefix.generate_ids(self.base, self.tokenizer, batch, **kw)
+            for j, (i, toks) in enumerate(zip(idx, ids)):
                 decoded = self.tokenizer.decode(toks, skip_special_tokens=True)
                 text = prefix.cut_at_stop(decoded, stop)
                 # the whole budget spent and no stop string in it: cut by length; else EOS or a stop string
                 reason = "length" if len(toks) >= first.max_new_tokens and text == decoded else "stop"
-                out[i] = Completion(text, reason, len(toks))
+                k = rows[i].logprobs
+                out[i] = Completion(text, reason, len(toks),
+                                    None if k is None else [s.keep_top(k) for s in steps[j]])
         return out  # type: ignore[return-value]
 
     def make_batcher(self, *, max_batch_size: int, max_wait_ms: float,
@@ -136,9 +145,18 @@ class TransformersBackend:
         """Nothing to stop: the model lives in this process and goes with it."""
 
 
-def _stream_to(rows: Sequence[GenerateRow], idx: list[int]) -> Callable[[int, int], bool | None] | None:
-    """The per-token callback of one decoding group: row j of the group reports to its row's ``on_token``."""
+def _stream_to(rows: Sequence[GenerateRow], idx: list[int]) -> Callable[..., bool | None] | None:
+    """The per-token callback of one decoding group: row j of the group reports to its row's ``on_token``
+    (with the token's log-probability, trimmed to the row's k, when the row asked for them)."""
     callbacks = [rows[i].on_token for i in idx]
+    ks = [rows[i].logprobs for i in idx]
     if not any(callbacks):
         return None
-    return lambda j, token: callbacks[j](token) if callbacks[j] is not None else None
+
+    def call(j: int, token: int, logprob: prefix.TokenLogprob | None = None) -> bool | None:
+        if callbacks[j] is None:
+            return None
+        k = ks[j]
+        return callbacks[j](token) if k is None or logprob is None else callbacks[j](token, logprob.keep_top(k))
+
+    return call

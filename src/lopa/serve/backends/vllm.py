@@ -22,6 +22,11 @@ That is the same quantity :func:`lopa.prefix.classify` returns; nothing is renor
 labels. vLLM takes at most 128 ids per request, so a larger label set is scored in several requests
 with the same prompt.
 
+Generation with log-probabilities (a row's ``logprobs = k``) sets ``SamplingParams(logprobs=k)``:
+vLLM then returns, for every generated token, a table of the sampled token and the step's ``k``
+most likely ones (raw logits again, as the transformers backend reports), which
+:func:`token_logprobs` turns into the :class:`~lopa.prefix.TokenLogprob` list both backends answer.
+
 Throughput of the serving benchmark's generation workload (run in an environment with vLLM)::
 
     python -m lopa.serve.backends.vllm --n 64          # prints one JSON line
@@ -47,7 +52,8 @@ import torch
 from ... import prefix
 from ...models import TINY, load_base, load_tokenizer, resolve
 from ..batcher import BatcherClosed, BatcherFull
-from ..protocol import KINDS, BackendError, ClassifyRow, Completion, GenerateRow, max_token_chars
+from ..protocol import (KINDS, MAX_LOGPROBS, BackendError, ClassifyRow, Completion, GenerateRow, TokenLogprob,
+                        max_token_chars)
 from .precision import resolve_dtype
 
 log = logging.getLogger("lopa.serve")
@@ -161,7 +167,8 @@ def engine_kwargs(model_path: str, dtype: str, *, enforce_eager: bool, max_model
     """
     args: dict[str, Any] = dict(model=model_path, enable_prompt_embeds=True, dtype=dtype, enforce_eager=enforce_eager,
                                 generation_config="vllm",  # no sampling defaults from the model: a request says what it wants
-                                disable_log_stats=True, seed=0)
+                                disable_log_stats=True, seed=0,
+                                max_logprobs=MAX_LOGPROBS)  # what a request's logprobs / top_logprobs may ask for
     if max_model_len is not None:
         args["max_model_len"] = int(max_model_len)
     if max_num_seqs is not None:
@@ -359,10 +366,32 @@ class VLLMBackend:
         params = SamplingParams(max_tokens=row.max_new_tokens, temperature=float(row.temperature),
                                 top_p=float(row.top_p) if sample else 1.0, top_k=0,
                                 seed=row.seed if sample else None, stop=list(row.stop) or None,
-                                skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY)
+                                skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY,
+                                logprobs=row.logprobs)
         out = (await self._run(self._prompt(row.token_ids, row.soft_prompt), params)).outputs[0]
         reason = "length" if out.finish_reason == "length" else "stop"
-        return Completion(out.text, reason, len(out.token_ids))
+        steps = None if row.logprobs is None else token_logprobs(out.token_ids, out.logprobs, row.logprobs)
+        return Completion(out.text, reason, len(out.token_ids), steps)
+
+
+def token_logprobs(token_ids: Sequence[int], tables: Sequence[Mapping[int, Any]] | None, k: int) -> list[TokenLogprob]:
+    """vLLM's per-token log-probabilities as :class:`~lopa.prefix.TokenLogprob`: ``tables[p]`` maps token
+    ids to vLLM ``Logprob`` objects (``.logprob``, ``.rank``, 1 = most likely) and holds the step's
+    ``k`` most likely tokens plus the sampled one, whatever its rank.
+
+    >>> from types import SimpleNamespace as L
+    >>> token_logprobs([5, 9], [{5: L(logprob=-0.1, rank=1), 7: L(logprob=-2.5, rank=2)},
+    ...                         {9: L(logprob=-3.0, rank=4), 1: L(logprob=-0.2, rank=1), 2: L(logprob=-1.0, rank=2)}], 2)
+    [TokenLogprob(token=5, logprob=-0.1, top=((5, -0.1), (7, -2.5))), TokenLogprob(token=9, logprob=-3.0, top=((1, -0.2), (2, -1.0)))]
+    """
+    if tables is None:
+        raise RuntimeError("vLLM returned no log-probabilities for a request that asked for them")
+    out = []
+    for token, table in zip(token_ids, tables):
+        items = sorted(table.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))
+        out.append(TokenLogprob(int(token), float(table[token].logprob),
+                                tuple((int(t), float(lp.logprob)) for t, lp in items[:k])))
+    return out
 
 
 class DirectSubmitter:
