@@ -124,6 +124,15 @@ def test_completions_equal_the_clients_answer(oa, clients, task):
         assert r.usage.prompt_tokens > clients[task].artifact.num_output_tokens  # the soft prompt counts too
 
 
+def test_a_list_of_prompts_is_answered_prompt_by_prompt(oa, clients):
+    """The instance-dependent task gets one soft prompt per prompt; choices come as the server orders
+    them (prompt i, copy j at i*n + j), each equal to the client's answer for that prompt alone."""
+    r = oa.completions.create(model="brief", prompt=TEXTS[:2], max_tokens=6, temperature=0.0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    direct = clients["brief"].generate(TEXTS[:2], max_new_tokens=6)
+    assert [c.text for c in r.choices] == [direct[0], direct[0], direct[1], direct[1]]
+
+
 @pytest.mark.parametrize("task", ["toy", "brief"])
 def test_chat_equals_the_client_on_the_servers_chat_text(oa, clients, task):
     """``brief`` was trained in chat format with a system prompt: the gateway puts it first; ``toy``
@@ -378,6 +387,13 @@ def test_the_upstream_gets_the_clients_soft_prompt_the_servers_text_and_every_ot
     path, body, z = _sent(stub)
     assert path == "/v1/completions" and body["prompt"] == TEXTS[1] and body["max_tokens"] == 3
     assert torch.allclose(z, brief.soft_prompt([TEXTS[1]])[0], atol=1e-6)
+
+    stub_oa.completions.create(model="brief", prompt=TEXTS[:2], max_tokens=3)  # one Z per prompt, in order
+    path, body = stub.seen[-1]
+    from lopa.serve.wire import decode_soft_prompt
+    zs = [decode_soft_prompt(x, hidden_size=64, max_soft_tokens=64) for x in body["soft_prompt"]]
+    assert body["prompt"] == TEXTS[:2] and len(zs) == 2
+    assert all(torch.allclose(z, brief.soft_prompt([t])[0], atol=1e-6) for z, t in zip(zs, TEXTS[:2]))
 
     stub_oa.chat.completions.create(model="toy", messages=MESSAGES)  # plain format: the conversation as it is
     path, body, z = _sent(stub)

@@ -52,7 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from ..serve.app import _error_handlers as add_error_handlers  # the server's error answers, shared
+from ..serve.app import add_error_handlers  # the server's error answers, shared
 from ..serve.errors import APIError, error_body
 from ..serve.metrics import CONTENT_TYPE
 from ..serve.middleware import Guard
@@ -233,7 +233,7 @@ class Gateway:
             self.metrics.observe_task(task.name, path, status, time.perf_counter() - start, etype)
 
 
-Prepare = Callable[[Task], Awaitable[tuple[str, dict[str, Any]]]]
+Prepare = Callable[[Task], Awaitable[tuple["str | list[str]", dict[str, Any]]]]
 
 
 def create_app(cfg: GatewayConfig, tasks: dict[str, Task], health: dict[str, Any] | None = None) -> FastAPI:
@@ -296,8 +296,11 @@ def _task_routes(app: FastAPI, gw: Gateway) -> None:
         start = time.perf_counter()
         try:
             await gw.ready(task)
-            text, body = await prepare(task)
-            body["soft_prompt"] = await gw.soft_prompt(task, text)
+            texts, body = await prepare(task)
+            if isinstance(texts, str):
+                body["soft_prompt"] = await gw.soft_prompt(task, texts)
+            else:  # a list of prompts: one soft prompt each, computed together by the task's batcher
+                body["soft_prompt"] = list(await asyncio.gather(*(gw.soft_prompt(task, t) for t in texts)))
             return await gw.forward(task, path, body, stream, start)
         except APIError as e:
             gw.metrics.observe_task(task.name, path, e.status, time.perf_counter() - start, e.type)
@@ -309,14 +312,12 @@ def _task_routes(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionBody, request: Request) -> dict[str, Any] | StreamingResponse:
         """OpenAI's completion with ``model`` a task: the generator reads ``prompt`` as given."""
-        async def prepare(task: Task) -> tuple[str, dict[str, Any]]:
+        async def prepare(task: Task) -> tuple[str | list[str], dict[str, Any]]:
             body = _forwarded(await request.json())
             prompt = req.prompt
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-                if len(prompt) != 1:
-                    raise APIError(400, f"prompt holds {len(prompt)} strings; send one prompt per request",
-                                   param="prompt")
-                prompt = prompt[0]
+            if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+                # a list of prompts: the server answers each with its own soft prompt (choice i*n + j)
+                return (list(prompt) if task.needs_text else ""), body
             if not isinstance(prompt, str):
                 if task.needs_text:
                     raise APIError(400, f"task {task.name!r} computes its soft prompt from the prompt's text; "

@@ -85,7 +85,7 @@ def create_app(backend: Backend, cfg: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="lopa", summary="one frozen model, any number of soft-prompted tasks", lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.backend = batcher, metrics, backend
-    _error_handlers(app)
+    add_error_handlers(app)
     _info_routes(app, backend, cfg, batcher, metrics)
     _model_routes(app, checks, batcher)
     _openai_routes(app, backend, checks, batcher)
@@ -109,7 +109,9 @@ class ErrorResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def _error_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's ``{"error": {message, type, param, code}}``; shared by the gateway so a
+    client sees one error shape from either process."""
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> ErrorResponse:
         return _error_response(request, exc.status, exc.message, exc.type, exc.param)
