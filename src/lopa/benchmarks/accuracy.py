@@ -31,6 +31,7 @@ from lopa.benchmarks.common import (BenchmarkParser, machine, method_settings, p
                                     require_positive, write_section)
 
 MARK_START, MARK_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+PROVENANCE = "provenance.json"  # in a run directory that was adopted from another study: where from, and why it is the same run
 SUMMARY = "summary.json"  # in OUT: every row's figures, the LR choice and the paired differences
 
 # The LoPA paper's Table 1 (RoBERTa-large, GLUE dev accuracy; MRPC as the paper reports it).
@@ -382,6 +383,11 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
             out += ["", "Paired differences (A − B, points, 95% interval over the same test items):", ""]
             out += [f"- {k}: {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] → "
                     f"{d['verdict']}" for k, d in s["differences"].items()]
+    adopted = sorted(str(p.parent.relative_to(cfg.out / "runs")) for p in (cfg.out / "runs").glob("*/*/*/" + PROVENANCE))
+    if adopted:
+        why = json.loads((cfg.out / "runs" / adopted[0] / PROVENANCE).read_text()).get("why", "")
+        out += ["", f"Runs adopted from an earlier study rather than trained here ({why}): "
+                + ", ".join(f"`{a}`" for a in adopted) + "."]
     out += ["", "![dev curves](accuracy_curves.png)", "", MARK_END]
     return "\n".join(out) + "\n"
 
