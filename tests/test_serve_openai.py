@@ -377,3 +377,25 @@ def test_bad_logprobs_and_prompt_lists_are_4xx(oa, soft, server):
                        ("/v1/chat/completions", {"messages": MESSAGES, "soft_prompt": [soft]})]:
         r = httpx.post(server + path, headers=headers, json={"soft_prompt": soft, "max_tokens": 2, **body})
         assert r.status_code == 422 and "error" in r.json(), (body, r.text)
+
+
+def test_the_clients_chat_over_http_equals_the_servers_chat_endpoint(server, oa, tiny_base, tmp_path):
+    """lopa.Client renders a chat-format artifact's conversation (recorded system prompt first) with the
+    tokenizer it loads by the artifact's model name; the server's chat endpoint renders the same text."""
+    import lopa
+    from lopa.client import Client
+    base, tok = tiny_base
+    system = "Be brief."
+    task = {"name": "qa", "kind": "generation", "prompt_format": {"chat_template": True, "system_prompt": system}}
+    path = lopa.SoftPromptModel(base, tok, lopa.make_config("prompt-tuning", num_virtual_tokens=3, seed=2),
+                                task=task).save_pretrained(tmp_path / "a")
+    conv = [{"role": "user", "content": "Name a colour."}]
+    with Client(path, url=server, api_key=KEY) as client:
+        assert client.transport.tokenizer is None  # the weights stay on the server
+        text = client.build_prompt(messages=conv)
+        assert text == build_text(tok, PromptFormat(True, system), messages=conv).prompt
+        mine = client.chat([conv], max_new_tokens=MAX_NEW)[0]
+        z = client.soft_prompt([text])[0]
+    r = oa.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system}, *conv],
+                                   max_tokens=MAX_NEW, temperature=0, extra_body={"soft_prompt": encode_soft_prompt(z)})
+    assert r.choices[0].message.content == mine

@@ -42,7 +42,9 @@ import torch
 
 from .artifact import Artifact, ArtifactError, load_artifact
 from .encoders import Encoder
+from .prompt_format import PromptFormat, build_text
 from .soft_prompt import compute, load_instance_encoder
+from .tasks.base import TaskError
 from .transport import HTTP, ClientError, InProcess, Sampling, ServerError, Transport
 
 __all__ = ["Client", "ClientError", "ServerError"]
@@ -125,14 +127,51 @@ class Client:
         return self.artifact.task
 
     def format(self, **fields: str) -> str:
-        """The artifact's recorded template filled with ``fields`` (e.g. ``text="a fine film"``)."""
+        """The artifact's recorded template filled with ``fields`` (e.g. ``text="a fine film"``), in the
+        recorded prompt format (see :meth:`build_prompt`): the model's whole text, as in training."""
         template = self.task.get("template")
         if not template:
             raise ClientError("the artifact records no template; pass whole prompts")
         try:
-            return template.format(**fields)
+            return self.build_prompt(template.format(**fields))
         except KeyError as e:
             raise ClientError(f"the template {template!r} needs the field {e.args[0]!r}") from None
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The format the task was trained in: plain or the chat template, and its system prompt."""
+        return PromptFormat.from_settings(self.task.get("prompt_format"))
+
+    def build_prompt(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None) -> str:
+        """A user's ``prompt`` (or a ``messages`` conversation) as the model's whole text, in the
+        recorded format, by the function training used (:func:`lopa.prompt_format.build_text`). A plain
+        format without a system prompt leaves a prompt as it is; the chat template needs the base
+        model's tokenizer (in-process: the model's; with a server: loaded by the artifact's model name)."""
+        fmt = self.prompt_format
+        if prompt is not None and messages is None and not fmt.chat_template and not fmt.system_prompt:
+            return prompt
+        try:
+            return build_text(self._tokenizer(), fmt, prompt=prompt, messages=messages).prompt
+        except TaskError as e:
+            raise ClientError(str(e)) from None
+
+    def _tokenizer(self) -> Any:
+        if self.transport.tokenizer is not None:
+            return self.transport.tokenizer
+        if self.__dict__.get("_chat_tokenizer") is None:
+            from .models import load_tokenizer
+            name = self.artifact.base_model or self.transport.model
+            try:
+                self._chat_tokenizer = load_tokenizer(name)
+            except Exception as e:  # a hub id offline, a path that is not there, ...
+                raise ClientError(f"the chat template needs the tokenizer of {name!r}, which cannot be loaded "
+                                  f"here ({type(e).__name__}: {str(e)[:200]})") from None
+        return self._chat_tokenizer
+
+    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], **generate_kwargs: Any) -> list[str]:
+        """The assistant's next turn for each conversation (``[{"role", "content"}, ...]``), rendered in
+        the recorded format; ``generate_kwargs`` as for :meth:`generate`."""
+        return self.generate([self.build_prompt(messages=m) for m in conversations], **generate_kwargs)
 
     @torch.no_grad()
     def soft_prompt(self, texts: Sequence[str]) -> torch.Tensor:

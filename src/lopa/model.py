@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from . import prefix, soft_prompt
 from .encoders import Encoder, load_encoder_weights, save_encoder_weights
 from .methods import InitContext, MethodConfig, SoftPromptConfig, build_generator
+
+if TYPE_CHECKING:
+    from .prompt_format import PromptFormat
 
 
 ENCODER_PREFIX = "encoder."  # trainable-state keys of a fine-tuned encoder (generator keys never start so)
@@ -49,6 +52,25 @@ class PromptedModel(nn.Module):
     def soft_prompts(self, texts: Sequence[str]) -> torch.Tensor:
         """Z for each text: B × n × d (n may be 0)."""
         raise NotImplementedError
+
+    # -- the recorded prompt format --------------------------------------------------------------
+    @property
+    def prompt_format(self) -> "PromptFormat":
+        """The format the task was trained in (plain or chat template, system prompt), as recorded."""
+        from .prompt_format import PromptFormat
+        return PromptFormat.from_settings(getattr(self, "task", {}).get("prompt_format"))
+
+    def build_prompt(self, prompt: str | None = None, *,
+                     messages: Sequence[dict[str, str]] | None = None) -> str:
+        """The model's whole text for a user's ``prompt`` or ``messages`` in the recorded format, built
+        by :func:`lopa.prompt_format.build_text` as in training; give it to :meth:`generate`."""
+        from .prompt_format import build_text
+        return build_text(self.tokenizer, self.prompt_format, prompt=prompt, messages=messages).prompt
+
+    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], **generate_kwargs: Any) -> list[str]:
+        """The assistant's next turn for each conversation (a list of ``{"role", "content"}``), in the
+        recorded format; ``generate_kwargs`` as for :meth:`generate`."""
+        return self.generate([self.build_prompt(messages=m) for m in conversations], **generate_kwargs)
 
     def _batch(self, texts: Sequence[str], suffix_ids: Sequence[Sequence[int]] | None = None) -> prefix.PrefixBatch:
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
