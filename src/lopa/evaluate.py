@@ -22,12 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .hardware import PRECISION_CHOICES, autocast, precision_name
+from .rundir import load_run_model, run_precision
 from .tasks import Example, GenerationTask, Task, generation_inputs, get_task
 from .tasks.metrics import (accuracy, exact_match, macro_f1, mean_ci95, pass_at_k, perplexity,
                             proportion_ci95, rouge_l)
-
-RUN_CONFIG = "run_config.json"
-
 
 def _batches_by_length(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
     # similar lengths together waste less compute on padding; results are put back in input order
@@ -274,23 +272,6 @@ def evaluate_generation(model: Any, task: Task, examples: Sequence[Example], *, 
     return out
 
 
-def load_run_model(run_dir: str | Path, base: Any = None, tokenizer: Any = None) -> Any:
-    """The best model of a run (or an artifact / saved baseline directory), loaded for evaluation."""
-    from .artifact import CONFIG_NAME, load_artifact
-    from .baselines import BASELINE_CONFIG, BaselineModel
-    from .model import SoftPromptModel
-    from .models import load_base
-    run_dir = Path(run_dir)
-    d = run_dir / "best" if (run_dir / "best").is_dir() else run_dir
-    if (d / BASELINE_CONFIG).exists():
-        return BaselineModel.from_pretrained(d, base, tokenizer)
-    if not (d / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"{run_dir} holds neither a finished run (best/) nor an artifact ({CONFIG_NAME})")
-    if base is None:
-        base, tokenizer = load_base(load_artifact(d).base_model)
-    return SoftPromptModel.from_pretrained(d, base, tokenizer)
-
-
 def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch_size: int = 32,
           precision: str = "fp32", progress: bool = True, keep_predictions: bool = False,
           **gen: Any) -> dict[str, Any]:
@@ -367,17 +348,6 @@ class EvalArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def _run_precision(run_dir: str | None) -> str | None:
-    """The precision a run trained with (its run_config.json), for scoring it the same way."""
-    path = Path(run_dir) / RUN_CONFIG if run_dir else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("precision")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def eval_cli(args: EvalArgs) -> int:
     from .models import DEFAULT_BASE, load_base
     from .tasks import task_from_settings
@@ -406,7 +376,7 @@ def eval_cli(args: EvalArgs) -> int:
         gen = dict(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),
                    results_path=args.results or default)
-    precision = precision_name(args.precision or _run_precision(args.run_dir) or "auto")
+    precision = precision_name(args.precision or run_precision(args.run_dir) or "auto")
     res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=precision, **gen)
     res["model"] = "zero-shot " + (args.model or DEFAULT_BASE) if args.zero_shot else str(args.run_dir)
     print(json.dumps(res))

@@ -29,15 +29,14 @@ import torch
 
 from . import checkpoint
 from .hardware import autocast
-from .evaluate import (DEV_METRICS, ITEM_METRICS, RUN_CONFIG, dev_score, load_run_model, resolve_dev_metric, score)
+from .evaluate import DEV_METRICS, ITEM_METRICS, dev_score, resolve_dev_metric, score
+from .rundir import PREDICTIONS, RUN_CONFIG, ZERO_SHOT, load_run_model
 from .methods import METHODS, ConfigError, MethodConfig, get_method, make_config
 from .tasks import GenerationTask, Task, TaskError, describe_task, generation_inputs, get_task
 from .tasks.metrics import paired_difference_ci95
 
 # settings that may change between a run and its --resume without changing the result
 HEADLINE = ("accuracy", "pass@1", "rouge_l")  # the test metric a run's last line reports, by kind of task
-ZERO_SHOT = "zero_shot.json"  # the bare model's test scores, taken before training
-PREDICTIONS = "predictions.json"  # per-item test predictions (and labels), for paired comparisons
 RESUMABLE = {"resume", "overwrite", "dry_run", "progress", "max_steps", "patience"}
 
 

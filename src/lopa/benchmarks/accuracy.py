@@ -204,7 +204,8 @@ class Runner:
         src, out = self.run_dir(twin), self.run_dir(job)
         if not out.exists():
             shutil.copytree(src, out)
-        from lopa.evaluate import load_run_model, score
+        from lopa.evaluate import score
+        from lopa.rundir import load_run_model
         from lopa.tasks import get_task
         task = get_task(job.task, data_dir=self.cfg.data_dir)
         model = load_run_model(out)
@@ -220,7 +221,8 @@ class Runner:
 
 
 def _precision(run_dir: Path) -> str:
-    return json.loads((run_dir / "run_config.json").read_text()).get("precision", "fp32")
+    from lopa.rundir import run_precision
+    return run_precision(str(run_dir)) or "fp32"
 
 
 def _drop_checkpoints(out: Path) -> None:

@@ -193,7 +193,7 @@ def run_zero_shot(cfg: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_trained(cfg: argparse.Namespace, method: str, h: str) -> dict[str, Any]:
-    from lopa.evaluate import load_run_model
+    from lopa.rundir import load_run_model
     from lopa.models import load_base
     out = Path(cfg.out) / "runs" / f"{method}-{h}"
     kw = dict(train_settings(cfg, method), progress=False, zero_shot=False, test=False)  # scored below
