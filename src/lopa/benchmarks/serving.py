@@ -115,12 +115,8 @@ def build_parser() -> BenchmarkParser:
     p.add_models(encoder=False)
     p.quick("--tasks", "1,8,64,512,10000", "1,4,64", "comma-separated K values, distinct tasks in the stream; before "
             "K is timed every one of the K tasks has been through the server once", shown="1,8,64,512,10000")
-    p.quick("--lora-budget-mib", 8192.0, 0.5,
-            "memory budget of PEFT's adapters (LoRA's, and prompt tuning's likewise): before growing to K adapters, "
-            "K x one adapter's measured weights must fit in it, else that contender's row at K says 'does not fit' "
-            "with the measured per-adapter memory and load time and their extrapolation to K", type=float)
     p.quick("--requests", 64, 8, "classification requests per K and repeat, the same stream for every contender; "
-                                 "with K >= this every request belongs to a different task", type=int)
+                                 "with K >= this every request has a task of its own, spread over all K", type=int)
     a("--repeats", type=int, default=2,
       help="passes over the stream per K and contender, the contenders' order rotating each pass; the "
            "generation workload makes as many passes (default 2)")
@@ -145,10 +141,7 @@ def build_parser() -> BenchmarkParser:
            "server's 5 ms default) or runs half empty (default 1000)")
     p.quick("--m", 10, 4, "soft prompt length m, also PEFT prompt tuning's virtual tokens", type=int)
     p.quick("--text-tokens", 32, 8, "text tokens per request", type=int)
-    a("--lora-r", type=int, default=8, help="LoRA rank (default 8; targets q_proj and v_proj)")
-    a("--lora-dtype", choices=["float32", "model"], default="float32",
-      help="LoRA adapter weights: float32 (PEFT's default, autocast_adapter_dtype=True) or the model's dtype "
-           "(default float32)")
+    add_adapter_options(p)
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="model dtype of the server and of every in-process contender (auto: bf16 on a CPU with native "
            "bf16, else fp32; the server's own default) (default auto)")
@@ -166,6 +159,18 @@ def build_parser() -> BenchmarkParser:
     add_gateway_options(p)
     a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
     return p
+
+
+def add_adapter_options(p: BenchmarkParser) -> None:
+    """PEFT's adapters: LoRA's rank and dtype, and the memory budget that LoRA and prompt tuning grow within."""
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8; targets q_proj and v_proj)")
+    p.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
+                   help="LoRA adapter weights: float32 (PEFT's default, autocast_adapter_dtype=True) or the model's "
+                        "dtype (default float32)")
+    p.quick("--lora-budget-mib", 8192.0, 0.25,
+            "memory budget of PEFT's adapters (LoRA's, and prompt tuning's likewise): before growing to K adapters, "
+            "K x one adapter's measured weights must fit in it, else that contender's row at K says 'does not fit' "
+            "with the measured per-adapter memory and load time and their extrapolation to K", type=float)
 
 
 def add_generation_options(p: BenchmarkParser) -> None:
@@ -196,7 +201,7 @@ def add_gateway_options(p: BenchmarkParser) -> None:
                    help="the gateway section: requests/s of concurrent chat clients through a `lopa gateway` (its "
                         "upstream the benchmark's server) against lopa.Client sending the same texts to the server "
                         "directly, and time to the first streamed token against a whole response (default on)")
-    p.quick("--gateway-requests", 128, 8, "chat requests per pass and path in the gateway section", type=int)
+    p.quick("--gateway-requests", 64, 8, "chat requests per pass and path in the gateway section", type=int)
     p.quick("--gateway-clients", 32, 4, "concurrent clients, each one request at a time, on either path", type=int)
     p.quick("--gateway-tasks", 4, 2, "tasks (prompt-tuning artifacts with --m virtual tokens, made for the run) "
                                      "the requests cycle through", type=int)
@@ -1314,6 +1319,9 @@ def plot_rates(ax: Any, result: dict[str, Any]) -> None:
         if unfit:
             ax.plot(unfit, [0] * len(unfit), color=color, marker="x", markersize=10, linestyle="none", clip_on=False,
                     label=f"{c}: does not fit the budget")
+            for k in unfit:
+                ax.annotate(f"{c}: does not fit", (k, 0), textcoords="offset points",
+                            xytext=(0, 8 + 10 * (c != "lora")), ha="center", fontsize=7, color=color)
     log_k_axis(ax, ks)
     ax.set_ylabel("requests / s")
     ax.set_ylim(bottom=0)
@@ -1485,9 +1493,11 @@ def render_memory(result: dict[str, Any]) -> list[str]:
         L.append(f"| {k} | {srv} | {_f(rss.get(str(k), {}).get('rss_mib'), '.0f')} | " + " | ".join(lcells) + " |")
     first, last = seen.get(str(ks[0]), {}), seen.get(str(ks[-1]), {})
     if first.get("rss_after_mib") and last.get("rss_after_mib") and len(ks) > 1:
+        rate = [result["classification"][str(k)]["contenders"].get("lopa", {}).get("requests_per_s") for k in ks]
         L += ["", f"lopa's server held {first['rss_after_mib']:.0f} MiB having seen K = {ks[0]} task(s) and "
                   f"{last['rss_after_mib']:.0f} MiB having seen K = {ks[-1]:,} (peak "
-                  f"{_f(last.get('peak_rss_mib'), '.0f')} MiB): it keeps nothing per task."]
+                  f"{_f(last.get('peak_rss_mib'), '.0f')} MiB), and served {_f(rate[0], '.2f')} and "
+                  f"{_f(rate[-1], '.2f')} requests/s at those K."]
     L.append("")
     return L
 
