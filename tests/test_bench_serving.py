@@ -1,6 +1,7 @@
 """`lopa bench serving --quick`: the real entry point (a real `lopa serve` subprocess on loopback, PEFT LoRA
-and prompt tuning in process) on the tiny model; the JSON's structure and the report's files only. Speed is
-never asserted: the machine is shared and timings are noise here."""
+and prompt tuning in process, a `lopa gateway` in front of the server) on the tiny model; the JSON's
+structure and the report's files only. Speed is never asserted: the machine is shared and timings are
+noise here."""
 
 from __future__ import annotations
 
@@ -20,17 +21,20 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     result = json.loads((out / "serving.json").read_text())
 
     assert result["benchmark"] == "serving" and result["settings"]["model"] == "tiny-random-llama"
-    assert result["settings"]["tasks"] == [1, 4] and result["command"].startswith("lopa bench serving --quick")
+    assert result["settings"]["tasks"] == [1, 4, 64] and result["command"].startswith("lopa bench serving --quick")
     assert result["server"]["health"]["status"] == "ok" and result["server"]["command"].startswith("lopa serve")
     n = result["settings"]["requests"]
-    assert set(result["classification"]) == {"1", "4"}
+    assert set(result["classification"]) == {"1", "4", "64"}
     for k, row in result["classification"].items():
         assert row["requests"] == n and row["distinct_tasks_in_stream"] == min(int(k), n)
         assert set(row["contenders"]) == {"lopa", "lora", "peft-pt", "bare"}
-        for c, x in row["contenders"].items():
+        ran = {c: x for c, x in row["contenders"].items() if x.get("fits") is not False}
+        assert set(ran) == ({"lopa", "peft-pt", "bare"} if k == "64" else {"lopa", "lora", "peft-pt", "bare"})
+        for c, x in ran.items():
             assert x["requests_per_s"] > 0 and x["tokens_per_s"] > 0, (k, c)
             assert len(x["seconds"]) == result["settings"]["repeats"], (k, c)
-        assert set(row["ratios"]) == {"lopa_over_bare", "lopa_over_lora", "lopa_over_peft_pt"}
+        lora_ratio = {"lopa_over_lora"} if k != "64" else set()
+        assert set(row["ratios"]) == {"lopa_over_bare", "lopa_over_peft_pt"} | lora_ratio
         assert all(v > 0 for v in row["ratios"].values())
         server = row["contenders"]["lopa"]
         assert 1 <= server["mean_batch_size"] <= result["settings"]["batch_size"]
@@ -40,17 +44,36 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
         assert row["max_abs_logprob_diff_lopa_vs_peft_pt"] < 1e-5
     assert result["classification"]["4"]["contenders"]["peft-pt"]["batches_per_pass"] == 4  # one per adapter
     # operators per batch: lopa's and the bare model's do not depend on K; LoRA's mixed batch loops over its adapters
-    ops = {k: {c: x["operators_per_batch"] for c, x in row["contenders"].items()}
+    ops = {k: {c: x["operators_per_batch"] for c, x in row["contenders"].items() if "operators_per_batch" in x}
            for k, row in result["classification"].items()}
     assert all(0 < o["non_view"] < o["all"] for by_c in ops.values() for o in by_c.values())
-    assert ops["1"]["lopa"] == ops["4"]["lopa"] and ops["1"]["bare"] == ops["4"]["bare"]
+    assert ops["1"]["lopa"] == ops["4"]["lopa"] == ops["64"]["lopa"] and ops["1"]["bare"] == ops["64"]["bare"]
     assert ops["4"]["lora"]["non_view"] > ops["1"]["lora"]["non_view"] > ops["1"]["bare"]["non_view"]
 
     mem = result["memory"]
-    assert set(mem["server_rss_by_k"]) == {"1", "4"} and all(v["rss_mib"] > 0 for v in mem["server_rss_by_k"].values())
+    assert set(mem["server_rss_by_k"]) == {"1", "4", "64"}
+    assert all(v["rss_mib"] > 0 for v in mem["server_rss_by_k"].values())
+    # the server has seen every one of the K tasks before K is timed: its RSS before and after, at every K
+    seen = mem["server_seen_by_k"]
+    assert [seen[k]["tasks_seen"] for k in ("1", "4", "64")] == [1, 4, 64]
+    assert [seen[k]["sent_now"] for k in ("1", "4", "64")] == [1, 3, 60]
+    assert all(v["rss_before_mib"] > 0 and v["rss_after_mib"] > 0 for v in seen.values())
     lora = mem["lora_by_k"]
-    assert lora["1"]["adapters"] == 1 and lora["4"]["adapters"] == 4
+    assert lora["1"]["adapters"] == 1 and lora["4"]["adapters"] == 4 and lora["1"]["fits"] and lora["4"]["fits"]
     assert lora["4"]["adapter_mib"] == pytest.approx(4 * lora["1"]["adapter_mib"])
+    # 64 adapters exceed --quick's budget: not grown; the row says so, with the measured figures and their extrapolation
+    unfit = result["classification"]["64"]["contenders"]["lora"]
+    assert unfit == lora["64"] and unfit["fits"] is False and unfit["adapters"] == 64
+    assert unfit["measured_on_adapters"] == 4 and "requests_per_s" not in unfit
+    assert unfit["per_adapter_mib"] == pytest.approx(lora["4"]["adapter_mib"] / 4)
+    assert unfit["extrapolated_mib"] == pytest.approx(64 * unfit["per_adapter_mib"])
+    assert unfit["extrapolated_mib"] > unfit["budget_mib"]
+    assert unfit["budget_mib"] == result["settings"]["lora_budget_mib"] >= lora["4"]["adapter_mib"]
+    assert unfit["per_adapter_load_s"] > 0 and unfit["per_adapter_fast_build_s"] > 0
+    assert unfit["extrapolated_load_s"] == pytest.approx(64 * unfit["per_adapter_load_s"])
+    assert unfit["extrapolated_fast_build_s"] == pytest.approx(64 * unfit["per_adapter_fast_build_s"])
+    # prompt tuning's adapters are small: all 64 fit and ran
+    assert result["classification"]["64"]["contenders"]["peft-pt"]["batches_per_pass"] == n
 
     gen = result["generation"]
     assert set(gen["contenders"]) == {"lopa", "hf-fp32", "hf-bf16", "vllm"}
@@ -61,12 +84,33 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     assert gen["threads"] == 2 and "--threads 2" in result["generation_server"]["command"]
     assert "--threads 1" in result["server"]["command"] and "--device cpu" in result["server"]["command"]
 
+    gw = result["gateway"]
+    assert gw["command"].startswith("lopa gateway --task task0=")
+    assert gw["upstream"] == result["generation_server"]["command"]  # the server running when the section starts
+    assert gw["requests"] == result["settings"]["gateway_requests"]
+    assert len(gw["tasks"]) == result["settings"]["gateway_tasks"]
+    assert all(gw["contenders"][p]["requests_per_s"] > 0 for p in ("gateway", "direct"))
+    assert gw["ratio_gateway_over_direct"] > 0 and gw["target"] == 0.9 and 0 <= gw["same_reply_fraction"] <= 1
+    st = gw["streaming"]
+    assert len(st["stream_total_s"]) == len(st["whole_response_s"]) == result["settings"]["stream_requests"]
+    assert st["without_text"] < st["requests"] and 0 < st["ttft_s_median"] <= st["stream_total_s_median"]
+
     text = doc.read_text()
     assert text.startswith("# Results\n\nkept above") and text.rstrip().endswith("kept below")
     assert text.count("<!-- serving:start -->") == 1 and "STALE-SECTION" not in text and "## Serving throughput" in text
     assert (doc.parent / "serving_throughput.png").stat().st_size > 1000
     assert "Operators dispatched per batch" in text
+    assert "does not fit" in text and "Gateway:" in text and "first streamed token" in text
     assert "wrote" in capsys.readouterr().out
+
+
+def test_gateway_is_optional_and_budget_checked(tmp_path, capsys):
+    from lopa.benchmarks.serving import parse_args
+    assert parse_args(["--quick", "--no-gateway", "--out", str(tmp_path)]).gateway is False
+    assert parse_args(["--out", str(tmp_path)]).tasks == [1, 8, 64, 512, 10000]
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--quick", "--lora-budget-mib", "0", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--lora-budget-mib must be > 0" in capsys.readouterr().err
 
 
 def test_bad_option_is_a_usage_error(tmp_path):

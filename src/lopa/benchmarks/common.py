@@ -294,18 +294,20 @@ def lopa_env(**extra: str) -> dict[str, str]:
 
 
 class ServerProcess:
-    """A real ``lopa serve`` on a free loopback port, started with ``serve_args``, its output in
-    ``log_path``; ready once ``/health`` answers (``health`` holds that answer).
+    """A real ``lopa serve`` (or, with ``verb="gateway"``, a ``lopa gateway``) on a free loopback port,
+    started with ``serve_args``, its output in ``log_path``; ready once ``/health`` answers (``health``
+    holds that answer).
 
     Stop it with ``stop()``; a server that exits or stays silent raises ``RuntimeError`` with the
     log's tail."""
 
-    def __init__(self, serve_args: list[str], log_path: Path, ready_s: float = 180.0):
+    def __init__(self, serve_args: list[str], log_path: Path, ready_s: float = 180.0, verb: str = "serve"):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "lopa", "serve", *serve_args, "--host", "127.0.0.1",
+        self.verb = verb
+        self.cmd = [sys.executable, "-m", "lopa", verb, *serve_args, "--host", "127.0.0.1",
                     "--port", str(self.port)]
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -321,7 +323,7 @@ class ServerProcess:
 
     @property
     def command(self) -> str:
-        """As a user would type it: ``lopa serve ...``."""
+        """As a user would type it: ``lopa serve ...`` (``lopa gateway ...``)."""
         return "lopa " + shlex.join(self.cmd[3:])
 
     def log_tail(self) -> str:
@@ -335,7 +337,7 @@ class ServerProcess:
         give_up = time.monotonic() + timeout_s
         while time.monotonic() < give_up:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"lopa serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"lopa {self.verb} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 answer = httpx.get(self.url + "/health", timeout=2.0)
                 if answer.status_code == 200:
@@ -343,7 +345,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(f"lopa serve did not answer /health within {timeout_s:.0f}s:\n{self.log_tail()}")
+        raise RuntimeError(f"lopa {self.verb} did not answer /health within {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def rss(self) -> dict[str, float]:
         return rss_mib(self.proc.pid)

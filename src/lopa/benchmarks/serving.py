@@ -1,14 +1,20 @@
 """Serving throughput: one frozen model serving K tasks, against per-task weights.
 
 A mixed stream of classification requests cycles through K distinct tasks (request i belongs to task
-i mod K), K = 1, 8, 64, 512, on the same texts and lengths for every contender:
+i mod K; from K = the stream's length on, every request has a task of its own, spread over all K),
+K = 1, 8, 64, 512, 10,000, on the same texts and lengths for every contender:
 
 * ``lopa``: a real ``lopa serve`` process on 127.0.0.1 (a free port), driven over HTTP by concurrent
   httpx clients on ``/v1/classify``. A task is a random ``m × d`` soft prompt (m = 10) that travels
-  inside each request, so the server holds nothing per task and batches every task together.
+  inside each request, so the server holds nothing per task and batches every task together. Before K
+  is timed, every one of the K tasks goes through the server once (one short request each), so the
+  server has seen all K; task k's soft prompt is made from (seed, k) when needed, never all K at once.
 * ``lora``: PEFT LoRA (r = 8 on q_proj, v_proj, random B so the adapters differ) with K adapters
   loaded, run in this process on mixed batches (``adapter_names=`` per row, PEFT's mixed-batch
   inference) of the server's batch size. Its rows are the text alone: LoRA needs no virtual tokens.
+  It grows to K adapters only while K x one adapter's measured weights fit ``--lora-budget-mib`` (8 GiB);
+  beyond, its row says "does not fit" with the per-adapter memory and load time (PEFT's ``load_adapter``,
+  and the fast build used here) measured and extrapolated to K. PEFT prompt tuning has the same budget.
 * ``peft-pt``: PEFT prompt tuning with K adapters, in this process: the stream is grouped by adapter
   and each group runs in batches after ``set_adapter`` (its best case: it sees the whole stream at
   once). Adapter k holds task k's soft prompt, so it computes what the server computes.
@@ -27,21 +33,28 @@ its last answer, when the timed stream's first batch is already queued (``--no-l
 burst; the cold rate is recorded either way). ``--contenders ...,lopa-inproc`` adds lopa's backend run
 in this process, which splits the server's cost into HTTP and soft-prompt parts.
 
-Memory: the server's RSS after each K (it should stay flat: nothing per task), against LoRA's adapter
-bytes and this process's RSS growth as its K adapters load.
+Memory: the server's RSS before and after it was shown the K tasks, and after each K (it should stay
+flat: nothing per task), against LoRA's adapter bytes and this process's RSS growth as its K adapters
+load (extrapolated where they do not fit).
 
 Generation (``/v1/generate``): 10 soft + 32 text positions, 16 new tokens, greedy, batches of 32;
 lopa's server against ``transformers`` ``generate`` on plain text of the same length (fp32 and bf16,
 batches of 32, in process) and vLLM-CPU (``python -m lopa.serve.vllm_backend`` under
 the repository's ``.venv-vllm`` from ``scripts/setup-vllm.sh``, skipped with a note when that is not there).
 
-Outputs: ``OUT/serving.json``, ``serving_throughput.png`` beside the markdown file and a section of
-it between ``<!-- serving:start -->`` and ``<!-- serving:end -->`` (the rest of the file is kept).
+Gateway (``--no-gateway`` skips it): a ``lopa gateway`` process in front of the server, serving a few
+prompt-tuning artifacts made for the run by name; 32 concurrent chat clients through it against
+``lopa.Client(artifact, url=server)`` sending the same texts to the server directly (requests/s and their
+ratio, target >= 0.9), and the time to the first streamed token against the whole response.
+
+Outputs: ``OUT/serving.json``, ``serving_throughput.png`` (requests/s and memory against K, log-x) beside
+the markdown file and a section of it between ``<!-- serving:start -->`` and ``<!-- serving:end -->``
+(the rest of the file is kept).
 
 Example::
 
     $ lopa bench serving                    # the full run (results/serving.json, docs/results.md)
-    $ lopa bench serving --quick            # tiny-random-llama, K in {1, 4}, seconds; a temp folder
+    $ lopa bench serving --quick            # tiny-random-llama, K in {1, 4, 64}, seconds; a temp folder
 """
 
 from __future__ import annotations
@@ -77,13 +90,13 @@ NAMES = {"lopa": "lopa server (soft prompts over HTTP)", "lora": "PEFT LoRA, mix
          "vllm": "vLLM-CPU (prompt_embeds)", "lopa-inproc": "lopa backend in process (no HTTP)"}
 VLLM_CMD = ("{python} -m lopa.serve.vllm_backend --n {n} --model {model} --dtype {dtype} --soft-tokens {m} "
             "--text-tokens {text_tokens} --new-tokens {new_tokens} --seed {seed}")
-TARGETS = {"lopa_over_bare": 0.9, "lopa_over_lora": 1.0, "lopa_over_vllm": 1.0}
+TARGETS = {"lopa_over_bare": 0.9, "lopa_over_lora": 1.0, "lopa_over_vllm": 1.0, "gateway_over_direct": 0.9}
 
 
 # --------------------------------------------------------------------------- options
 
-QUICK = ("tiny-random-llama, K in {1, 4}, 8 requests per K, batch 4, 8 generation requests of 4 new tokens, "
-         "no vLLM")
+QUICK = ("tiny-random-llama, K in {1, 4, 64} with a LoRA budget that 64 adapters exceed, 8 requests per K, batch 4, "
+         "8 generation requests of 4 new tokens, no vLLM, 8 gateway requests from 4 clients")
 OUTPUT = "serving.json"
 
 
@@ -100,9 +113,10 @@ def build_parser() -> BenchmarkParser:
     a = p.add_argument
     p.add_outputs("results", OUTPUT, quick_help=QUICK)
     p.add_models(encoder=False)
-    p.quick("--tasks", "1,8,64,512", "1,4", "comma-separated K values, distinct tasks in the stream")
+    p.quick("--tasks", "1,8,64,512,10000", "1,4,64", "comma-separated K values, distinct tasks in the stream; before "
+            "K is timed every one of the K tasks has been through the server once", shown="1,8,64,512,10000")
     p.quick("--requests", 64, 8, "classification requests per K and repeat, the same stream for every contender; "
-                                 "with K >= this every request belongs to a different task", type=int)
+                                 "with K >= this every request has a task of its own, spread over all K", type=int)
     a("--repeats", type=int, default=2,
       help="passes over the stream per K and contender, the contenders' order rotating each pass; the "
            "generation workload makes as many passes (default 2)")
@@ -127,10 +141,7 @@ def build_parser() -> BenchmarkParser:
            "server's 5 ms default) or runs half empty (default 1000)")
     p.quick("--m", 10, 4, "soft prompt length m, also PEFT prompt tuning's virtual tokens", type=int)
     p.quick("--text-tokens", 32, 8, "text tokens per request", type=int)
-    a("--lora-r", type=int, default=8, help="LoRA rank (default 8; targets q_proj and v_proj)")
-    a("--lora-dtype", choices=["float32", "model"], default="float32",
-      help="LoRA adapter weights: float32 (PEFT's default, autocast_adapter_dtype=True) or the model's dtype "
-           "(default float32)")
+    add_adapter_options(p)
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="model dtype of the server and of every in-process contender (auto: bf16 on a CPU with native "
            "bf16, else fp32; the server's own default) (default auto)")
@@ -145,8 +156,21 @@ def build_parser() -> BenchmarkParser:
            "(default 1: on a small shared machine, threads waiting for each other cost more than a second core "
            "gives; the HTTP clients then have a core of their own)")
     add_generation_options(p)
+    add_gateway_options(p)
     a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
     return p
+
+
+def add_adapter_options(p: BenchmarkParser) -> None:
+    """PEFT's adapters: LoRA's rank and dtype, and the memory budget that LoRA and prompt tuning grow within."""
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8; targets q_proj and v_proj)")
+    p.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
+                   help="LoRA adapter weights: float32 (PEFT's default, autocast_adapter_dtype=True) or the model's "
+                        "dtype (default float32)")
+    p.quick("--lora-budget-mib", 8192.0, 0.25,
+            "memory budget of PEFT's adapters (LoRA's, and prompt tuning's likewise): before growing to K adapters, "
+            "K x one adapter's measured weights must fit in it, else that contender's row at K says 'does not fit' "
+            "with the measured per-adapter memory and load time and their extrapolation to K", type=float)
 
 
 def add_generation_options(p: BenchmarkParser) -> None:
@@ -169,6 +193,21 @@ def add_generation_options(p: BenchmarkParser) -> None:
            "(default: python -m lopa.serve.vllm_backend ...)")
     a("--vllm-timeout", type=float, default=600.0, help="seconds before the vLLM row is given up (default 600)")
     a("--no-vllm", action="store_true", help="skip the vLLM row (always skipped with --quick)")
+
+
+def add_gateway_options(p: BenchmarkParser) -> None:
+    """The gateway section: a `lopa gateway` in front of the server, against lopa.Client straight to it."""
+    p.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,
+                   help="the gateway section: requests/s of concurrent chat clients through a `lopa gateway` (its "
+                        "upstream the benchmark's server) against lopa.Client sending the same texts to the server "
+                        "directly, and time to the first streamed token against a whole response (default on)")
+    p.quick("--gateway-requests", 64, 8, "chat requests per pass and path in the gateway section", type=int)
+    p.quick("--gateway-clients", 32, 4, "concurrent clients, each one request at a time, on either path", type=int)
+    p.quick("--gateway-tasks", 4, 2, "tasks (prompt-tuning artifacts with --m virtual tokens, made for the run) "
+                                     "the requests cycle through", type=int)
+    p.quick("--stream-requests", 32, 4, "requests through the gateway timed to the first streamed token and, sent "
+                                        "again unstreamed, to the whole response (--new-tokens each; "
+                                        "--gateway-clients at once)", type=int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,7 +237,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
     require_positive(p, args, ("requests", "repeats", "batch_size", "concurrency", "m", "text_tokens", "lora_r",
-                               "new_tokens", "threads", "gen_threads"))
+                               "new_tokens", "threads", "gen_threads", "gateway_requests", "gateway_clients",
+                               "gateway_tasks", "stream_requests"))
+    if args.lora_budget_mib <= 0:
+        p.error("--lora-budget-mib must be > 0")
     if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0:
         p.error("--gen-requests and --max-wait-ms must be >= 0, --vllm-timeout > 0")
     return p.finish(args, writes=[OUTPUT])
@@ -228,20 +270,55 @@ def token_stream(tok: Any, n_tokens: int, seed: int) -> tuple[list[int], str]:
     return ids[:n_tokens], source
 
 
+def stream_tasks(n: int, k: int) -> list[int]:
+    """The task of each of the ``n`` requests among ``k``: request i of task i mod k while k < n; from k = n on
+    every request has a task of its own, spread over all k (at k = 10,000 the stream reaches task 9,843 too,
+    not only the first n).
+
+    >>> stream_tasks(4, 2), stream_tasks(4, 4), stream_tasks(4, 100)
+    ([0, 1, 0, 1], [0, 1, 2, 3], [0, 25, 50, 75])
+    """
+    return [i % k for i in range(n)] if k < n else [i * k // n for i in range(n)]
+
+
 class Workload:
     """The requests: text ``i`` is ``text_tokens`` token ids; the bare model's row ``i`` is the ``m`` tokens
-    before it and then it (same total length as soft prompt + text); soft prompt ``k`` is task ``k``'s."""
+    before it and then it (same total length as soft prompt + text); ``soft(k)`` is task ``k``'s soft prompt.
 
-    def __init__(self, tok: Any, hidden: int, emb_std: float, args: argparse.Namespace, n_rows: int, n_tasks: int):
-        import torch
+    Soft prompts are made on demand from the seed and the task's number, never held all at once: 10,000
+    tasks of 10 x 576 would be 230 MB in float32, and the wire copies as much again, while a stream touches
+    ``--requests`` of them at a time. ``wire(k)`` (the JSON form) and ``soft_model(k)`` (what the server
+    decodes from it) are cached for the most recent tasks only."""
+
+    def __init__(self, tok: Any, hidden: int, emb_std: float, args: argparse.Namespace, n_rows: int, dtype: Any):
+        import functools
         span = args.m + args.text_tokens
         stream, self.source = token_stream(tok, n_rows * span, args.seed)
         self.plain = [stream[i * span:(i + 1) * span] for i in range(n_rows)]
         self.text = [row[args.m:] for row in self.plain]
-        g = torch.Generator().manual_seed(args.seed)
-        # N(0, σ²) with σ the embedding table's std: values on the scale of real token embeddings
-        self.soft = torch.randn(n_tasks, args.m, hidden, generator=g) * emb_std
+        self.m, self.hidden, self.emb_std, self.seed = args.m, hidden, emb_std, args.seed
+        self.wire_dtype, self.dtype = args.wire_dtype, dtype
         self.label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS]
+        cache = functools.lru_cache(maxsize=2048)
+        self.wire, self.soft_model = cache(self._wire), cache(self._soft_model)
+
+    def soft(self, k: int) -> Any:
+        """Task k's soft prompt, N(0, σ²) with σ the embedding table's std (the scale of real token
+        embeddings), from a generator seeded by (seed, k) alone: the same tensor whenever it is asked for."""
+        import torch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        return torch.randn(self.m, self.hidden, generator=g) * self.emb_std
+
+    def _wire(self, k: int) -> dict[str, Any]:
+        from lopa.serve.wire import encode_soft_prompt
+        return encode_soft_prompt(self.soft(k), dtype=self.wire_dtype)
+
+    def _soft_model(self, k: int) -> Any:
+        """Task k's soft prompt as the server holds it after decoding the wire format (rounded to
+        --wire-dtype): what the in-process contenders that take soft prompts get, so that they compute
+        what the server does."""
+        from lopa.serve.wire import decode_soft_prompt
+        return decode_soft_prompt(self.wire(k), hidden_size=self.hidden, max_soft_tokens=self.m, out_dtype=self.dtype)
 
 
 # --------------------------------------------------------------------------- the server
@@ -253,9 +330,11 @@ class Server:
         import httpx
         self.threads = threads or args.threads
         # the server's device always given: its default (auto) would take a GPU where there is one while the
-        # in-process contenders ran on --device, comparing unlike machines
+        # in-process contenders ran on --device, comparing unlike machines. Its dtype too, as resolved here:
+        # "auto" times a bf16 matmul in each process, and on a busy machine two processes can decide apart
         self.process = ServerProcess(
-            ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--threads", str(self.threads),
+            ["--model", args.model, "--dtype", args.resolved_dtype, "--device", args.device,
+             "--threads", str(self.threads),
              "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
              "--batch-invariant", "off",  # pads like the in-process contenders, so the sanity check compares equal inputs
              "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
@@ -471,6 +550,36 @@ class LoraAdapters:
         self.k = 1
         self.build_s = self.first_add_s
         self.rss_growth = rss_mib()["rss_mib"] - self.rss0
+        self.saved = None  # adapter t0 on disk, for timing PEFT's load_adapter
+        self.user_load_s_by_k: dict[int, float] = {}
+
+    def time_user_load(self, n: int = 2) -> float:
+        """Seconds per adapter the way a user loads a trained LoRA adapter: ``PeftModel.load_adapter`` from a
+        saved folder (adapter t0's), timed for ``n`` adapters next to the ``k`` already there (its cost grows
+        with k), which are then deleted again. Kept in ``user_load_s_by_k``."""
+        if self.saved is None:
+            self.saved = tempfile.TemporaryDirectory(prefix="lopa-serving-lora-")
+            self.model.save_pretrained(self.saved.name, selected_adapters=["t0"])
+        folder = Path(self.saved.name) / "t0"
+        seconds = []
+        for j in range(n):
+            t0 = time.perf_counter()
+            self.model.load_adapter(str(folder if folder.is_dir() else self.saved.name), adapter_name=f"probe{j}")
+            seconds.append(time.perf_counter() - t0)
+        for j in range(n):
+            self.model.delete_adapter(f"probe{j}")
+        self.model.base_model.set_adapter("t0")
+        self.user_load_s_by_k[self.k] = statistics.mean(seconds)
+        return self.user_load_s_by_k[self.k]
+
+    def per_adapter(self) -> dict[str, float]:
+        """What one adapter costs, measured on the ``k`` loaded: its weights (MiB; the budget's figure),
+        this process's RSS growth, the benchmark's fast build and PEFT's load_adapter (seconds)."""
+        fast = (self.build_s - self.first_add_s) / (self.k - 1) if self.k > 1 else self.first_add_s
+        user = self.user_load_s_by_k[max(self.user_load_s_by_k)] if self.user_load_s_by_k else self.time_user_load()
+        return {"per_adapter_mib": self.adapter_bytes() / self.k / 2 ** 20,
+                "per_adapter_rss_mib": self.rss_growth / self.k, "per_adapter_load_s": user,
+                "per_adapter_fast_build_s": fast}
 
     def grow(self, k: int) -> None:
         if k <= self.k:
@@ -506,7 +615,7 @@ class LoraAdapters:
 
 class PromptTuningAdapters:
     """PEFT prompt tuning on its own copy of the base, grown to K adapters; adapter k holds task k's soft
-    prompt (so its answers can be checked against the server's)."""
+    prompt, ``soft(k)`` (so its answers can be checked against the server's)."""
 
     def __init__(self, base: Any, soft: Any, args: argparse.Namespace):
         from peft import PromptTuningConfig, TaskType, get_peft_model
@@ -523,7 +632,13 @@ class PromptTuningAdapters:
         import torch
         with torch.no_grad():
             w = self.model.prompt_encoder[f"t{i}"].embedding.weight
-            w.copy_(self.soft[i].to(w.device, w.dtype))
+            w.copy_(self.soft(i).to(w.device, w.dtype))
+
+    def per_adapter(self) -> dict[str, float]:
+        """What one adapter costs, measured on the ``k`` loaded: its weights (MiB) and PEFT's own
+        ``add_adapter`` with the prompt copied in (seconds; PEFT's normal path, there is no other)."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.prompt_encoder.parameters())
+        return {"per_adapter_mib": weights / self.k / 2 ** 20, "per_adapter_load_s": self.build_s / self.k}
 
     def grow(self, k: int) -> None:
         if k <= self.k:
@@ -535,6 +650,20 @@ class PromptTuningAdapters:
         self.model.eval()
         self.k = k
         self.build_s += time.perf_counter() - t0
+
+
+def fit_check(adapters: Any, k: int, budget_mib: float) -> dict[str, Any]:
+    """Whether ``k`` adapters fit the memory budget, extrapolated from what one measured adapter costs (its
+    weights: the least ``k`` adapters can take, so none is ruled out by overhead), with the memory and load
+    time ``k`` of them would take."""
+    one = adapters.per_adapter()
+    out: dict[str, Any] = {"fits": k * one["per_adapter_mib"] <= budget_mib, "adapters": k, "budget_mib": budget_mib,
+                           "measured_on_adapters": adapters.k, **one,
+                           "extrapolated_mib": k * one["per_adapter_mib"],
+                           "extrapolated_load_s": k * one["per_adapter_load_s"]}
+    if "per_adapter_fast_build_s" in one:
+        out["extrapolated_fast_build_s"] = k * one["per_adapter_fast_build_s"]
+    return out
 
 
 def hf_generate(model: Any, tok: Any, rows: list[list[int]], bs: int, new_tokens: int) -> tuple[list[list[int]], int]:
@@ -576,31 +705,26 @@ def environment(threads: int) -> dict[str, Any]:
             "bf16_faster": cpu_bf16_is_faster(), "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2)}
 
 
-def build_workload(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any, Workload, list[dict], dict[str, Any]]:
-    """The bare model and its tokenizer, the requests, the soft prompts on the wire, and a description of
+def build_workload(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any, Workload, dict[str, Any]]:
+    """The bare model and its tokenizer, the requests (soft prompts made on demand), and a description of
     the workload for the JSON."""
     import lopa
-    from lopa.serve.wire import decode_soft_prompt, encode_soft_prompt
     bare, tok = lopa.load_base(args.model, dtype)
     bare.to(args.device).eval()
     emb = bare.get_input_embeddings().weight
     hidden = int(emb.shape[1])
     emb_std = float(emb[:4096].float().std())
     k_max = max(args.tasks)
-    work = Workload(tok, hidden, emb_std, args, max(args.requests, args.gen_requests), k_max)
+    work = Workload(tok, hidden, emb_std, args, max(args.requests, args.gen_requests), dtype)
     soft_positions = args.m + args.text_tokens
     described = {
         "text_source": work.source, "label_words": LABEL_WORDS, "m": args.m, "text_tokens": args.text_tokens,
         "positions_per_request": {"lopa": soft_positions, "peft-pt": soft_positions, "lopa-inproc": soft_positions,
                                   "bare": soft_positions, "lora": args.text_tokens},
-        "soft_prompts": f"{k_max} random N(0, {emb_std:.4f}^2) tensors of {args.m} x {hidden} "
-                        f"(sigma = the embedding table's std), sent as {args.wire_dtype}"}
-    wire = [encode_soft_prompt(work.soft[k], dtype=args.wire_dtype) for k in range(k_max)]
-    # the soft prompts as the server holds them after decoding the wire format (rounded to --wire-dtype):
-    # what the in-process contenders that take soft prompts get, so that they compute what the server does
-    work.soft_model = [decode_soft_prompt(w, hidden_size=hidden, max_soft_tokens=args.m, out_dtype=dtype)
-                       for w in wire]
-    return bare, tok, work, wire, described
+        "soft_prompts": f"up to {k_max} random N(0, {emb_std:.4f}^2) tensors of {args.m} x {hidden} "
+                        f"(sigma = the embedding table's std; task k's from a generator seeded by (seed, k), made "
+                        f"when needed), sent as {args.wire_dtype}"}
+    return bare, tok, work, described
 
 
 def in_process_contenders(args: argparse.Namespace, dtype: Any, work: Workload) -> tuple[Any, Any, Any]:
@@ -617,13 +741,13 @@ def in_process_contenders(args: argparse.Namespace, dtype: Any, work: Workload) 
     return lora, pt, inproc
 
 
-def warm_up(args: argparse.Namespace, work: Workload, wire: list[dict], server: Any, bare: Any, lora: Any, pt: Any,
+def warm_up(args: argparse.Namespace, work: Workload, server: Any, bare: Any, lora: Any, pt: Any,
             inproc: Any) -> None:
     """One batch through every contender, so that first-call kernel set-up lands in no column."""
     rows = list(range(min(args.batch_size, len(work.text))))  # fewer requests than a batch: all of them
     text, label_ids, bs = [work.text[i] for i in rows], work.label_ids, args.batch_size
     if server is not None:
-        server.drive("/v1/classify", [json.dumps({"token_ids": t, "soft_prompt": wire[0],
+        server.drive("/v1/classify", [json.dumps({"token_ids": t, "soft_prompt": work.wire(0),
                                                   "label_words": LABEL_WORDS}).encode() for t in text])
     run_bare(bare, [work.plain[i] for i in rows], label_ids, bs)
     if lora is not None:
@@ -631,7 +755,7 @@ def warm_up(args: argparse.Namespace, work: Workload, wire: list[dict], server: 
     if pt is not None:
         run_peft_pt(pt.model, text, [0] * len(rows), label_ids, bs, args.m)
     if inproc is not None:
-        run_backend(inproc, text, [work.soft_model[0]] * len(rows), label_ids, bs)
+        run_backend(inproc, text, [work.soft_model(0)] * len(rows), label_ids, bs)
 
 
 def add_vllm(args: argparse.Namespace, gen: dict[str, Any]) -> None:
@@ -655,36 +779,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "serving", "command": command_line("serving", args.argv),
         "settings": {k: v for k, v in vars(args).items() if k != "argv"}, "dtype": str(dtype).removeprefix("torch."),
         "environment": environment(args.threads), "classification": {}, "memory": {}, "generation": {},
-        "notes": []}
-    bare, tok, work, wire, result["workload"] = build_workload(args, dtype)
+        "gateway": {}, "notes": []}
+    args.resolved_dtype = result["dtype"]  # what the server gets, so that it runs what this process runs
+    bare, tok, work, result["workload"] = build_workload(args, dtype)
 
     log_path = Path(tempfile.mkstemp(prefix="lopa-serving-server-", suffix=".log")[1])
-    reuse = args.gen_requests and args.gen_threads == args.threads  # the generation workload's server too
-    server = Server(args, log_path) if "lopa" in args.contenders or reuse else None
+    server = None
     try:
-        if server is not None:
-            result["server"] = {"command": server.process.command, "start_s": round(server.start_s, 1),
-                                "health": server.health, "rss_idle": server.rss()}
-            log(f"server up on {server.url} in {server.start_s:.1f}s, RSS {server.rss().get('rss_mib', 0):.0f} MiB")
-        lora, pt, inproc = in_process_contenders(args, dtype, work)
-        warm_up(args, work, wire, server, bare, lora, pt, inproc)
-        result["memory"]["server_rss_after_warmup"] = server.rss() if server is not None else None
-        sweep(args, result, Field(args, work, server, bare, lora, pt, inproc), wire)
-        del lora, pt, inproc
-        gc.collect()
-        if args.gen_requests:
-            if server is None or server.threads != args.gen_threads:
-                if server is not None:
-                    server.close()
-                server = None
-                server = Server(args, log_path, threads=args.gen_threads)
-                log(f"generation server up with {args.gen_threads} threads in {server.start_s:.1f}s")
-            result["generation_server"] = {"command": server.process.command}
-            torch.set_num_threads(args.gen_threads)
-            try:
-                generation(args, result, work, wire, server, bare, tok, dtype)
-            finally:
-                torch.set_num_threads(args.threads)
+        server = classification_phase(args, result, work, bare, dtype, log_path)
+        server = generation_phase(args, result, work, server, bare, tok, dtype, log_path)
+        if args.gateway:
+            server = server or Server(args, log_path)
+            gateway_section(args, result, work, server, bare, tok)
     finally:
         if server is not None:
             server.close()
@@ -699,6 +805,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def classification_phase(args: argparse.Namespace, result: dict[str, Any], work: Workload, bare: Any, dtype: Any,
+                         log_path: Path) -> Any:
+    """The K sweep, on a server of its own when lopa is a contender (or the generation workload will reuse
+    it); that server is returned, still running (or None)."""
+    reuse = args.gen_requests and args.gen_threads == args.threads  # the generation workload's server too
+    server = Server(args, log_path) if "lopa" in args.contenders or reuse else None
+    try:
+        if server is not None:
+            result["server"] = {"command": server.process.command, "start_s": round(server.start_s, 1),
+                                "health": server.health, "rss_idle": server.rss()}
+            log(f"server up on {server.url} in {server.start_s:.1f}s, RSS {server.rss().get('rss_mib', 0):.0f} MiB")
+        lora, pt, inproc = in_process_contenders(args, dtype, work)
+        warm_up(args, work, server, bare, lora, pt, inproc)
+        result["memory"]["server_rss_after_warmup"] = server.rss() if server is not None else None
+        sweep(args, result, Field(args, work, server, bare, lora, pt, inproc))
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    return server
+
+
+def generation_phase(args: argparse.Namespace, result: dict[str, Any], work: Workload, server: Any, bare: Any,
+                     tok: Any, dtype: Any, log_path: Path) -> Any:
+    """The generation workload, on a server with --gen-threads (the sweep's if it has them, else a new one,
+    which is returned)."""
+    import torch
+    if not args.gen_requests:
+        return server
+    if server is None or server.threads != args.gen_threads:
+        if server is not None:
+            server.close()
+        server = None
+        server = Server(args, log_path, threads=args.gen_threads)
+        log(f"generation server up with {args.gen_threads} threads in {server.start_s:.1f}s")
+    result["generation_server"] = {"command": server.process.command}
+    torch.set_num_threads(args.gen_threads)
+    try:
+        generation(args, result, work, server, bare, tok, dtype)
+    finally:
+        torch.set_num_threads(args.threads)
+    return server
+
+
 @dataclass
 class Field:
     """The K sweep's contenders on one workload: each runs a stream of requests (``idx``, of ``tasks``)."""
@@ -710,6 +860,8 @@ class Field:
     lora: Any
     pt: Any
     inproc: Any
+    seen: int = 0
+    """tasks 0 .. seen-1 have been through the server"""
 
     def one_pass(self, c: str, idx: list[int], tasks: list[int], bodies: list[bytes],
                  extra: dict[str, Any]) -> tuple[float, float, list[list[float]]]:
@@ -724,7 +876,7 @@ class Field:
         text = [w.text[i] for i in idx]
         t0, p0 = time.perf_counter(), time.process_time()
         if c == "lopa-inproc":
-            answers = run_backend(self.inproc, text, [w.soft_model[t] for t in tasks], w.label_ids, a.batch_size)
+            answers = run_backend(self.inproc, text, [w.soft_model(t) for t in tasks], w.label_ids, a.batch_size)
         elif c == "bare":
             answers = run_bare(self.bare, [w.plain[i] for i in idx], w.label_ids, a.batch_size)
         elif c == "lora":
@@ -739,54 +891,103 @@ class Field:
         a, w = self.args, self.work
         one = idx[:a.batch_size]
         text, mine = [w.text[i] for i in one], [tasks[i] for i in one]
-        calls = {"lopa": lambda: run_prefix(self.bare, text, [w.soft_model[t] for t in mine], w.label_ids,
+        calls = {"lopa": lambda: run_prefix(self.bare, text, [w.soft_model(t) for t in mine], w.label_ids,
                                             a.batch_size),
                  "bare": lambda: run_bare(self.bare, [w.plain[i] for i in one], w.label_ids, a.batch_size),
                  "lora": lambda: run_lora(self.lora.model, text, mine, w.label_ids, a.batch_size),
                  "peft-pt": lambda: run_peft_pt(self.pt.model, text, mine, w.label_ids, a.batch_size, a.m)}
         return count_operators(calls[c]) if c in calls else None
 
+    def grow(self, k: int, mem: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """PEFT's adapters grown to ``k`` where ``k`` of them fit the budget (LoRA's user load path timed at
+        the count it has first); {contender: its fit check} for those that do not fit, left at their count."""
+        left_out: dict[str, dict[str, Any]] = {}
+        for c, adapters in (("lora", self.lora), ("peft-pt", self.pt)):
+            if adapters is None:
+                continue
+            if c == "lora" and k > adapters.k and adapters.k not in adapters.user_load_s_by_k:
+                adapters.time_user_load()
+            fit = fit_check(adapters, k, self.args.lora_budget_mib)
+            if fit["fits"]:
+                adapters.grow(k)
+            else:
+                left_out[c] = fit
+                log(f"  K={k:<5d} {c}: does not fit: {k} x {fit['per_adapter_mib']:.3g} MiB = "
+                    f"{fit['extrapolated_mib']:.0f} MiB > --lora-budget-mib {self.args.lora_budget_mib:g}")
+            if c == "lora":
+                mem["lora_by_k"][str(k)] = fit if not fit["fits"] else {
+                    "fits": True, "adapters": k, "adapter_mib": adapters.adapter_bytes() / 2 ** 20,
+                    "process_rss_growth_mib": adapters.rss_growth, "build_s": adapters.build_s,
+                    "adapter_dtype": str(adapters.dtype).removeprefix("torch."),
+                    "user_load_s_per_adapter": adapters.user_load_s_by_k.get(max(adapters.user_load_s_by_k, default=0))}
+        return left_out
 
-def sweep(args: argparse.Namespace, result: dict[str, Any], field: Field, wire: list[dict]) -> None:
-    """Every K: the adapters grown to K, the contenders interleaved on the same stream, a row of results."""
-    idx = list(range(args.requests))
+    def show_server(self, k: int) -> dict[str, Any]:
+        """Tasks ``seen .. k-1`` through the server once, before K = k is timed (the server "has seen all K"):
+        one short request each (a single text token), in chunks of concurrent requests; the server's RSS
+        before and after."""
+        w, srv, first = self.work, self.server, self.seen
+        before, t0 = srv.rss(), time.perf_counter()
+        for lo in range(first, k, SHOW_CHUNK):
+            srv.drive("/v1/classify", [json.dumps({"token_ids": w.text[t % len(w.text)][:1], "soft_prompt": w.wire(t),
+                                                   "label_words": LABEL_WORDS}).encode()
+                                       for t in range(lo, min(k, lo + SHOW_CHUNK))])
+        self.seen = max(first, k)
+        after = srv.rss()
+        return {"tasks_seen": self.seen, "sent_now": max(0, k - first), "seconds": time.perf_counter() - t0,
+                "rss_before_mib": before.get("rss_mib"), "rss_after_mib": after.get("rss_mib"),
+                "peak_rss_mib": after.get("peak_rss_mib")}
+
+
+SHOW_CHUNK = 1024  # requests built and in the client's hands at once while the server is shown every task
+
+
+def sweep(args: argparse.Namespace, result: dict[str, Any], field: Field) -> None:
+    """Every K: the adapters grown to K (where they fit), every task shown to the server once, then the
+    contenders interleaved on the same stream, a row of results."""
     mem = result["memory"]
-    mem["server_rss_by_k"], mem["lora_by_k"] = {}, {}
+    mem["server_rss_by_k"], mem["server_seen_by_k"], mem["lora_by_k"] = {}, {}, {}
     for K in args.tasks:
-        tasks = [i % K for i in idx]
-        if field.lora is not None:
-            field.lora.grow(K)
-            mem["lora_by_k"][str(K)] = {"adapters": K, "adapter_mib": field.lora.adapter_bytes() / 2 ** 20,
-                                       "process_rss_growth_mib": field.lora.rss_growth,
-                                       "build_s": field.lora.build_s,
-                                       "adapter_dtype": str(field.lora.dtype).removeprefix("torch.")}
-        if field.pt is not None:
-            field.pt.grow(K)
-        bodies = [json.dumps({"token_ids": field.work.text[i], "soft_prompt": wire[tasks[i]],
-                              "label_words": LABEL_WORDS}).encode() for i in idx]
-        seconds: dict[str, list[float]] = {c: [] for c in args.contenders}
-        cpu: dict[str, list[float]] = {c: [] for c in args.contenders}  # CPU seconds per request, each pass
-        answers: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for r in range(args.repeats):
-            for c in rotate(list(args.contenders), r + args.tasks.index(K)):
-                dt, per_request, answers[c] = field.one_pass(c, idx, tasks, bodies, extra)
-                seconds[c].append(dt)
-                cpu[c].append(per_request)
-                log(f"  K={K:<4d} pass {r + 1}/{args.repeats}  {c:<8s} {len(idx) / dt:8.2f} requests/s  ({dt:.2f}s)")
-        row = classification_row(len(idx), len(set(tasks)), result["workload"]["positions_per_request"], seconds,
-                                 cpu, extra)
-        for c in args.contenders:
-            ops = field.operators(c, idx, tasks)
-            if ops is not None:
-                row["contenders"][c]["operators_per_batch"] = ops
-        if "lopa" in answers and "peft-pt" in answers:
-            # the same soft prompt on the same text: the server and PEFT prompt tuning compute the same thing
-            row["max_abs_logprob_diff_lopa_vs_peft_pt"] = max(
-                abs(a - b) for x, y in zip(answers["lopa"], answers["peft-pt"]) for a, b in zip(x, y))
+        left_out = field.grow(K, mem)
+        if field.server is not None:
+            seen = mem["server_seen_by_k"][str(K)] = field.show_server(K)
+            log(f"  K={K:<5d} server shown {seen['sent_now']} new task(s) in {seen['seconds']:.1f}s, RSS "
+                f"{seen['rss_before_mib'] or 0:.0f} -> {seen['rss_after_mib'] or 0:.0f} MiB")
+        row = time_k(args, field, K, [c for c in args.contenders if c not in left_out],
+                     result["workload"]["positions_per_request"])
+        row["contenders"].update(left_out)
         result["classification"][str(K)] = row
         if field.server is not None:
             mem["server_rss_by_k"][str(K)] = field.server.rss()
+
+
+def time_k(args: argparse.Namespace, field: Field, K: int, contenders: list[str],
+           positions: dict[str, int]) -> dict[str, Any]:
+    """The ``contenders`` interleaved on K's stream, ``--repeats`` passes: K's row of results."""
+    idx = list(range(args.requests))
+    tasks = stream_tasks(args.requests, K)
+    bodies = [json.dumps({"token_ids": field.work.text[i], "soft_prompt": field.work.wire(tasks[i]),
+                          "label_words": LABEL_WORDS}).encode() for i in idx]
+    seconds: dict[str, list[float]] = {c: [] for c in contenders}
+    cpu: dict[str, list[float]] = {c: [] for c in contenders}  # CPU seconds per request, each pass
+    answers: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for r in range(args.repeats):
+        for c in rotate(list(contenders), r + args.tasks.index(K)):
+            dt, per_request, answers[c] = field.one_pass(c, idx, tasks, bodies, extra)
+            seconds[c].append(dt)
+            cpu[c].append(per_request)
+            log(f"  K={K:<5d} pass {r + 1}/{args.repeats}  {c:<8s} {len(idx) / dt:8.2f} requests/s  ({dt:.2f}s)")
+    row = classification_row(len(idx), len(set(tasks)), positions, seconds, cpu, extra)
+    for c in contenders:
+        ops = field.operators(c, idx, tasks)
+        if ops is not None:
+            row["contenders"][c]["operators_per_batch"] = ops
+    if "lopa" in answers and "peft-pt" in answers:
+        # the same soft prompt on the same text: the server and PEFT prompt tuning compute the same thing
+        row["max_abs_logprob_diff_lopa_vs_peft_pt"] = max(
+            abs(a - b) for x, y in zip(answers["lopa"], answers["peft-pt"]) for a, b in zip(x, y))
+    return row
 
 
 def classification_row(n: int, distinct: int, positions: dict[str, int], seconds: dict[str, list[float]],
@@ -823,8 +1024,8 @@ def server_passes(passes: list[dict[str, Any]], n: int) -> dict[str, Any]:
             "passes": passes}
 
 
-def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload, wire: list[dict], server: Any,
-               bare: Any, tok: Any, dtype: Any) -> None:
+def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload, server: Any, bare: Any, tok: Any,
+               dtype: Any) -> None:
     import torch
     import lopa
     n, g = args.gen_requests, args.new_tokens
@@ -835,7 +1036,7 @@ def generation(args: argparse.Namespace, result: dict[str, Any], work: Workload,
         if models[name] is None:
             models[name], _ = lopa.load_base(args.model, dt)
             models[name].to(args.device).eval()
-    bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": wire[i % k], "max_new_tokens": g,
+    bodies = [json.dumps({"token_ids": work.text[i], "soft_prompt": work.wire(i % k), "max_new_tokens": g,
                           "temperature": 0.0}).encode() for i in idx]
     contenders = ["lopa", "hf-fp32", "hf-bf16"]
     # warm-up: a batch each with 2 new tokens
@@ -914,47 +1115,271 @@ def run_vllm(args: argparse.Namespace, n: int) -> dict[str, Any]:
     return {"skipped": f"the command exited with {p.returncode} and printed no JSON result: ...{tail}", "command": cmd}
 
 
+# --------------------------------------------------------------------------- the gateway
+
+def make_task_artifacts(bare: Any, tok: Any, args: argparse.Namespace, folder: Path) -> dict[str, Path]:
+    """``--gateway-tasks`` tasks to serve by name: prompt-tuning artifacts of ``--m`` virtual tokens (their
+    initial prompts, different for each; training does not change their cost), recorded in chat format so
+    that lopa.Client renders a conversation as the server does."""
+    import torch
+    import lopa
+    out = {}
+    for i in range(args.gateway_tasks):
+        torch.manual_seed(args.seed + i)
+        model = lopa.SoftPromptModel(bare, tok, lopa.make_config("prompt-tuning", num_virtual_tokens=args.m),
+                                     task={"kind": "generation", "prompt_format": {"chat_template": True}})
+        out[f"task{i}"] = model.save_pretrained(folder / f"task{i}")
+    return out
+
+
+def gateway_section(args: argparse.Namespace, result: dict[str, Any], work: Workload, server: Any, bare: Any,
+                    tok: Any) -> None:
+    """A `lopa gateway` in front of ``server``: chat clients through it against lopa.Client straight to the
+    server on the same tasks and texts, then streamed against whole responses."""
+    import httpx
+    with tempfile.TemporaryDirectory(prefix="lopa-serving-gateway-") as folder:
+        artifacts = make_task_artifacts(bare, tok, args, Path(folder))
+        task_args = [x for name, d in artifacts.items() for x in ("--task", f"{name}={d}")]
+        gw = ServerProcess([*task_args, "--upstream", server.url, "--threads", str(args.threads), "--max-batch-size",
+                            str(args.batch_size), "--max-connections", str(args.gateway_clients), "--log-level",
+                            "warning"], Path(folder) / "gateway.log", verb="gateway")
+        log(f"gateway up on {gw.url} in {gw.start_s:.1f}s ({len(artifacts)} tasks, upstream {server.url})")
+        try:
+            result["gateway"] = gateway_runs(args, gw, server, artifacts, work, tok)
+        finally:
+            gw.stop()
+
+
+def gateway_runs(args: argparse.Namespace, gw: ServerProcess, server: Any, artifacts: dict[str, Path],
+                 work: Workload, tok: Any) -> dict[str, Any]:
+    """The gateway section's measurements, the gateway and the server up."""
+    import httpx
+    limits = httpx.Limits(max_connections=args.gateway_clients, max_keepalive_connections=args.gateway_clients)
+    http = httpx.Client(base_url=gw.url, timeout=httpx.Timeout(1800.0, connect=10.0), limits=limits)
+    texts = [tok.decode(work.text[i % len(work.text)]) for i in range(args.gateway_requests)]
+    clients: list[Any] = []
+    try:
+        paths, clients = gateway_paths(args, http, server.url, artifacts, texts)
+        out = gateway_throughput(args, paths, len(artifacts))
+        out["streaming"] = gateway_streaming(args, http, list(artifacts), texts)
+        out.update({"command": gw.command, "start_s": round(gw.start_s, 1), "rss": gw.rss(),
+                    "upstream": server.process.command, "tasks": list(artifacts)})
+        return out
+    finally:
+        for c in clients:
+            c.close()
+        http.close()
+
+
+def chat_body(task: str, text: str, new_tokens: int) -> dict[str, Any]:
+    """One user turn to ``task``, greedy, ``new_tokens`` at most: what every client sends through the gateway."""
+    return {"model": task, "messages": [{"role": "user", "content": text}], "max_tokens": new_tokens,
+            "temperature": 0.0}
+
+
+def gateway_paths(args: argparse.Namespace, http: Any, server_url: str, artifacts: dict[str, Path],
+                  texts: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    """The two ways to send request i (task i mod the tasks, text i): ``gateway`` (an OpenAI chat completion
+    with ``model`` the task's name) and ``direct`` (``lopa.Client(artifact, url=server).chat``, the soft prompt
+    computed in this process); each a function of i returning the reply's text. (paths, the clients)."""
+    import warnings
+    from lopa.client import Client
+    with warnings.catch_warnings():  # the artifacts record the model's own name, the server a short one
+        warnings.simplefilter("ignore")
+        clients = {n: Client(d, url=server_url, concurrency=args.gateway_clients, timeout=1800.0)
+                   for n, d in artifacts.items()}
+    names = list(artifacts)
+
+    def via_gateway(i: int) -> str:
+        r = http.post("/v1/chat/completions", json=chat_body(names[i % len(names)], texts[i], args.new_tokens))
+        if r.status_code != 200:
+            raise RuntimeError(f"the gateway answered {r.status_code}: {r.text[:500]}")
+        return r.json()["choices"][0]["message"]["content"]
+
+    def direct(i: int) -> str:
+        conversation = [{"role": "user", "content": texts[i]}]
+        return clients[names[i % len(names)]].chat([conversation], max_new_tokens=args.new_tokens)[0]
+    return {"gateway": via_gateway, "direct": direct}, list(clients.values())
+
+
+def drive_clients(fn: Any, n: int, clients: int) -> tuple[float, list[Any]]:
+    """``fn(0) .. fn(n-1)`` from ``clients`` threads, each one request at a time; (seconds, the answers)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(clients) as pool:
+        t0 = time.perf_counter()
+        out = list(pool.map(fn, range(n)))
+        return time.perf_counter() - t0, out
+
+
+def gateway_throughput(args: argparse.Namespace, paths: dict[str, Any], n_tasks: int) -> dict[str, Any]:
+    """Both paths on the same requests, ``--repeats`` passes in rotating order after a warm-up (a request
+    per task each, the gateway's chat tokenizer loaded); requests/s, the ratio and how many replies agree."""
+    n, c = args.gateway_requests, args.gateway_clients
+    for fn in paths.values():
+        drive_clients(fn, min(n, max(n_tasks, c)), c)
+    seconds: dict[str, list[float]] = {p: [] for p in paths}
+    replies: dict[str, list[str]] = {}
+    for r in range(args.repeats):
+        for p in rotate(list(paths), r):
+            dt, replies[p] = drive_clients(paths[p], n, c)
+            seconds[p].append(dt)
+            log(f"  gateway pass {r + 1}/{args.repeats}  {p:<8s} {n / dt:8.2f} requests/s  ({dt:.2f}s)")
+    same = sum(a == b for a, b in zip(replies["gateway"], replies["direct"])) / n
+    return {"requests": n, "clients": c, "new_tokens": args.new_tokens, "endpoint": "/v1/chat/completions",
+            "contenders": {p: {"requests_per_s": n * len(ts) / sum(ts), "seconds": ts} for p, ts in seconds.items()},
+            "ratio_gateway_over_direct": geo_mean([d / g for g, d in zip(seconds["gateway"], seconds["direct"])]),
+            "target": TARGETS["gateway_over_direct"], "same_reply_fraction": same}
+
+
+def stream_once(http: Any, body: dict[str, Any]) -> tuple[float | None, float]:
+    """One streamed chat completion: (seconds to the first chunk with text, or None if none had any;
+    seconds to ``[DONE]``)."""
+    t0, first = time.perf_counter(), None
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"the gateway answered a stream with {r.status_code}: {r.read()[:500]!r}")
+        for line in r.iter_lines():
+            data = line[5:].strip() if line.startswith("data:") else ""
+            if not data or data == "[DONE]":
+                continue
+            choices = json.loads(data).get("choices") or []
+            if first is None and any((ch.get("delta") or {}).get("content") for ch in choices):
+                first = time.perf_counter() - t0
+    return first, time.perf_counter() - t0
+
+
+def gateway_streaming(args: argparse.Namespace, http: Any, names: list[str], texts: list[str]) -> dict[str, Any]:
+    """``--stream-requests`` requests through the gateway from ``--gateway-clients`` clients at once (so the
+    server's batches fill as in the throughput passes, instead of waiting --max-wait-ms for a lone request):
+    first all streamed (time to the first token, to the end), then all whole (time to the response)."""
+    n, c = args.stream_requests, args.gateway_clients
+    bodies = [chat_body(names[j % len(names)], texts[j % len(texts)], args.new_tokens) for j in range(n)]
+
+    def whole(j: int) -> float:
+        t0 = time.perf_counter()
+        r = http.post("/v1/chat/completions", json=bodies[j])
+        if r.status_code != 200:
+            raise RuntimeError(f"the gateway answered {r.status_code}: {r.text[:500]}")
+        return time.perf_counter() - t0
+    streamed = drive_clients(lambda j: stream_once(http, bodies[j]), n, c)[1]
+    whole_s = drive_clients(whole, n, c)[1]
+    first = [f for f, _ in streamed if f is not None]
+    med = statistics.median
+    out = {"requests": n, "clients": min(n, c), "new_tokens": args.new_tokens, "ttft_s": first,
+           "stream_total_s": [t for _, t in streamed], "whole_response_s": whole_s, "without_text": n - len(first),
+           "ttft_s_median": med(first) if first else None, "stream_total_s_median": med(t for _, t in streamed),
+           "whole_response_s_median": med(whole_s)}
+    log(f"  gateway streaming: first token {_f(out['ttft_s_median'], '.3f')}s, streamed to the end "
+        f"{out['stream_total_s_median']:.3f}s, whole response {out['whole_response_s_median']:.3f}s (medians of {n})")
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
+STYLES = {"lopa": ("C0", "o", "-"), "lora": ("C1", "s", "-"), "peft-pt": ("C2", "^", "-"), "bare": ("k", "", "--"),
+          "lopa-inproc": ("C0", "", ":")}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Requests/s (left) and memory (right) against K, both on log-x axes; where PEFT's adapters do not fit,
+    an x on the axis (left) and the extrapolated memory (right)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    cls = result["classification"]
-    ks = sorted(int(k) for k in cls)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
-    styles = {"lopa": ("C0", "o", "-"), "lora": ("C1", "s", "-"), "peft-pt": ("C2", "^", "-"),
-              "bare": ("k", "", "--"), "lopa-inproc": ("C0", "", ":")}
-    for c, (color, marker, ls) in styles.items():
-        ys = [cls[str(k)]["contenders"].get(c, {}).get("requests_per_s") for k in ks]
-        if all(y is not None for y in ys):
-            ax.plot(ks, ys, color=color, marker=marker, linestyle=ls, label=NAMES[c])
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
-    ax.set_xlabel("distinct tasks K in the stream")
-    ax.set_ylabel("requests / s")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"classification throughput, {result['settings']['model']}, {result['dtype']}, "
-                 f"{result['settings']['threads']} thread(s)", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (ax, mx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=80)
+    plot_rates(ax, result)
+    plot_memory(mx, result)
+    fig.suptitle(f"serving {result['settings']['model']}, {result['dtype']}, {result['settings']['threads']} "
+                 f"thread(s): K distinct tasks", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
+def log_k_axis(ax: Any, ks: list[int]) -> None:
+    import matplotlib.ticker
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(ks)
+    ax.set_xticklabels([f"{k:,}" for k in ks])
+    ax.set_xlabel("distinct tasks K in the stream (the server has seen all K)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_rates(ax: Any, result: dict[str, Any]) -> None:
+    cls = result["classification"]
+    ks = sorted(int(k) for k in cls)
+    for c, (color, marker, ls) in STYLES.items():
+        pts = [(k, cls[str(k)]["contenders"].get(c, {})) for k in ks]
+        ran = [(k, x["requests_per_s"]) for k, x in pts if "requests_per_s" in x]
+        if ran:
+            ax.plot(*zip(*ran), color=color, marker=marker, linestyle=ls, label=NAMES[c])
+        unfit = [k for k, x in pts if x.get("fits") is False]
+        if unfit:
+            ax.plot(unfit, [0] * len(unfit), color=color, marker="x", markersize=10, linestyle="none", clip_on=False,
+                    label=f"{c}: does not fit the budget")
+            for k in unfit:
+                ax.annotate(f"{c}: does not fit", (k, 0), textcoords="offset points",
+                            xytext=(0, 8 + 10 * (c != "lora")), ha="center", fontsize=7, color=color)
+    log_k_axis(ax, ks)
+    ax.set_ylabel("requests / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("classification throughput", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def plot_memory(ax: Any, result: dict[str, Any]) -> None:
+    mem = result["memory"]
+    ks = sorted(int(k) for k in result["classification"])
+    seen = mem.get("server_seen_by_k") or {}
+    srv = [(k, seen[str(k)]["rss_after_mib"]) for k in ks if seen.get(str(k), {}).get("rss_after_mib")]
+    if srv:
+        ax.plot(*zip(*srv), color="C0", marker="o", label="lopa server RSS (after seeing all K)")
+    lora = mem.get("lora_by_k") or {}
+    ran = [(k, lora[str(k)]["adapter_mib"]) for k in ks if lora.get(str(k), {}).get("fits")]
+    unfit = [(k, lora[str(k)]["extrapolated_mib"]) for k in ks if lora.get(str(k), {}).get("fits") is False]
+    if ran:
+        ax.plot(*zip(*ran), color="C1", marker="s", label="LoRA adapter weights")
+    if unfit:
+        ax.plot(*zip(*(ran[-1:] + unfit)), color="C1", marker="x", markersize=9, linestyle=":",
+                label="LoRA, does not fit: extrapolated")
+    if ran or unfit:
+        ax.axhline(result["settings"]["lora_budget_mib"], color="C3", linestyle="--", linewidth=1,
+                   label="adapter budget (--lora-budget-mib)")
+    log_k_axis(ax, ks)
+    ax.set_yscale("log")
+    ax.set_ylabel("MiB")
+    ax.set_title("memory", fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def _f(x: Any, fmt: str = ".1f") -> str:
     return "–" if x is None else format(x, fmt)
+
+
+def rate_cell(x: dict[str, Any] | None) -> str:
+    """A contender's cell in the sweep table: requests/s (tokens/s), or why it did not run at this K."""
+    if x is None:
+        return "–"
+    if x.get("fits") is False:
+        return f"does not fit ({_mib(x['extrapolated_mib'])} > {_mib(x['budget_mib'])})"
+    return f"{x['requests_per_s']:.2f} ({x['tokens_per_s']:.0f})"
+
+
+def _secs(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def _mib(x: float) -> str:
+    """MiB as a person reads them: GiB from 1024 MiB on, KiB below 1 MiB."""
+    return f"{x / 1024:.1f} GiB" if x >= 1024 else f"{x:.1f} MiB" if x >= 1 else f"{x * 1024:.0f} KiB"
 
 
 def render(result: dict[str, Any], image: str | None) -> str:
     """The markdown section: how it ran, the K sweep, operators, memory, generation, notes."""
     L = (render_setup(result) + render_sweep(result, image) + render_operators(result) + render_memory(result)
-         + render_generation(result))
+         + render_generation(result) + render_gateway(result))
     L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
     return "\n".join(L)
 
@@ -994,8 +1419,7 @@ def render_sweep(result: dict[str, Any], image: str | None) -> list[str]:
         row = cls[str(k)]
         cells = []
         for c in have:
-            x = row["contenders"].get(c)
-            cells.append("–" if x is None else f"{x['requests_per_s']:.2f} ({x['tokens_per_s']:.0f})")
+            cells.append(rate_cell(row["contenders"].get(c)))
         for r in ratio_names:
             v, vc = row["ratios"].get(r), row.get("cpu_ratios", {}).get(r)
             goal = TARGETS.get(r)
@@ -1020,7 +1444,7 @@ def render_operators(result: dict[str, Any]) -> list[str]:
     ks = sorted(int(k) for k in cls)
     have = [c for c in CONTENDERS + EXTRA_CONTENDERS if any(c in cls[str(k)]["contenders"] for k in ks)]
     L: list[str] = []
-    counted = [c for c in have if all("operators_per_batch" in cls[str(k)]["contenders"].get(c, {}) for k in ks)]
+    counted = [c for c in have if any("operators_per_batch" in cls[str(k)]["contenders"].get(c, {}) for k in ks)]
     if counted:
         L += [f"Operators dispatched per batch of {s['batch_size']} requests (aten operators that are not views; all "
               "operators in brackets), counted once per K outside the timed passes; lopa's are its server's backend "
@@ -1030,28 +1454,51 @@ def render_operators(result: dict[str, Any]) -> list[str]:
               "launches where launches rather than arithmetic bound it (not measured here).", "",
               "| K |" + "".join(f" {NAMES[c]} |" for c in counted), "|---:|" + "---:|" * len(counted)]
         for k in ks:
-            ops = [cls[str(k)]["contenders"][c]["operators_per_batch"] for c in counted]
-            L.append(f"| {k} | " + " | ".join(f"{o['non_view']:,} ({o['all']:,})" for o in ops) + " |")
+            ops = [cls[str(k)]["contenders"].get(c, {}).get("operators_per_batch") for c in counted]
+            L.append(f"| {k} | " + " | ".join("–" if o is None else f"{o['non_view']:,} ({o['all']:,})" for o in ops)
+                     + " |")
         L.append("")
     return L
 
 
 def render_memory(result: dict[str, Any]) -> list[str]:
-    """The server's memory as K grows, against LoRA's adapters."""
-    cls = result["classification"]
-    ks = sorted(int(k) for k in cls)
-    L: list[str] = []
+    """The server's memory as K grows (every task sent once first), against LoRA's adapters and what K of
+    them would take where they do not fit."""
+    ks = sorted(int(k) for k in result["classification"])
     mem = result["memory"]
-    if mem.get("server_rss_by_k") or mem.get("lora_by_k"):
-        L += ["Memory as K grows (MiB): the server's resident set (the whole `lopa serve` process), against the "
-              "LoRA adapters' weights and this process's growth as they load.", "",
-              "| K | lopa server RSS | LoRA adapter weights | LoRA process RSS growth |", "|---:|---:|---:|---:|"]
-        for k in ks:
-            srv = mem.get("server_rss_by_k", {}).get(str(k), {})
-            lo = mem.get("lora_by_k", {}).get(str(k), {})
-            L.append(f"| {k} | {_f(srv.get('rss_mib'), '.0f')} | {_f(lo.get('adapter_mib'), '.1f')} | "
-                     f"{_f(lo.get('process_rss_growth_mib'), '.0f')} |")
-        L.append("")
+    seen, rss, lora = mem.get("server_seen_by_k", {}), mem.get("server_rss_by_k", {}), mem.get("lora_by_k", {})
+    if not (seen or lora):
+        return []
+    L = ["Memory as K grows (MiB): the `lopa serve` process's resident set before and after each of the K tasks' soft "
+         "prompts went through it once (one short request each), and after K was timed; against the LoRA adapters' "
+         "weights, this process's RSS growth as they loaded, and the seconds to load them (PEFT's `load_adapter` "
+         "per adapter × K; the benchmark's fast build in brackets). Where K adapters exceed the budget, the LoRA "
+         "columns are extrapolations (≈) from the adapters measured.", "",
+         "| K | lopa server RSS: before → after the K tasks | after timing | LoRA adapter weights | "
+         "LoRA process RSS growth | LoRA load, s |", "|---:|---:|---:|---:|---:|---:|"]
+    for k in ks:
+        sv, lo = seen.get(str(k), {}), lora.get(str(k), {})
+        srv = f"{_f(sv.get('rss_before_mib'), '.0f')} → {_f(sv.get('rss_after_mib'), '.0f')}" if sv else "–"
+        if lo.get("fits") is False:
+            lcells = [f"does not fit: ≈{_mib(lo['extrapolated_mib'])} > {_mib(lo['budget_mib'])} "
+                      f"({_mib(lo['per_adapter_mib'])} per adapter)",
+                      f"≈{k * lo['per_adapter_rss_mib']:.0f}",
+                      f"≈{_secs(lo['extrapolated_load_s'])} (≈{_secs(lo['extrapolated_fast_build_s'])})"]
+        elif lo:
+            load = lo.get("user_load_s_per_adapter")
+            lcells = [_mib(lo["adapter_mib"]), _f(lo.get("process_rss_growth_mib"), ".0f"),
+                      f"{'–' if load is None else _secs(k * load)} ({_secs(lo['build_s'])})"]
+        else:
+            lcells = ["–"] * 3
+        L.append(f"| {k} | {srv} | {_f(rss.get(str(k), {}).get('rss_mib'), '.0f')} | " + " | ".join(lcells) + " |")
+    first, last = seen.get(str(ks[0]), {}), seen.get(str(ks[-1]), {})
+    if first.get("rss_after_mib") and last.get("rss_after_mib") and len(ks) > 1:
+        rate = [result["classification"][str(k)]["contenders"].get("lopa", {}).get("requests_per_s") for k in ks]
+        L += ["", f"lopa's server held {first['rss_after_mib']:.0f} MiB having seen K = {ks[0]} task(s) and "
+                  f"{last['rss_after_mib']:.0f} MiB having seen K = {ks[-1]:,} (peak "
+                  f"{_f(last.get('peak_rss_mib'), '.0f')} MiB), and served {_f(rate[0], '.2f')} and "
+                  f"{_f(rate[-1], '.2f')} requests/s at those K."]
+    L.append("")
     return L
 
 
@@ -1083,10 +1530,85 @@ def render_generation(result: dict[str, Any]) -> list[str]:
     return L
 
 
+def render_gateway(result: dict[str, Any]) -> list[str]:
+    """The gateway section: chat clients through `lopa gateway` against lopa.Client direct, and streaming."""
+    gw = result.get("gateway") or {}
+    if not gw:
+        return []
+    st, c = gw["streaming"], gw["contenders"]
+    ratio = gw["ratio_gateway_over_direct"]
+    L = [f"Gateway: {gw['clients']} concurrent chat clients (threads, one request at a time each), {gw['requests']} "
+         f"requests per pass, {gw['new_tokens']} new tokens each, greedy, over {len(gw['tasks'])} tasks "
+         f"(prompt-tuning artifacts of m = {result['settings']['m']}): OpenAI chat completions through a `lopa "
+         f"gateway` (model = the task's name; it computes the soft prompt and forwards to the server) against "
+         f"`lopa.Client(artifact, url=server).chat` on the same tasks and texts (the soft prompt computed in this "
+         f"process, `/v1/generate` on the server). Then {st['requests']} requests through the gateway, "
+         f"{st['clients']} at once: streamed (time to the first token with text) and whole.", "",
+         "| path | requests/s | gateway / direct |", "|---|---:|---:|",
+         f"| through `lopa gateway` | {c['gateway']['requests_per_s']:.2f} | {ratio:.2f} "
+         f"{'✓' if ratio >= gw['target'] else '✗'} (target ≥ {gw['target']}) |",
+         f"| `lopa.Client` to the server | {c['direct']['requests_per_s']:.2f} | |", "",
+         f"| through the gateway, {st['clients']} at once | median s |", "|---|---:|",
+         f"| first streamed token | {_f(st['ttft_s_median'], '.3f')} |",
+         f"| whole streamed response | {st['stream_total_s_median']:.3f} |",
+         f"| whole response (not streamed) | {st['whole_response_s_median']:.3f} |", ""]
+    return L
+
+
 def notes(result: dict[str, Any]) -> list[str]:
     """The report's notes: what each contender is, whether they computed the same thing, how the timing
     went, and how vLLM ran."""
-    return notes_setup(result) + notes_checks(result) + notes_timing(result) + notes_vllm(result)
+    return (notes_setup(result) + notes_scale(result) + notes_checks(result) + notes_timing(result)
+            + notes_vllm(result) + notes_gateway(result))
+
+
+def notes_scale(result: dict[str, Any]) -> list[str]:
+    """How K grew: the tasks shown to the server first, the adapter budget and which load figure is which."""
+    s, mem, out = result["settings"], result["memory"], []
+    ks = sorted(int(k) for k in result["classification"])
+    seen = mem.get("server_seen_by_k") or {}
+    if seen:
+        last = seen[str(ks[-1])]
+        out.append(f"Before each K was timed, every task up to K that the server had not had yet went through it once "
+                   f"(one /v1/classify of one text token each, {s['concurrency']} in flight): the server had seen "
+                   f"all K, {last['tasks_seen']:,} at the end. Task k's soft prompt is made from (seed, k) when "
+                   f"needed, so no process holds all K; from K = {s['requests']} on the stream's requests each have "
+                   f"their own task, spread over all K (request i of task i·K / {s['requests']}).")
+    unfit = {c: x for k in ks for c, x in result["classification"][str(k)]["contenders"].items()
+             if x.get("fits") is False}
+    out.append(f"PEFT's adapters had a memory budget of {_mib(s['lora_budget_mib'])} (--lora-budget-mib), LoRA's and "
+               f"prompt tuning's alike: before growing to K, K × one adapter's weights (measured on those loaded; the "
+               f"least K adapters take, so overhead rules none out) had to fit, else the row says 'does not fit' "
+               + ("and the adapters stay as they were (" + ", ".join(
+                   f"{c}: {x['per_adapter_mib'] * 1024:.1f} KiB per adapter, measured on {x['measured_on_adapters']}"
+                   for c, x in unfit.items()) + ")." if unfit else "(every K fitted in this run)."))
+    if "lora" in s["contenders"]:
+        out.append("LoRA's load time per adapter is measured two ways. The first, the one extrapolated, is how a user "
+                   "loads a trained adapter: PEFT's `load_adapter` from a saved folder, timed for 2 adapters next to "
+                   "those already loaded (its cost grows with their number, so a linear extrapolation from the "
+                   "largest count measured is a lower bound). The second (in brackets) is this benchmark's fast "
+                   "build: PEFT's per-layer `update_layer` with its walks over all adapters deferred to one, random "
+                   "weights, no disk; it is how the adapters here were made.")
+    if "peft-pt" in s["contenders"]:
+        out.append("PEFT prompt tuning's adapters load by its own `add_adapter` (its normal path) with the task's "
+                   "prompt copied in; each is m × d values, so they fit the budget long after LoRA's.")
+    return out
+
+
+def notes_gateway(result: dict[str, Any]) -> list[str]:
+    """How the gateway section ran and whether both paths answered alike."""
+    gw = result.get("gateway") or {}
+    if not gw:
+        return []
+    st = gw["streaming"]
+    return [f"Gateway: `{gw['command']}` (its tasks in a temporary folder), upstream the benchmark's server "
+            f"(`{gw['upstream']}`). Both paths' clients are threads of this process and the passes alternate; the "
+            f"replies agreed on {100 * gw['same_reply_fraction']:.0f}% of the requests (greedy; rows batched "
+            f"differently may round differently). The streaming times are per request with "
+            f"{st['clients']} in flight, so the server's batches fill as in the throughput passes"
+            + (f"; {st['without_text']} streamed repl(ies) had no text and count in the totals only"
+               if st["without_text"] else "") + ". A first token long before the whole response means the "
+            "server sends tokens as it makes them; near it, that the server sends its tokens when generation ends."]
 
 
 def notes_setup(result: dict[str, Any]) -> list[str]:
@@ -1194,7 +1716,9 @@ def notes_vllm(result: dict[str, Any]) -> list[str]:
 def summary(result: dict[str, Any]) -> str:
     lines = []
     for k, row in result["classification"].items():
-        rates = "  ".join(f"{c} {x['requests_per_s']:.2f}" for c, x in row["contenders"].items())
+        rates = "  ".join(f"{c} {x['requests_per_s']:.2f}" if "requests_per_s" in x else
+                          f"{c} does-not-fit ({x['extrapolated_mib']:.4g} MiB > {x['budget_mib']:g})"
+                          for c, x in row["contenders"].items())
         ratios = "  ".join(f"{r} {v:.2f}" for r, v in row["ratios"].items())
         lines.append(f"K={k:<4s} requests/s: {rates}   |  {ratios}")
     gen = result.get("generation") or {}
@@ -1202,6 +1726,17 @@ def summary(result: dict[str, Any]) -> str:
         rates = "  ".join(f"{c} {x['requests_per_s']:.2f}" if "requests_per_s" in x else f"{c} skipped"
                           for c, x in gen["contenders"].items())
         lines.append(f"generation requests/s: {rates}")
+    seen = result["memory"].get("server_seen_by_k") or {}
+    if seen:
+        lines.append("server RSS MiB after every task was sent once: " + "  ".join(
+            f"K={k} {v['rss_after_mib']:.0f}" for k, v in seen.items() if v.get("rss_after_mib") is not None))
+    gw = result.get("gateway") or {}
+    if gw:
+        st = gw["streaming"]
+        lines.append(f"gateway requests/s {gw['contenders']['gateway']['requests_per_s']:.2f}  direct lopa.Client "
+                     f"{gw['contenders']['direct']['requests_per_s']:.2f}  ratio {gw['ratio_gateway_over_direct']:.2f} "
+                     f"(target >= {gw['target']})  |  first streamed token {_f(st['ttft_s_median'], '.3f')}s, whole "
+                     f"response {st['whole_response_s_median']:.3f}s")
     return "\n".join(lines)
 
 
