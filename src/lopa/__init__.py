@@ -23,11 +23,12 @@ _LAZY: dict[str, str] = {
     "load_base": ".models", "load_encoder_model": ".models", "load_tokenizer": ".models",
     "load_encoder": ".encoders",
     "SoftPromptModel": ".model",
+    "Client": ".client",
     "export_peft": ".artifact", "import_peft": ".artifact", "load_artifact": ".artifact",
     "save_artifact": ".artifact",
 }
 
-__all__ = ["METHODS", "SoftPromptModel", "export_peft", "import_peft", "load_artifact", "load_base",
+__all__ = ["METHODS", "Client", "SoftPromptModel", "export_peft", "import_peft", "load_artifact", "load_base",
            "load_encoder", "load_encoder_model", "load_tokenizer", "make_config", "save_artifact", "__version__"]
 
 
