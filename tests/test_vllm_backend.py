@@ -221,6 +221,27 @@ def test_a_list_of_prompts_with_a_soft_prompt_each(http, setup):
     assert [c["text"] for c in choices] == [setup["gen"][i // 2].text for i in range(6)]
 
 
+@needs_vllm
+@pytest.mark.real_model
+def test_chat_matches_the_transformers_backend_on_the_chat_text(http, setup):
+    """/v1/chat/completions on vLLM: the conversation through the chat template (the function training
+    uses), the soft prompt in front; greedy answers equal the transformers backend's on that text, and
+    the streamed chunks put together equal the whole answer."""
+    from lopa.serve.openai_api import chat_text
+    ref = setup["ref"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[1]}]
+    ids = ref.tokenize(chat_text(ref.tokenizer, messages))
+    want = ref.generate([GenerateRow(ids, setup["z"][1], NEW)])[0].text
+    body = {"model": MODEL, "messages": messages, "max_tokens": NEW, "temperature": 0,
+            "soft_prompt": encode_soft_prompt(setup["z"][1])}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want
+    chunks = [json.loads(line[6:]) for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == want
+
+
 def test_the_module_keeps_the_wall_and_imports_vllm_lazily():
     """Importing the backend imports neither vLLM (only building it does) nor the client side."""
     code = ("import sys, json, lopa.serve.server, lopa.serve.backends.vllm; "
