@@ -148,20 +148,30 @@ class Batcher:
         except asyncio.TimeoutError:
             pass
 
-    async def _run(self) -> None:
+    async def _fill(self) -> None:
+        """Let the batch fill until it is full or its oldest row has waited ``max_wait``."""
         loop = asyncio.get_running_loop()
+        deadline = self._pending[0].enqueued + self.max_wait
+        while len(self._pending) < self.max_batch_size and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await self._wait(remaining)
+
+    def _count(self, kind: str, n: int) -> None:
+        """One backend call of ``n`` rows, in the stats and the metrics."""
+        self.stats["batches"] += 1
+        self.stats["rows"] += n
+        if self.on_batch is not None:
+            self.on_batch(kind, n)
+
+    async def _run(self) -> None:
         while True:
             while not self._pending:
                 if self._closing:
                     return
                 await self._wait(None)
-            # let the batch fill until it is full or its oldest row has waited max_wait
-            deadline = self._pending[0].enqueued + self.max_wait
-            while len(self._pending) < self.max_batch_size and not self._closing:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                await self._wait(remaining)
+            await self._fill()
             n = min(len(self._pending), self.max_batch_size)
             batch = [self._pending.popleft() for _ in range(n)]
             batch = [it for it in batch if not it.future.done()]  # the client went away
@@ -180,10 +190,7 @@ class Batcher:
             if not items:
                 continue
             fn = getattr(self.backend, kind)
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(items)
-            if self.on_batch is not None:
-                self.on_batch(kind, len(items))
+            self._count(kind, len(items))
             try:
                 results = await loop.run_in_executor(self._executor, fn, [it.row for it in items])
                 if len(results) != len(items):

@@ -22,7 +22,8 @@ import torch
 from ... import prefix
 from ...models import load_base
 from ..batcher import Batcher, torch_threads_init
-from ..protocol import ClassifyRow, Completion, GenerateRow, max_token_chars
+from ..protocol import SCHEDULING_CHOICES, ClassifyRow, Completion, GenerateRow, max_token_chars
+from ..scheduler import ContinuousBatcher
 from .decode_group import DecodeGroup
 from .precision import resolve_device, resolve_dtype
 
@@ -121,9 +122,15 @@ class TransformersBackend:
         return out  # type: ignore[return-value]
 
     def make_batcher(self, *, max_batch_size: int, max_wait_ms: float,
-                     on_batch: Callable[[str, int], None] | None = None) -> Batcher:
-        """A :class:`~lopa.serve.batcher.Batcher` whose worker thread computes on this thread's torch threads."""
-        return Batcher(self, max_batch_size, max_wait_ms, on_batch=on_batch, worker_init=torch_threads_init())
+                     on_batch: Callable[[str, int], None] | None = None,
+                     scheduling: str = "continuous") -> Batcher:
+        """``continuous``: a :class:`~lopa.serve.scheduler.ContinuousBatcher` (rows join and leave between
+        decode steps); ``static``: a :class:`~lopa.serve.batcher.Batcher` (each batch runs to its longest
+        row). Either's worker thread computes on this thread's torch threads."""
+        if scheduling not in SCHEDULING_CHOICES:
+            raise ValueError(f"scheduling must be one of {list(SCHEDULING_CHOICES)}, got {scheduling!r}")
+        cls = ContinuousBatcher if scheduling == "continuous" else Batcher
+        return cls(self, max_batch_size, max_wait_ms, on_batch=on_batch, worker_init=torch_threads_init())
 
     def close(self) -> None:
         """Nothing to stop: the model lives in this process and goes with it."""
