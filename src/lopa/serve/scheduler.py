@@ -3,7 +3,8 @@ steps, so a short request never waits for the longest one already decoding.
 
 Each round of the worker loop:
 
-1. *admit*: the rows waiting now (up to ``max_batch_size`` rows decoding in all) leave the queue
+1. *admit*: the rows waiting (up to ``max_batch_size`` rows decoding in all; once they fill the
+   free places or the oldest has waited ``max_wait_ms``, as a static batch closes) leave the queue
    together: classification rows run at once (one forward each group, between decode steps), and
    generation rows open as new decode groups (``backend.open_groups``). Rows that arrive together
    still share a group and so one batched forward per step, as with the static :class:`Batcher`.
@@ -66,8 +67,8 @@ def _settle(item: _Item, result: Any = None, error: BaseException | None = None)
 class ContinuousBatcher(Batcher):
     """A :class:`Batcher` (same ``submit``, ``close``, limits, stats and metrics) that schedules
     generation rows continuously; see the module's text. ``max_batch_size`` bounds the rows decoding
-    at once (and each admission); ``max_wait_ms`` is how long the first rows wait for company when
-    nothing is decoding (while groups decode, new rows start at the next round)."""
+    at once (and each admission); ``max_wait_ms`` is how long new rows may wait for company before
+    they start (see :meth:`_due`)."""
 
     def __init__(self, backend: Any, *args: Any, **kwargs: Any):
         super().__init__(backend, *args, **kwargs)
@@ -79,6 +80,11 @@ class ContinuousBatcher(Batcher):
         """Rows decoding now."""
         return sum(o.group.live for o in self._open)
 
+    @property
+    def held(self) -> int:
+        """Rows in open groups, ended ones included: each is still computed (fed EOS) at every step of its group."""
+        return sum(len(o.group.members) for o in self._open)
+
     async def _run(self) -> None:
         while True:
             if not self._pending and not self._open:
@@ -89,7 +95,8 @@ class ContinuousBatcher(Batcher):
             if not self._open:  # idle: let the first rows gather company, as the static batcher does
                 await self._fill()
             try:
-                await self._admit()
+                if self._due():
+                    await self._admit()
                 if self._open:
                     await self._advance()
             except Exception as e:  # never let the loop die: queued rows would wait for ever
@@ -99,13 +106,25 @@ class ContinuousBatcher(Batcher):
                         _settle(it, error=e)
                 self._open = []
 
+    def _due(self) -> bool:
+        """Whether the waiting rows start in this round. While groups decode, new rows wait as the static
+        batcher's batch does: until they fill the free places or the oldest has waited ``max_wait``. So
+        rows arriving a few steps apart share one group instead of each opening its own (a decode step
+        costs a group about as much for one row as for many)."""
+        if not self._pending:
+            return False
+        if not self._open:
+            return True
+        waited = asyncio.get_running_loop().time() - self._pending[0].enqueued
+        return waited >= self.max_wait or len(self._pending) >= self.max_batch_size - self.held
+
     def _take(self) -> tuple[list[_Item], list[_Item]]:
         """The waiting rows to start now, in arrival order: classification rows (one batch) and
         generation rows (as many as free decoding places); the others keep their place in the queue."""
         classify: list[_Item] = []
         generate: list[_Item] = []
         keep: deque[_Item] = deque()
-        free = self.max_batch_size - self.running
+        free = self.max_batch_size - self.held
         while self._pending and (len(classify) < self.max_batch_size or len(generate) < free):
             it = self._pending.popleft()
             if it.future.done():  # the client went away while it waited
