@@ -6,6 +6,10 @@ requests meanwhile, and those requests form the next batch (under load a batch n
 oldest row has already waited through the previous one). Throughput therefore depends on the number
 of rows, not on how many tasks they belong to: a soft prompt is data, not a per-task weight.
 
+This is ``--scheduling static``: a generation batch runs to its longest row before the next batch
+starts. :class:`lopa.serve.scheduler.ContinuousBatcher` (the default for the transformers backend)
+is this class with rows joining and leaving between decoding steps.
+
 Each row gets its own future. If a whole batch fails, its rows are retried one by one so that one
 bad row cannot fail the others. :meth:`Batcher.close` refuses new rows and finishes every row
 already queued before it returns.
