@@ -8,9 +8,6 @@ Ordering is asserted by events (which token came before which answer), never by 
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-import time
 
 import httpx
 import pytest
@@ -20,7 +17,7 @@ from lopa.serve.backends import ClassifyRow, GenerateRow, TransformersBackend
 from lopa.serve.batcher import Batcher
 from lopa.serve.scheduler import ContinuousBatcher
 from lopa.serve.wire import encode_soft_prompt
-from serverproc import free_port
+from serverproc import serve_in_thread
 
 MODEL = "tiny-random-llama"
 D = 64
@@ -204,23 +201,10 @@ def test_a_client_that_leaves_frees_its_row(backend):
 
 # -- through a real server -------------------------------------------------------------------------
 
-def _serve(app):
-    import uvicorn
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.02)
-    return srv, thread, f"http://127.0.0.1:{port}"
-
-
 def test_over_http_a_short_completion_is_answered_while_a_long_stream_goes_on(backend):
     from lopa.serve.server import ServeConfig, create_app
     app = create_app(backend, ServeConfig(model=MODEL, dtype="float32", max_wait_ms=1, max_new_tokens=256))
-    srv, thread, url = _serve(app)
+    srv, thread, url = serve_in_thread(app)
     z = encode_soft_prompt(soft(0))
     events: list[str] = []
 
