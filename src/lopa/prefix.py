@@ -240,7 +240,8 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
     stop string: greedy or sampled decoding with the KV cache. ``on_token(row, token_id)`` is called
     for each token as it is kept (a server streams with it); when it returns False that row stops
     there (its client went away), and the loop ends once no row is left.
-    :func:`generate_logprobs` is the same loop that also reports each token's log-probability.
+    :func:`generate_logprobs` is the same loop that also reports each token's log-probability, and
+    :class:`Decoder` the same loop a step at a time (the server interleaves groups with it).
 
     One prefill over ``[pad][soft][tokens]`` (the LM head at the last position only), then one token
     per row and step; a finished row is fed EOS until every row is done. This loop is all the
