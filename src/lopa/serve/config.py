@@ -60,11 +60,11 @@ class ServeConfig:
     backend: str = field(default="transformers", metadata={"choices": list(BACKENDS)})
     """what runs the model: transformers (in this process) or vllm (prompt_embeds into vLLM's continuous batching; pip install 'lopa[vllm]')"""
     scheduling: str = field(default="continuous", metadata={"choices": list(SCHEDULING_CHOICES)})
-    """continuous: generation requests join and leave between decode steps, so a short one never waits for a long one already decoding (rows that arrive together still share each forward pass; answers are the same as static); static: each batch runs to its longest row before the next starts (vllm: always continuous, inside its engine)"""
+    """continuous: generation requests join and leave between decode steps, so a short one never waits for a long one already decoding (requests that arrive together still share each forward pass; answers equal static's for the same arrivals); static: each batch runs to its longest row before the next starts (vllm: always continuous, inside its engine)"""
     max_batch_size: int = 32
-    """the most requests (of any tasks) run together in one batch (continuous scheduling: the most generation requests decoding at once)"""
+    """the most requests (of any tasks) run together in one batch (continuous: the most generation requests in open decode groups)"""
     max_wait_ms: float = 5.0
-    """how long a request may wait for others to fill its batch (continuous: only while nothing decodes, else it starts at the next decode step; vllm: unused, requests join its running batch)"""
+    """how long a request may wait for others to fill its batch (continuous: to start a decode group together; vllm: unused, requests join its running batch)"""
     max_soft_tokens: int = 64
     """the most virtual tokens (m) a soft prompt may have"""
     max_prompt_tokens: int = 2048
