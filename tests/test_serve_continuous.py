@@ -8,6 +8,7 @@ Ordering is asserted by events (which token came before which answer), never by 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -201,12 +202,28 @@ def test_a_client_that_leaves_frees_its_row(backend):
 
 # -- through a real server -------------------------------------------------------------------------
 
-def test_over_http_a_short_completion_is_answered_while_a_long_stream_goes_on(backend):
+def test_over_http_a_short_completion_is_answered_while_a_long_stream_goes_on(backend, monkeypatch):
+    """A real server: a 2-token completion sent after a 200-token stream's first chunk is answered
+    while the stream's group still decodes (the server's own log of decode steps says so), and the
+    stream then ends whole."""
     from lopa.serve.server import ServeConfig, create_app
+    steps: list[tuple[int, int]] = []  # (the group's token budget, rows that ended), in the worker's order
+    open_groups = backend.open_groups
+
+    def logged_groups(rows):
+        groups = open_groups(rows)
+        for g in groups:
+            def step(g=g, inner=g.step):
+                ended = inner()
+                steps.append((g.rows[0].max_new_tokens, len(ended)))
+                return ended
+            g.step = step
+        return groups
+
+    monkeypatch.setattr(backend, "open_groups", logged_groups)
     app = create_app(backend, ServeConfig(model=MODEL, dtype="float32", max_wait_ms=1, max_new_tokens=256))
     srv, thread, url = serve_in_thread(app)
     z = encode_soft_prompt(soft(0))
-    events: list[str] = []
 
     async def main():
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
@@ -216,18 +233,15 @@ def test_over_http_a_short_completion_is_answered_while_a_long_stream_goes_on(ba
                 while not (await lines.__anext__()).startswith("data: {"):
                     pass
                 short = await c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "soft_prompt": z})
-                events.append("short")
-                async for line in lines:
-                    if line.startswith("data: {"):
-                        events.append("chunk")
-                    elif line == "data: [DONE]":
-                        events.append("done")
-                return short
+                rest = [line async for line in lines if line.startswith("data: ")]
+                return short, rest
 
     try:
-        short = asyncio.run(main())
+        short, rest = asyncio.run(main())
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
     assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 2
-    assert events[0] == "short" and events[-1] == "done" and events.count("chunk") > 1
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    short_end = steps.index((2, 1))
+    assert steps[short_end + 1:].count((LONG, 0)) > 0 and steps[-1] == (LONG, 1)
