@@ -2,7 +2,7 @@
 
 ``start_server`` launches the command with its output in a log file; ``wait_healthy`` waits for
 ``/health``; ``stop_server`` sends SIGINT and checks for a clean exit, with the log's tail in every
-failure message.
+failure message. ``serve_in_thread`` runs an app built in the test's own process (uvicorn in a thread).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_in_thread(app, log_level: str = "warning") -> tuple[object, threading.Thread, str]:
+    """Serve ``app`` with uvicorn in a daemon thread on a free loopback port; (the uvicorn server, its
+    thread, its base url) once it accepts connections. Stop it with ``server.should_exit = True``."""
+    import uvicorn
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    return srv, thread, f"http://127.0.0.1:{port}"
 
 
 def start_server(args: list[str], log: Path, env: dict[str, str], verb: str = "serve") -> tuple[subprocess.Popen, str]:

@@ -72,6 +72,29 @@ def test_stop_strings_cut_the_text_and_stop_the_row(tiny_base):
     assert prefix.cut_at_stop("a;b.c", [".", ";"]) == "a" and prefix.cut_at_stop("abc", None) == "abc"
 
 
+def test_the_decoder_reports_each_row_the_step_it_ends(tiny_base):
+    """``Decoder`` is the loop a step at a time: each row reported once, the step it ends (a stop
+    string here, a dropped row at once and never again, the rest at the budget), with
+    ``generate_ids``'s tokens."""
+    base, tok = tiny_base
+    batch = _batch(base)
+    free = prefix.generate_ids(base, tok, batch, max_new_tokens=10)
+    text = tok.decode(free[1], skip_special_tokens=True)
+    stop = [text[len(text) // 2:len(text) // 2 + 2]]
+    want = prefix.generate_ids(base, tok, batch, max_new_tokens=10, stop=stop)
+    dec = prefix.Decoder(base, tok, batch, 10, stop=stop)
+    ended: dict[int, int] = {}
+    while not dec.finished:
+        for i in dec.step():
+            assert i not in ended
+            ended[i] = dec.steps
+        if dec.steps == 2:
+            dec.drop(3)
+    assert dec.rows[:3] == want[:3] and dec.rows[3] == want[3][:2]
+    assert [ended[i] for i in range(3)] == [len(w) for w in want[:3]] and ended[1] < 10 and 3 not in ended
+    assert dec.step() == []
+
+
 def test_sampling_is_repeatable_and_a_tiny_nucleus_is_greedy(tiny_base):
     base, tok = tiny_base
     batch = _batch(base)

@@ -26,7 +26,7 @@ from lopa.client import Client, ClientError, ServerError
 from lopa.serve.backends import ClassifyRow, GenerateRow, TransformersBackend
 from lopa.serve.batcher import Batcher, BatcherClosed, torch_threads_init
 from lopa.serve.wire import encode_soft_prompt
-from serverproc import free_port, start_server, stop_server, wait_healthy
+from serverproc import serve_in_thread, start_server, stop_server, wait_healthy
 
 KEY = "test-key-123"
 MODEL = "tiny-random-llama"
@@ -435,23 +435,15 @@ def test_batcher_worker_keeps_the_servers_torch_thread_count():
 
 
 def test_graceful_shutdown_answers_requests_in_flight():
-    import uvicorn
     from lopa.serve.server import ServeConfig, create_app
     be = TransformersBackend(MODEL, dtype="float32")
     app = create_app(be, ServeConfig(model=MODEL, dtype="float32", max_batch_size=4, max_wait_ms=1))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    srv, thread, url = serve_in_thread(app)
     n = 24
     body = {"text": "hello", "soft_prompt": encode_soft_prompt(torch.ones(2, D)), "max_new_tokens": 24}
 
     async def fire():
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             tasks = [asyncio.ensure_future(c.post("/v1/generate", json=body)) for _ in range(n)]
             batcher = app.state.batcher
             while batcher.stats["rows"] + batcher.queue_depth < n:  # every request has reached the server

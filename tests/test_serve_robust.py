@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from batch_invariance import deviation, make_rows
 from lopa.serve.backends import TransformersBackend
 from lopa.serve.wire import encode_soft_prompt
-from serverproc import free_port, start_server, stop_server, wait_healthy
+from serverproc import serve_in_thread, start_server, stop_server, wait_healthy
 
 KEY = "robust-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -186,23 +186,10 @@ class _Recording(TransformersBackend):
         return super().label_token_ids(words)
 
 
-def _serve_in_thread(app):
-    import uvicorn
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.02)
-    return srv, thread, f"http://127.0.0.1:{port}"
-
-
 def test_an_unhandled_error_is_a_500_that_closes_the_connection_cleanly():
     from lopa.serve.server import ServeConfig, create_app
     app = create_app(_Broken(MODEL, dtype="float32"), ServeConfig(model=MODEL, dtype="float32", max_wait_ms=1))
-    srv, thread, url = _serve_in_thread(app)
+    srv, thread, url = serve_in_thread(app, log_level="critical")
     try:
         with httpx.Client(base_url=url, timeout=30) as c:
             r = c.post("/v1/classify", json=_classify())

@@ -240,7 +240,8 @@ def generate_ids(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: 
     stop string: greedy or sampled decoding with the KV cache. ``on_token(row, token_id)`` is called
     for each token as it is kept (a server streams with it); when it returns False that row stops
     there (its client went away), and the loop ends once no row is left.
-    :func:`generate_logprobs` is the same loop that also reports each token's log-probability.
+    :func:`generate_logprobs` is the same loop that also reports each token's log-probability, and
+    :class:`Decoder` the same loop a step at a time (the server interleaves groups with it).
 
     One prefill over ``[pad][soft][tokens]`` (the LM head at the last position only), then one token
     per row and step; a finished row is fed EOS until every row is done. This loop is all the
@@ -285,53 +286,114 @@ def _decode(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int, 
             top_logprobs: int | None) -> tuple[list[list[int]], list[list[TokenLogprob]]]:
     """The decoding loop of :func:`generate_ids` and :func:`generate_logprobs`: the kept ids of every
     row and, when ``top_logprobs`` is not None, their log-probabilities (else empty lists)."""
-    if max_new_tokens < 1:
-        empty: list[list[Any]] = [[] for _ in range(batch.inputs_embeds.shape[0])]
-        return empty, [[] for _ in empty]
-    if do_sample and temperature <= 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    device = batch.inputs_embeds.device
-    generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
-    eos = _eos_ids(base, tokenizer)
-    eos_t = torch.tensor(sorted(eos) or [-1], device=device)
-    fill = min(eos) if eos else 0
-    bsz = batch.inputs_embeds.shape[0]
-    cache_arg = {cache_kwarg(base): _new_cache(base)}  # the KV cache, under the name this model takes
-    mask, pos = batch.attention_mask, batch.position_ids
-    out = base(**batch.model_inputs(), **cache_arg, use_cache=True,
-               logits_to_keep=_last_positions(batch, 1))
-    rows: list[list[int]] = [[] for _ in range(bsz)]
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(bsz)]
-    done = [False] * bsz
-    for step in range(max_new_tokens):
-        nxt = _next_tokens(out.logits[:, -1], do_sample, temperature, top_p, generator)
-        is_eos = torch.isin(nxt, eos_t).tolist()
-        steps = _step_logprobs(out.logits[:, -1], nxt, top_logprobs) if top_logprobs is not None else None
+    dec = Decoder(base, tokenizer, batch, max_new_tokens, do_sample, temperature, top_p, stop, seed, on_token,
+                  top_logprobs)
+    while not dec.finished:
+        dec.step()
+    return dec.rows, dec.logprobs
+
+
+class Decoder:
+    """One decoding group advanced one token per :meth:`step`: the loop of :func:`generate_ids`, cut
+    into steps so that a server can interleave groups (continuous batching) and hand back each row as
+    soon as it ends. Stepping a decoder to the end computes exactly what :func:`generate_ids` does
+    (it is that function's loop): the first step is the prefill, and a row that has ended stays in
+    the batch, fed EOS, so its neighbours' passes keep their shape and their numbers.
+
+    ``rows[i]`` / ``logprobs[i]`` hold row ``i``'s kept tokens so far; ``finished`` is true once no
+    row is left to decode (each ended, or the budget is spent), after which :meth:`step` does nothing.
+    """
+
+    def __init__(self, base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+                 seed: int | None = None, on_token: Callable[..., bool | None] | None = None,
+                 top_logprobs: int | None = None):
+        if do_sample and temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+        self.base, self.tokenizer, self.max_new_tokens = base, tokenizer, max_new_tokens
+        self.do_sample, self.temperature, self.top_p, self.stop = do_sample, temperature, top_p, stop
+        self.on_token, self.top_logprobs = on_token, top_logprobs
+        device = batch.inputs_embeds.device
+        self.generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
+        eos = _eos_ids(base, tokenizer)
+        self.eos_t = torch.tensor(sorted(eos) or [-1], device=device)
+        self.fill = min(eos) if eos else 0
+        bsz = batch.inputs_embeds.shape[0]
+        self.rows: list[list[int]] = [[] for _ in range(bsz)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(bsz)]
+        self.done = [False] * bsz
+        self.steps = 0
+        self.finished = False
+        self._reported = [False] * bsz
+        self._batch: PrefixBatch | None = batch  # until the prefill has read it
+        self._cache = {cache_kwarg(base): _new_cache(base)}  # the KV cache, under the name this model takes
+        self._mask, self._pos = batch.attention_mask, batch.position_ids
+
+    def drop(self, i: int) -> None:
+        """Stop decoding row ``i`` (its caller went away); from the next step it is fed EOS."""
+        self.done[i] = self._reported[i] = True
+        if all(self.done):
+            self._finish()
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """Make one token for every row still decoding; the rows that ended at this step (by EOS, a stop
+        string, their ``on_token`` returning False, or, at the last step, the budget), each reported once."""
+        if self.finished:
+            return []
+        if self.max_new_tokens >= 1:
+            logits = self._forward()
+            self._keep(logits)
+            self.steps += 1
+        if all(self.done) or self.steps >= self.max_new_tokens:
+            self._finish()
+        ended = [i for i, (d, r) in enumerate(zip(self.done, self._reported)) if not r and (d or self.finished)]
+        for i in ended:
+            self._reported[i] = True
+        return ended
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._batch, self._cache = None, {}  # the KV cache is a group's largest holding: free it now
+
+    def _forward(self) -> torch.Tensor:
+        """The next-token logits of every row (B × V): the prefill at the first step, then one token per row."""
+        if self._batch is not None:
+            batch, self._batch = self._batch, None
+            out = self.base(**batch.model_inputs(), **self._cache, use_cache=True,
+                            logits_to_keep=_last_positions(batch, 1))
+            return out.logits[:, -1]
+        bsz = len(self.rows)
+        feed = torch.tensor([self.fill if d else r[-1] for d, r in zip(self.done, self.rows)],
+                            device=self._mask.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(bsz, 1)], 1)
+        self._pos = self._pos[:, -1:] + 1
+        out = self.base(input_ids=feed[:, None], attention_mask=self._mask, position_ids=self._pos, **self._cache,
+                        use_cache=True)
+        return out.logits[:, -1]
+
+    def _keep(self, logits: torch.Tensor) -> None:
+        """Choose each row's next token and keep it, unless the row has ended (EOS, stop string, caller gone)."""
+        nxt = _next_tokens(logits, self.do_sample, self.temperature, self.top_p, self.generator)
+        is_eos = torch.isin(nxt, self.eos_t).tolist()
+        steps = _step_logprobs(logits, nxt, self.top_logprobs) if self.top_logprobs is not None else None
         for i, (t, e) in enumerate(zip(nxt.tolist(), is_eos)):
-            if done[i]:
+            if self.done[i]:
                 continue
             if e:
-                done[i] = True
+                self.done[i] = True
                 continue
-            rows[i].append(t)
+            self.rows[i].append(t)
             if steps is not None:
-                logprobs[i].append(TokenLogprob(t, *steps[i]))
-                stay = on_token is None or on_token(i, t, logprobs[i][-1]) is not False
+                self.logprobs[i].append(TokenLogprob(t, *steps[i]))
+                stay = self.on_token is None or self.on_token(i, t, self.logprobs[i][-1]) is not False
             else:
-                stay = on_token is None or on_token(i, t) is not False
+                stay = self.on_token is None or self.on_token(i, t) is not False
             if not stay:  # the caller wants no more of this row
-                done[i] = True
-                continue
-            if stop:
-                text = tokenizer.decode(rows[i], skip_special_tokens=True)
-                done[i] = any(s in text for s in stop)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        feed = torch.tensor([fill if d else r[-1] for d, r in zip(done, rows)], device=device)
-        mask = torch.cat([mask, mask.new_ones(bsz, 1)], 1)
-        pos = pos[:, -1:] + 1
-        out = base(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, **cache_arg, use_cache=True)
-    return rows, logprobs
+                self.done[i] = True
+            elif self.stop:
+                text = self.tokenizer.decode(self.rows[i], skip_special_tokens=True)
+                self.done[i] = any(s in text for s in self.stop)
 
 
 def generate(base: Any, tokenizer: Any, batch: PrefixBatch, max_new_tokens: int = 32, do_sample: bool = False,

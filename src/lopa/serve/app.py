@@ -72,7 +72,7 @@ def create_app(backend: Backend, cfg: ServeConfig | None = None) -> FastAPI:
     batcher: Submitter | None = None
     metrics = Metrics(queue_depth=lambda: batcher.queue_depth if batcher is not None else 0)
     batcher = backend.make_batcher(max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                                   on_batch=metrics.observe_batch)
+                                   on_batch=metrics.observe_batch, scheduling=cfg.scheduling)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

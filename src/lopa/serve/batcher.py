@@ -6,6 +6,10 @@ requests meanwhile, and those requests form the next batch (under load a batch n
 oldest row has already waited through the previous one). Throughput therefore depends on the number
 of rows, not on how many tasks they belong to: a soft prompt is data, not a per-task weight.
 
+This is ``--scheduling static``: a generation batch runs to its longest row before the next batch
+starts. :class:`lopa.serve.scheduler.ContinuousBatcher` (the default for the transformers backend)
+is this class with rows joining and leaving between decoding steps.
+
 Each row gets its own future. If a whole batch fails, its rows are retried one by one so that one
 bad row cannot fail the others. :meth:`Batcher.close` refuses new rows and finishes every row
 already queued before it returns.
@@ -148,20 +152,30 @@ class Batcher:
         except asyncio.TimeoutError:
             pass
 
-    async def _run(self) -> None:
+    async def _fill(self) -> None:
+        """Let the batch fill until it is full or its oldest row has waited ``max_wait``."""
         loop = asyncio.get_running_loop()
+        deadline = self._pending[0].enqueued + self.max_wait
+        while len(self._pending) < self.max_batch_size and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await self._wait(remaining)
+
+    def _count(self, kind: str, n: int) -> None:
+        """One backend call of ``n`` rows, in the stats and the metrics."""
+        self.stats["batches"] += 1
+        self.stats["rows"] += n
+        if self.on_batch is not None:
+            self.on_batch(kind, n)
+
+    async def _run(self) -> None:
         while True:
             while not self._pending:
                 if self._closing:
                     return
                 await self._wait(None)
-            # let the batch fill until it is full or its oldest row has waited max_wait
-            deadline = self._pending[0].enqueued + self.max_wait
-            while len(self._pending) < self.max_batch_size and not self._closing:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                await self._wait(remaining)
+            await self._fill()
             n = min(len(self._pending), self.max_batch_size)
             batch = [self._pending.popleft() for _ in range(n)]
             batch = [it for it in batch if not it.future.done()]  # the client went away
@@ -180,10 +194,7 @@ class Batcher:
             if not items:
                 continue
             fn = getattr(self.backend, kind)
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(items)
-            if self.on_batch is not None:
-                self.on_batch(kind, len(items))
+            self._count(kind, len(items))
             try:
                 results = await loop.run_in_executor(self._executor, fn, [it.row for it in items])
                 if len(results) != len(items):

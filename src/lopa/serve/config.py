@@ -10,6 +10,10 @@ ValueError: port must be an integer in [0, 65535], got 70000
 Traceback (most recent call last):
 ...
 ValueError: batch_invariant must be one of ['auto', 'on', 'off'], got 'yes'
+>>> ServeConfig(scheduling="eager")
+Traceback (most recent call last):
+...
+ValueError: scheduling must be one of ['continuous', 'static'], got 'eager'
 >>> ServeConfig(tensor_parallel_size=2)
 Traceback (most recent call last):
 ...
@@ -23,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from .backends import BACKENDS, BATCH_INVARIANT_CHOICES, DTYPE_CHOICES, check_backend_name
-from .protocol import BackendError
+from .protocol import SCHEDULING_CHOICES, BackendError
 
 MiB = 1024 * 1024
 # the fields of ServeConfig that only vLLM's engine reads (max_model_len is sent separately, with its default)
@@ -55,10 +59,12 @@ class ServeConfig:
     """on: a request's answer does not depend on what shares its batch (rows are padded by their own length and batched with rows padded alike); off: pad rows to their batch's longest (PEFT's batching); auto: on where the backend can promise it (transformers), the backend's own batching with vllm (README, Serving)"""
     backend: str = field(default="transformers", metadata={"choices": list(BACKENDS)})
     """what runs the model: transformers (in this process) or vllm (prompt_embeds into vLLM's continuous batching; pip install 'lopa[vllm]')"""
+    scheduling: str = field(default="continuous", metadata={"choices": list(SCHEDULING_CHOICES)})
+    """continuous: generation requests join and leave between decode steps, so a short one never waits for a long one already decoding (requests that arrive together still share each forward pass; answers equal static's for the same arrivals); static: each batch runs to its longest row before the next starts (vllm: always continuous, inside its engine)"""
     max_batch_size: int = 32
-    """the most requests (of any tasks) run together in one batch"""
+    """the most requests (of any tasks) run together in one batch (continuous: the most generation requests in open decode groups)"""
     max_wait_ms: float = 5.0
-    """how long a request may wait for others to fill its batch (vllm: unused, requests join its running batch)"""
+    """how long a request may wait for others to fill its batch (continuous: to start a decode group together; vllm: unused, requests join its running batch)"""
     max_soft_tokens: int = 64
     """the most virtual tokens (m) a soft prompt may have"""
     max_prompt_tokens: int = 2048
@@ -97,6 +103,11 @@ class ServeConfig:
         if self.batch_invariant not in BATCH_INVARIANT_CHOICES:
             raise ValueError(f"batch_invariant must be one of {list(BATCH_INVARIANT_CHOICES)}, "
                              f"got {self.batch_invariant!r}")
+        if self.scheduling not in SCHEDULING_CHOICES:
+            raise ValueError(f"scheduling must be one of {list(SCHEDULING_CHOICES)}, got {self.scheduling!r}")
+        if self.scheduling == "static" and self.backend == "vllm":
+            raise ValueError("--scheduling static is a setting of the transformers backend; "
+                             "vLLM's engine always schedules continuously")
         for name, lo, hi in (("port", 0, 65535), ("max_batch_size", 1, 4096), ("max_soft_tokens", 1, 1 << 16),
                              ("max_prompt_tokens", 1, 1 << 24), ("max_new_tokens", 1, 1 << 20),
                              ("max_body_bytes", 1024, 1 << 34)):

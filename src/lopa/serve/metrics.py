@@ -37,7 +37,8 @@ class Metrics:
                               registry=r)
         self.latency = Histogram("lopa_request_duration_seconds", "Time from request to answer, by endpoint.",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch = Histogram("lopa_batch_size", "Rows per backend call, by kind (classify or generate).",
+        self.batch = Histogram("lopa_batch_size", "Rows per backend call, by kind (classify or generate; "
+                               "continuous scheduling: generation rows started together).",
                                ["kind"], buckets=BATCH_BUCKETS, registry=r)
         self.queue = Gauge("lopa_queue_depth", "Requests waiting for a batch.", registry=r)
         self.queue.set_function(lambda: float(queue_depth()))

@@ -25,6 +25,9 @@ import torch
 from ..prefix import TokenLogprob
 
 KINDS = ("classify", "generate")
+SCHEDULING_CHOICES = ("continuous", "static")
+"""how a backend's batcher schedules generation rows: ``continuous``, rows join and leave between
+decode steps; ``static``, a batch runs to its longest row before the next one starts"""
 
 # Below this, sampling divides logits by so little that they overflow to infinity (1e-40 does), and
 # the distribution is a point mass anyway: such a temperature means greedy. vLLM uses the same cut.
@@ -137,8 +140,10 @@ class Backend(Protocol):
     def generate(self, rows: Sequence[GenerateRow]) -> list[Completion]: ...
 
     def make_batcher(self, *, max_batch_size: int, max_wait_ms: float,
-                     on_batch: Callable[[str, int], None] | None = None) -> Submitter:
-        """What collects the server's rows for this backend."""
+                     on_batch: Callable[[str, int], None] | None = None,
+                     scheduling: str = "continuous") -> Submitter:
+        """What collects the server's rows for this backend; ``scheduling`` is one of
+        :data:`SCHEDULING_CHOICES` (a backend whose engine schedules itself may ignore it)."""
         ...
 
     def close(self) -> None:

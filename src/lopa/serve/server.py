@@ -1,10 +1,12 @@
 """``lopa serve``: load the model, then answer HTTP (the app is :func:`lopa.serve.app.create_app`).
 
 Every request carries its own soft prompt (:mod:`lopa.serve.wire`); requests of all tasks meet in
-one batcher (:mod:`lopa.serve.batcher`). Nothing here knows a generator or an artifact. The rooms:
+one batcher (:mod:`lopa.serve.scheduler`, or :mod:`lopa.serve.batcher` with ``--scheduling static``).
+Nothing here knows a generator or an artifact. The rooms:
 ``config`` (:class:`ServeConfig`, the command line), ``app`` (routes), ``checks`` (request checks),
 ``schemas`` (request bodies), ``middleware`` (key, body limits), ``metrics``, ``errors``,
-``protocol`` (rows and the backend interface), ``batcher``, ``wire`` and ``backends/``.
+``protocol`` (rows and the backend interface), ``batcher`` (static batches), ``scheduler``
+(continuous batching), ``wire`` and ``backends/``.
 
 From the command line: ``lopa serve --model smollm2-135m --port 8000``.
 

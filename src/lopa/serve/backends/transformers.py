@@ -22,7 +22,9 @@ import torch
 from ... import prefix
 from ...models import load_base
 from ..batcher import Batcher, torch_threads_init
-from ..protocol import ClassifyRow, Completion, GenerateRow, max_token_chars
+from ..protocol import SCHEDULING_CHOICES, ClassifyRow, Completion, GenerateRow, max_token_chars
+from ..scheduler import ContinuousBatcher
+from .decode_group import DecodeGroup
 from .precision import resolve_device, resolve_dtype
 
 BATCH_INVARIANT_CHOICES = ("auto", "on", "off")
@@ -101,62 +103,35 @@ class TransformersBackend:
                 out[i] = lp
         return out  # type: ignore[return-value]
 
-    def generate(self, rows: Sequence[GenerateRow]) -> list[Completion]:
-        """Completions for every row: one KV-cached decoding loop (:func:`lopa.prefix.generate_ids`) per
-        group of equal settings (and, batch-invariant, equal length); ``completion_tokens`` counts the
-        tokens generated."""
-        out: list[Completion | None] = [None] * len(rows)
+    def open_groups(self, rows: Sequence[GenerateRow]) -> list[DecodeGroup]:
+        """The decode groups of ``rows``: one per group of equal settings (:meth:`GenerateRow.group_key`)
+        and, batch-invariant, equal padded length; each knows its rows by their positions in ``rows``."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault((*r.group_key(), self._length(r.token_ids, r.soft_prompt)), []).append(i)
-        for key, idx in groups.items():
-            first = rows[idx[0]]
-            batch = prefix.assemble(self.base, [rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx],
-                                    pad_to_multiple=key[-1])
-            sample = first.temperature > 0
-            stop = list(first.stop) or None
-            kw = dict(max_new_tokens=first.max_new_tokens, do_sample=sample,
-                      temperature=first.temperature if sample else 1.0, top_p=first.top_p if sample else 1.0,
-                      stop=stop, seed=first.seed if sample else None, on_token=_stream_to(rows, idx))
-            # log-probabilities cost a log_softmax per step: only for groups where a row asks for them,
-            # at the largest k asked, each row then keeping its own k
-            ks = [rows[i].logprobs for i in idx if rows[i].logprobs is not None]
-            if ks:
-                steps = prefix.generate_logprobs(self.base, self.tokenizer, batch, top_logprobs=max(ks), **kw)
-                ids = [[s.token for s in r] for r in steps]
-            else:
-                ids = prefix.generate_ids(self.base, self.tokenizer, batch, **kw)
-            for j, (i, toks) in enumerate(zip(idx, ids)):
-                decoded = self.tokenizer.decode(toks, skip_special_tokens=True)
-                text = prefix.cut_at_stop(decoded, stop)
-                # the whole budget spent and no stop string in it: cut by length; else EOS or a stop string
-                reason = "length" if len(toks) >= first.max_new_tokens and text == decoded else "stop"
-                k = rows[i].logprobs
-                out[i] = Completion(text, reason, len(toks),
-                                    None if k is None else [s.keep_top(k) for s in steps[j]])
+        return [DecodeGroup(self.base, self.tokenizer, rows, idx, key[-1]) for key, idx in groups.items()]
+
+    def generate(self, rows: Sequence[GenerateRow]) -> list[Completion]:
+        """Completions for every row: each decode group (:meth:`open_groups`) is a KV-cached decoding
+        loop (:class:`lopa.prefix.Decoder`) run to its end; ``completion_tokens`` counts the tokens generated."""
+        out: list[Completion | None] = [None] * len(rows)
+        for group in self.open_groups(rows):
+            while not group.finished:
+                for i, completion in group.step():
+                    out[i] = completion
         return out  # type: ignore[return-value]
 
     def make_batcher(self, *, max_batch_size: int, max_wait_ms: float,
-                     on_batch: Callable[[str, int], None] | None = None) -> Batcher:
-        """A :class:`~lopa.serve.batcher.Batcher` whose worker thread computes on this thread's torch threads."""
-        return Batcher(self, max_batch_size, max_wait_ms, on_batch=on_batch, worker_init=torch_threads_init())
+                     on_batch: Callable[[str, int], None] | None = None,
+                     scheduling: str = "continuous") -> Batcher:
+        """``continuous``: a :class:`~lopa.serve.scheduler.ContinuousBatcher` (rows join and leave between
+        decode steps); ``static``: a :class:`~lopa.serve.batcher.Batcher` (each batch runs to its longest
+        row). Either's worker thread computes on this thread's torch threads."""
+        if scheduling not in SCHEDULING_CHOICES:
+            raise ValueError(f"scheduling must be one of {list(SCHEDULING_CHOICES)}, got {scheduling!r}")
+        cls = ContinuousBatcher if scheduling == "continuous" else Batcher
+        return cls(self, max_batch_size, max_wait_ms, on_batch=on_batch, worker_init=torch_threads_init())
 
     def close(self) -> None:
         """Nothing to stop: the model lives in this process and goes with it."""
 
-
-def _stream_to(rows: Sequence[GenerateRow], idx: list[int]) -> Callable[..., bool | None] | None:
-    """The per-token callback of one decoding group: row j of the group reports to its row's ``on_token``
-    (with the token's log-probability, trimmed to the row's k, when the row asked for them)."""
-    callbacks = [rows[i].on_token for i in idx]
-    ks = [rows[i].logprobs for i in idx]
-    if not any(callbacks):
-        return None
-
-    def call(j: int, token: int, logprob: prefix.TokenLogprob | None = None) -> bool | None:
-        if callbacks[j] is None:
-            return None
-        k = ks[j]
-        return callbacks[j](token) if k is None or logprob is None else callbacks[j](token, logprob.keep_top(k))
-
-    return call

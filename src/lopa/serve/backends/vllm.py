@@ -319,9 +319,10 @@ class VLLMBackend:
 
     def make_batcher(self, *, max_batch_size: int, max_wait_ms: float,
                      on_batch: Callable[[str, int], None] | None = None,
-                     max_queue: int = 4096) -> "DirectSubmitter":
-        """What the server uses instead of :class:`~lopa.serve.batcher.Batcher`: vLLM batches itself
-        (``max_batch_size`` already sized its engine; ``max_wait_ms`` and ``on_batch`` do not apply)."""
+                     scheduling: str = "continuous", max_queue: int = 4096) -> "DirectSubmitter":
+        """What the server uses instead of :class:`~lopa.serve.batcher.Batcher`: vLLM batches itself,
+        continuously (``max_batch_size`` already sized its engine; ``max_wait_ms``, ``on_batch`` and
+        ``scheduling`` do not apply; the server's settings refuse ``--scheduling static`` with vllm)."""
         return DirectSubmitter(self, max_queue)
 
     # -- on the engine's loop ----------------------------------------------------------------------
