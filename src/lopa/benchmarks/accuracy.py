@@ -142,10 +142,11 @@ def lr_jobs(cfg: argparse.Namespace) -> list[Job]:
 def main_jobs(cfg: argparse.Namespace, lrs: dict[str, float]) -> list[Job]:
     jobs = []
     for i, task in enumerate(cfg.task_list):
-        for name in cfg.row_list:
-            row = ROW_BY_NAME[name]
-            seeds = range(cfg.seeds) if i == 0 and name in MULTI_SEED else range(1)
-            jobs += [Job(task, name, s, lrs[row.lr_family], True) for s in seeds]
+        # seed-major: every row's first seed, then every multi-seed row's second, ..., so a benchmark run
+        # in parts has the rows' comparisons on equal footing whenever it stops
+        for s in range(cfg.seeds if i == 0 else 1):
+            jobs += [Job(task, name, s, lrs[ROW_BY_NAME[name].lr_family], True) for name in cfg.row_list
+                     if s == 0 or name in MULTI_SEED]
     return jobs
 
 
