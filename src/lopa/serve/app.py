@@ -70,7 +70,8 @@ def create_app(backend: Backend, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig(model=backend.model_name)
     checks = Checks(backend, cfg)
     batcher: Submitter | None = None
-    metrics = Metrics(queue_depth=lambda: batcher.queue_depth if batcher is not None else 0)
+    metrics = Metrics(queue_depth=lambda: batcher.queue_depth if batcher is not None else 0,
+                      prefix_cache=getattr(backend, "prefix_cache_stats", None))
     batcher = backend.make_batcher(max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                                    on_batch=metrics.observe_batch, scheduling=cfg.scheduling)
 
