@@ -160,6 +160,7 @@ def test_server_counts_hits_on_a_repeated_task_stream():
             answers = [c.post("/v1/classify", json={"text": t, "soft_prompt": encode_soft_prompt(z),
                                                       "label_words": [" no", " yes"]}).json() for t in texts]
             metrics = c.get("/metrics").text
+            assert c.get("/health").json()["prefix_caching"] is True
     finally:
         srv.should_exit = True
         thread.join(timeout=10)

@@ -157,7 +157,8 @@ def _info_routes(app: FastAPI, backend: Backend, cfg: ServeConfig, batcher: Subm
         return {"status": "ok", "model": backend.model_name, "hidden_size": backend.hidden_size,
                 "max_soft_tokens": cfg.max_soft_tokens, "max_prompt_tokens": cfg.max_prompt_tokens,
                 "max_new_tokens": cfg.max_new_tokens, "dtype": dtype_name, "backend": cfg.backend,
-                "batch_invariant": backend.batch_invariant}
+                "batch_invariant": backend.batch_invariant,
+                "prefix_caching": bool(getattr(backend, "prefix_caching", False))}
 
     @app.get("/metrics")
     async def metrics_text() -> Response:

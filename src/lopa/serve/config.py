@@ -93,7 +93,7 @@ class ServeConfig:
     quantization: str | None = None
     """vllm: weight quantisation method passed to vLLM (awq, gptq, fp8, bitsandbytes, ...; default: what the checkpoint says)"""
     enable_prefix_caching: bool | None = None
-    """vllm: reuse the KV cache of repeated prompt prefixes (vLLM's own caching; default: vLLM's choice)"""
+    """vllm: reuse the KV cache of repeated prompt prefixes, a repeated soft prompt's full blocks included (vLLM's own caching, keyed on a hash of the embeddings); default: on where the installed vLLM hashes prompt embeddings (0.32 does), else off"""
     kv_cache_memory: float | None = None
     """vllm: KV cache size per GPU in GiB (vLLM's kv_cache_memory_bytes; when set, gpu-memory-utilization no longer sizes the cache)"""
     log_level: str = field(default="info", metadata={"choices": ["critical", "error", "warning", "info", "debug"]})

@@ -126,6 +126,11 @@ class TransformersBackend:
         kvs = [cache.get(s.to(dtype), lambda z: softkv.soft_prompt_kv(self.base, z)) for s in softs]
         return softkv.assemble_after(self.base, kvs, token_ids, past_len=layout[1], tok_len=layout[2])
 
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether repeated soft prompts' keys and values are reused (``/health`` says it)."""
+        return self.prefix_cache is not None
+
     def prefix_cache_stats(self) -> dict[str, int] | None:
         """The prefix cache's counters (None when it is off): for the server's metrics."""
         return None if self.prefix_cache is None else self.prefix_cache.stats()
