@@ -140,6 +140,9 @@ def test_models_with_sliding_windows_are_refused():
     base = SimpleNamespace(config=SimpleNamespace(layer_types=["sliding_attention", "full_attention"]))
     assert "sliding" in softkv.unsupported(base)
     assert softkv.unsupported(SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention"]))) is None
+    assert "sliding" in softkv.unsupported(SimpleNamespace(config=SimpleNamespace(sliding_window=4096)))
+    qwen2 = SimpleNamespace(sliding_window=4096, use_sliding_window=False)  # named but off
+    assert softkv.unsupported(SimpleNamespace(config=qwen2)) is None
 
 
 def test_config_checks_the_option():

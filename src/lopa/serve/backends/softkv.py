@@ -27,10 +27,16 @@ KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 def unsupported(base: Any) -> str | None:
-    """Why a soft prompt's keys and values cannot be reused on ``base`` (None: they can)."""
+    """Why a soft prompt's keys and values cannot be reused on ``base`` (None: they can). The per-layer
+    ``layer_types`` decide where the config has them; else a ``sliding_window`` that is in use
+    (Qwen2 names one but turns it off with ``use_sliding_window=False``)."""
     cfg = base.config
-    kinds = set(getattr(cfg, "layer_types", None) or ())
-    if getattr(cfg, "sliding_window", None) or kinds - {"full_attention"}:
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is not None:
+        sliding = bool(set(kinds) - {"full_attention"})
+    else:
+        sliding = bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+    if sliding:
         return (f"{type(base).__name__} has sliding-window (or other non-full) attention layers, whose cache "
                 "drops positions; the prefix cache needs full attention in every layer")
     return None
