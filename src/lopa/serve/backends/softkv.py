@@ -67,17 +67,21 @@ def soft_prompt_kv(base: Any, soft: torch.Tensor) -> KV:
 
 
 def _past(base: Any, kvs: Sequence[KV], past_len: int) -> Any:
-    """A KV cache of ``past_len`` positions per row: zeros, then row i's Z at the end (left padding)."""
+    """A KV cache of ``past_len`` positions per row: zeros, then row i's Z at the end (left padding).
+    Each distinct soft prompt is padded once per layer and rows repeating it share that copy (one stack
+    per layer, not a copy per row: a repeated-task batch holds one soft prompt many times)."""
     cache = prefix.new_cache(base)
     for layer in range(len(kvs[0])):
-        k0, v0 = kvs[0][layer]
-        keys = k0.new_zeros(len(kvs), k0.shape[0], past_len, k0.shape[2])
-        values = v0.new_zeros(len(kvs), v0.shape[0], past_len, v0.shape[2])
-        for i, kv in enumerate(kvs):
-            k, v = kv[layer]
-            keys[i, :, past_len - k.shape[1]:] = k
-            values[i, :, past_len - v.shape[1]:] = v
-        cache.update(keys, values, layer)
+        padded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for kv in kvs:
+            if id(kv) not in padded:
+                k, v = kv[layer]
+                pk = k.new_zeros(k.shape[0], past_len, k.shape[2])
+                pv = v.new_zeros(v.shape[0], past_len, v.shape[2])
+                pk[:, past_len - k.shape[1]:], pv[:, past_len - v.shape[1]:] = k, v
+                padded[id(kv)] = (pk, pv)
+        rows = [padded[id(kv)] for kv in kvs]
+        cache.update(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), layer)
     return cache
 
 
