@@ -121,6 +121,15 @@ def test_gateway_is_optional_and_budget_checked(tmp_path, capsys):
     assert e.value.code == 2 and "--lora-budget-mib must be > 0" in capsys.readouterr().err
 
 
+def test_prefix_cache_row_is_optional_and_checked(tmp_path, capsys):
+    from lopa.benchmarks.serving import parse_args
+    assert parse_args(["--quick", "--out", str(tmp_path)]).prefix_cache_mib == 64
+    assert parse_args(["--quick", "--prefix-cache-mib", "0", "--out", str(tmp_path)]).prefix_cache_mib == 0  # skipped
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--quick", "--prefix-cache-mib", "-1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--prefix-cache-mib must be >= 0" in capsys.readouterr().err.replace("\n", " ")
+
+
 def test_bad_option_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", "serving", "--quick", "--tasks", "0,4", "--out", str(tmp_path)])
