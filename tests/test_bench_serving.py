@@ -84,6 +84,13 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     assert gen["threads"] == 2 and "--threads 2" in result["generation_server"]["command"]
     assert "--threads 1" in result["server"]["command"] and "--device cpu" in result["server"]["command"]
 
+    pc = result["prefix_cache"]  # a repeated-task stream against a server with the cache and one without
+    assert set(pc["contenders"]) == {"cached", "plain"} and pc["requests"] == n
+    assert all(x["requests_per_s"] > 0 for x in pc["contenders"].values()) and pc["ratio_cached_over_plain"] > 0
+    assert "--prefix-cache-mib 64" in pc["commands"]["cached"] and "--prefix-cache-mib" not in pc["commands"]["plain"]
+    assert pc["cache"]["misses_total"] == 1 and pc["cache"]["hits_total"] > n  # one task's soft prompt, computed once
+    assert pc["max_logprob_difference"] < 1e-4  # fp32 tiny model: rounding only
+
     gw = result["gateway"]
     assert gw["command"].startswith("lopa gateway --task task0=")
     assert gw["upstream"] == result["generation_server"]["command"]  # the server running when the section starts
@@ -101,6 +108,7 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     assert (doc.parent / "serving_throughput.png").stat().st_size > 1000
     assert "Operators dispatched per batch" in text
     assert "does not fit" in text and "Gateway:" in text and "first streamed token" in text
+    assert "Prefix cache: a repeated-task stream" in text
     assert "wrote" in capsys.readouterr().out
 
 
@@ -111,6 +119,15 @@ def test_gateway_is_optional_and_budget_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--quick", "--lora-budget-mib", "0", "--out", str(tmp_path)])
     assert e.value.code == 2 and "--lora-budget-mib must be > 0" in capsys.readouterr().err
+
+
+def test_prefix_cache_row_is_optional_and_checked(tmp_path, capsys):
+    from lopa.benchmarks.serving import parse_args
+    assert parse_args(["--quick", "--out", str(tmp_path)]).prefix_cache_mib == 64
+    assert parse_args(["--quick", "--prefix-cache-mib", "0", "--out", str(tmp_path)]).prefix_cache_mib == 0  # skipped
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--quick", "--prefix-cache-mib", "-1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--prefix-cache-mib must be >= 0" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_bad_option_is_a_usage_error(tmp_path):

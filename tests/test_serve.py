@@ -105,6 +105,7 @@ def test_health(http):
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["model"] == MODEL and h["hidden_size"] == D
     assert h["max_soft_tokens"] == MAX_SOFT and h["dtype"] == "float32" and h["backend"] == "transformers"
+    assert h["prefix_caching"] is False  # off by default (--prefix-cache-mib 0)
     assert httpx.get(http.base_url.join("/health")).status_code == 200  # no key needed
 
 

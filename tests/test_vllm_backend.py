@@ -93,6 +93,22 @@ async def _post_all(url: str, requests: list[tuple[str, dict]]) -> list[httpx.Re
 def test_health(http):
     h = http.get("/health").json()
     assert h["backend"] == "vllm" and h["model"] == MODEL and h["hidden_size"] == D and h["dtype"] == "float32"
+    assert h["prefix_caching"] is True  # vLLM 0.32 hashes prompt embeddings: on by default
+
+
+@needs_vllm
+@pytest.mark.real_model
+def test_a_repeated_soft_prompt_with_prefix_caching_matches_the_transformers_backend(http, setup):
+    """One task's 16-token soft prompt on every request, twice over (the second round can reuse the
+    blocks the first cached): every answer matches the transformers backend."""
+    ref = setup["ref"]
+    z = torch.cat([setup["z"][-1], setup["z"][-2]])[:16]
+    ids = ref.label_token_ids(LABELS)
+    want = [ref.classify([ClassifyRow(i, z, ids)])[0] for i in setup["ids"][:6]]
+    for _ in range(2):
+        got = [http.post("/v1/classify", json={"text": t, "soft_prompt": encode_soft_prompt(z),
+                                               "label_words": LABELS}).json()["logprobs"] for t in TEXTS[:6]]
+        assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-4
 
 
 @needs_vllm

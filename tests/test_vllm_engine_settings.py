@@ -118,3 +118,19 @@ def test_extra_engine_args_cannot_turn_off_prompt_embeds():
 def test_transformers_backend_refuses_engine_settings():
     with pytest.raises(BackendError, match="settings of vLLM's engine; use --backend vllm"):
         make_backend("transformers", "tiny-random-llama", engine_settings={"tensor_parallel_size": 2})
+
+
+def test_prefix_caching_is_on_where_vllm_hashes_prompt_embeddings():
+    from lopa.serve.backends.vllm import prefix_caching_setting
+    assert prefix_caching_setting({}, sound=True) == {"enable_prefix_caching": True}
+    assert prefix_caching_setting({"enable_prefix_caching": None}, sound=False) == {"enable_prefix_caching": False}
+    assert prefix_caching_setting({"enable_prefix_caching": False}, sound=True) == {"enable_prefix_caching": False}
+    with pytest.raises(BackendError, match="does not hash prompt embeddings"):
+        prefix_caching_setting({"enable_prefix_caching": True}, sound=False)
+
+
+def test_the_transformers_prefix_cache_is_refused_with_vllm():
+    with pytest.raises(ValueError, match="vLLM caches prefixes in its own KV cache"):
+        ServeConfig(backend="vllm", prefix_cache_mib=16)
+    with pytest.raises(BackendError):  # before vLLM starts (where vLLM is missing, for that)
+        make_backend("vllm", "smollm2-135m", prefix_cache_bytes=1 << 20)

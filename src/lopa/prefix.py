@@ -32,6 +32,9 @@ class PrefixBatch:
     inputs_embeds: torch.Tensor   # B × L × d
     attention_mask: torch.Tensor  # B × L (long)
     position_ids: torch.Tensor    # B × L
+    past: Any = None
+    """a KV cache already holding the first positions (the soft prompts, :mod:`lopa.serve.backends.softkv`):
+    the inputs above then cover only the positions after it, and ``attention_mask`` covers both"""
 
     def __repr__(self) -> str:  # keeps doctest output short
         return f"PrefixBatch{tuple(self.inputs_embeds.shape)}"
@@ -97,7 +100,11 @@ def _last_positions(batch: PrefixBatch, k: int) -> torch.Tensor:
 
 def last_logits(base: Any, batch: PrefixBatch) -> torch.Tensor:
     """Logits at the last position only (B × V): the LM head is never applied anywhere else."""
-    out = base(**batch.model_inputs(), logits_to_keep=_last_positions(batch, 1), use_cache=False)
+    if batch.past is not None:  # the soft prompts' keys and values come from the cache
+        out = base(**batch.model_inputs(), **{cache_kwarg(base): batch.past}, use_cache=True,
+                   logits_to_keep=_last_positions(batch, 1))
+    else:
+        out = base(**batch.model_inputs(), logits_to_keep=_last_positions(batch, 1), use_cache=False)
     return out.logits[:, -1]
 
 
@@ -170,7 +177,8 @@ def _eos_ids(base: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _new_cache(base: Any) -> Any:
+def new_cache(base: Any) -> Any:
+    """An empty KV cache for ``base``."""
     from transformers import DynamicCache
     try:  # with the config, models with sliding-window layers get the right cache per layer
         return DynamicCache(config=base.config)
@@ -326,7 +334,8 @@ class Decoder:
         self.finished = False
         self._reported = [False] * bsz
         self._batch: PrefixBatch | None = batch  # until the prefill has read it
-        self._cache = {cache_kwarg(base): _new_cache(base)}  # the KV cache, under the name this model takes
+        # the KV cache, under the name this model takes; it starts from the batch's own when it has one
+        self._cache = {cache_kwarg(base): batch.past if batch.past is not None else new_cache(base)}
         self._mask, self._pos = batch.attention_mask, batch.position_ids
 
     def drop(self, i: int) -> None:

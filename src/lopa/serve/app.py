@@ -70,7 +70,8 @@ def create_app(backend: Backend, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig(model=backend.model_name)
     checks = Checks(backend, cfg)
     batcher: Submitter | None = None
-    metrics = Metrics(queue_depth=lambda: batcher.queue_depth if batcher is not None else 0)
+    metrics = Metrics(queue_depth=lambda: batcher.queue_depth if batcher is not None else 0,
+                      prefix_cache=getattr(backend, "prefix_cache_stats", None))
     batcher = backend.make_batcher(max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                                    on_batch=metrics.observe_batch, scheduling=cfg.scheduling)
 
@@ -156,7 +157,8 @@ def _info_routes(app: FastAPI, backend: Backend, cfg: ServeConfig, batcher: Subm
         return {"status": "ok", "model": backend.model_name, "hidden_size": backend.hidden_size,
                 "max_soft_tokens": cfg.max_soft_tokens, "max_prompt_tokens": cfg.max_prompt_tokens,
                 "max_new_tokens": cfg.max_new_tokens, "dtype": dtype_name, "backend": cfg.backend,
-                "batch_invariant": backend.batch_invariant}
+                "batch_invariant": backend.batch_invariant,
+                "prefix_caching": bool(getattr(backend, "prefix_caching", False))}
 
     @app.get("/metrics")
     async def metrics_text() -> Response:

@@ -14,6 +14,10 @@ ValueError: batch_invariant must be one of ['auto', 'on', 'off'], got 'yes'
 Traceback (most recent call last):
 ...
 ValueError: scheduling must be one of ['continuous', 'static'], got 'eager'
+>>> ServeConfig(prefix_cache_mib=-1)
+Traceback (most recent call last):
+...
+ValueError: prefix_cache_mib must be an integer in [0, 1048576], got -1
 >>> ServeConfig(tensor_parallel_size=2)
 Traceback (most recent call last):
 ...
@@ -75,6 +79,8 @@ class ServeConfig:
     """requests with larger bodies are refused (413) before parsing"""
     body_timeout_s: float = 30.0
     """the longest wait for the next piece of a request body; a client that stops sending gets 408 and the connection is closed"""
+    prefix_cache_mib: int = 0
+    """transformers: keep the keys and values of repeated soft prompts (one task's Z sent with every request) in this many MiB, least recently used evicted; 0 = off. An answer is the same bits whether its soft prompt was cached or not, but its soft prompt then runs as a pass of its own, which rounds differently from the joint pass used when off (README, Serving); vllm: see --enable-prefix-caching"""
     threads: int | None = None
     """PyTorch CPU threads for the model (default: PyTorch's choice, one per core); 1 suits tiny models on busy machines"""
     # vLLM's engine settings (--backend vllm only): unset leaves vLLM's own default
@@ -87,7 +93,7 @@ class ServeConfig:
     quantization: str | None = None
     """vllm: weight quantisation method passed to vLLM (awq, gptq, fp8, bitsandbytes, ...; default: what the checkpoint says)"""
     enable_prefix_caching: bool | None = None
-    """vllm: reuse the KV cache of repeated prompt prefixes (vLLM's own caching; default: vLLM's choice)"""
+    """vllm: reuse the KV cache of repeated prompt prefixes, a repeated soft prompt's full blocks included (vLLM's own caching, keyed on a hash of the embeddings); default: on where the installed vLLM hashes prompt embeddings (0.32 does), else off"""
     kv_cache_memory: float | None = None
     """vllm: KV cache size per GPU in GiB (vLLM's kv_cache_memory_bytes; when set, gpu-memory-utilization no longer sizes the cache)"""
     log_level: str = field(default="info", metadata={"choices": ["critical", "error", "warning", "info", "debug"]})
@@ -123,11 +129,20 @@ class ServeConfig:
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not math.isfinite(self.max_wait_ms) or not 0 <= self.max_wait_ms <= 10_000:
             raise ValueError(f"max_wait_ms must be a number in [0, 10000], got {self.max_wait_ms!r}")
+        self._check_prefix_cache()
         self._check_engine_settings()
         try:  # last: the engine settings' own errors show even where the backend is not installed
             check_backend_name(self.backend)
         except BackendError as e:
             raise ValueError(str(e)) from None
+
+    def _check_prefix_cache(self) -> None:
+        n = self.prefix_cache_mib
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1 << 20:
+            raise ValueError(f"prefix_cache_mib must be an integer in [0, {1 << 20}], got {n!r}")
+        if n and self.backend == "vllm":
+            raise ValueError("--prefix-cache-mib is the transformers backend's cache; vLLM caches prefixes in its "
+                             "own KV cache (--enable-prefix-caching, on by default)")
 
     def _check_engine_settings(self) -> None:
         given = [n for n in VLLM_ENGINE_SETTINGS if getattr(self, n) is not None]

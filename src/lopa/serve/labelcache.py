@@ -32,6 +32,7 @@ class ByteLRU(Generic[K, V]):
         self.max_bytes, self._size = max_bytes, size
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self.total = 0
+        self.evictions = 0  # entries dropped to make room (a metric of the prefix cache)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,3 +59,4 @@ class ByteLRU(Generic[K, V]):
         while self.total > self.max_bytes:
             _, (_, m) = self._entries.popitem(last=False)
             self.total -= m
+            self.evictions += 1

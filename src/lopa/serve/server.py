@@ -23,7 +23,7 @@ import torch
 
 from .app import create_app
 from .backends import make_backend
-from .config import ServeConfig
+from .config import MiB, ServeConfig
 from .protocol import BackendError
 
 __all__ = ["ServeConfig", "create_app", "serve"]
@@ -42,7 +42,8 @@ def serve(cfg: ServeConfig) -> int:
     try:
         backend = make_backend(cfg.backend, cfg.model, cfg.dtype, cfg.device, max_batch_size=cfg.max_batch_size,
                                max_model_len=cfg.engine_max_model_len, batch_invariant=cfg.batch_invariant,
-                               engine_settings=cfg.vllm_settings() or None)
+                               engine_settings=cfg.vllm_settings() or None,
+                               prefix_cache_bytes=cfg.prefix_cache_mib * MiB)
     except BackendError as e:
         print(f"lopa serve: {e}", file=sys.stderr)
         return 2

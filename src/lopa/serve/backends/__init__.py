@@ -30,16 +30,21 @@ __all__ = ["BACKENDS", "BATCH_INVARIANT_CHOICES", "DTYPE_CHOICES", "Backend", "B
 
 
 def _transformers(model_name: str, dtype: str, device: str, max_model_len: int | None,
-                  max_batch_size: int | None, batch_invariant: str, engine_settings: dict | None) -> Backend:
+                  max_batch_size: int | None, batch_invariant: str, engine_settings: dict | None,
+                  prefix_cache_bytes: int) -> Backend:
     # sizes nothing ahead: needs neither limit
     if engine_settings:
         raise BackendError(f"{sorted(engine_settings)} are settings of vLLM's engine; use --backend vllm")
-    return TransformersBackend(model_name, dtype=dtype, device=device, batch_invariant=batch_invariant)
+    return TransformersBackend(model_name, dtype=dtype, device=device, batch_invariant=batch_invariant,
+                               prefix_cache_bytes=prefix_cache_bytes)
 
 
 def _vllm(model_name: str, dtype: str, device: str, max_model_len: int | None, max_batch_size: int | None,
-          batch_invariant: str, engine_settings: dict | None) -> Backend:
+          batch_invariant: str, engine_settings: dict | None, prefix_cache_bytes: int) -> Backend:
     from .vllm import VLLMBackend  # only here: vLLM is an optional extra
+    if prefix_cache_bytes:
+        raise BackendError("the prefix cache in bytes is the transformers backend's; vLLM caches prefixes in its "
+                           "own KV cache (--enable-prefix-caching)")
     if batch_invariant == "on":
         raise BackendError("the vllm backend schedules its own batches and cannot promise batch-invariant answers; "
                            "use --backend transformers or --batch-invariant auto")
@@ -67,14 +72,16 @@ def check_backend_name(name: str) -> None:
 
 def make_backend(name: str, model_name: str, dtype: str = "auto", device: str = "auto", *,
                  max_model_len: int | None = None, max_batch_size: int | None = None,
-                 batch_invariant: str = "auto", engine_settings: dict | None = None) -> Backend:
+                 batch_invariant: str = "auto", engine_settings: dict | None = None,
+                 prefix_cache_bytes: int = 0) -> Backend:
     """Build a backend by name. ``max_model_len`` (the longest soft prompt + prompt + new tokens) and
     ``max_batch_size`` size vLLM's engine (its ``max_model_len`` and ``max_num_seqs``); the
     transformers backend needs neither. ``batch_invariant``: see
     :class:`~lopa.serve.backends.transformers.TransformersBackend`. ``engine_settings``: vLLM's engine
     options by :class:`~lopa.serve.config.ServeConfig` name (:func:`lopa.serve.backends.vllm.engine_kwargs`);
-    the transformers backend refuses any."""
+    the transformers backend refuses any. ``prefix_cache_bytes``: the transformers backend's soft-prompt
+    prefix cache (0: off; :mod:`~lopa.serve.backends.prefixcache`)."""
     check_backend_name(name)
     return _REGISTRY[name][0](model_name, dtype, device, max_model_len, max_batch_size, batch_invariant,
-                              engine_settings)
+                              engine_settings, prefix_cache_bytes)
 

@@ -16,7 +16,8 @@ from ..protocol import Completion, GenerateRow
 
 
 class DecodeGroup:
-    """Rows ``members`` (positions in the caller's list) of one decoding pass.
+    """Rows ``members`` (positions in the caller's list) of one decoding pass, whose prefill is ``batch``
+    (built by the backend: the joint ``[Z ; tokens]`` pass, or the tokens on cached soft prompts).
 
     :meth:`step` makes one token for each row still decoding and returns ``(position, Completion)`` for
     every row that ended there; :meth:`drop` stops a row whose caller went away. ``finished`` is true
@@ -24,12 +25,10 @@ class DecodeGroup:
     """
 
     def __init__(self, base: Any, tokenizer: Any, rows: Sequence[GenerateRow], members: list[int],
-                 pad_to_multiple: int | None):
+                 batch: prefix.PrefixBatch):
         self.tokenizer, self.members = tokenizer, members
         self.rows = [rows[i] for i in members]
         first = self.rows[0]
-        batch = prefix.assemble(base, [r.soft_prompt for r in self.rows], [r.token_ids for r in self.rows],
-                                pad_to_multiple=pad_to_multiple)
         sample = first.temperature > 0
         self.stop = list(first.stop) or None
         # log-probabilities cost a log_softmax per step: only for groups where a row asks for them,

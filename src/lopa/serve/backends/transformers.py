@@ -22,10 +22,12 @@ import torch
 from ... import prefix
 from ...models import load_base
 from ..batcher import Batcher, torch_threads_init
-from ..protocol import SCHEDULING_CHOICES, ClassifyRow, Completion, GenerateRow, max_token_chars
+from ..protocol import SCHEDULING_CHOICES, BackendError, ClassifyRow, Completion, GenerateRow, max_token_chars
 from ..scheduler import ContinuousBatcher
+from . import softkv
 from .decode_group import DecodeGroup
 from .precision import resolve_device, resolve_dtype
+from .prefixcache import PrefixCache
 
 BATCH_INVARIANT_CHOICES = ("auto", "on", "off")
 PAD_MULTIPLE = 16  # batch-invariant rows pad to a multiple of this: fewer distinct lengths, so fuller passes
@@ -46,11 +48,17 @@ class TransformersBackend:
             ~2e-5); ``off``: rows of any length share one pass, each padded to the longest (fewer
             passes, more padded positions), as PEFT and ``generate`` batch. Measured in the README's
             "Serving": padding moves bf16 log-probabilities by up to 0.24 on smollm2-135m.
+        prefix_cache_bytes: when above 0, keep each distinct soft prompt's keys and values, up to this
+            many bytes (:mod:`~lopa.serve.backends.prefixcache`): every row's soft prompt then runs as
+            its own pass (:mod:`~lopa.serve.backends.softkv`), skipped when cached, so an answer is the
+            same bits whether its soft prompt was cached or not (but not those of the joint pass used
+            with the cache off). Rows without tokens take the joint pass either way.
 
     Not thread-safe: call it from one thread at a time (the batcher owns one worker thread).
     """
 
-    def __init__(self, model_name: str, dtype: str = "auto", device: str = "auto", batch_invariant: str = "auto"):
+    def __init__(self, model_name: str, dtype: str = "auto", device: str = "auto", batch_invariant: str = "auto",
+                 prefix_cache_bytes: int = 0):
         if batch_invariant not in BATCH_INVARIANT_CHOICES:
             raise ValueError(f"batch_invariant must be one of {BATCH_INVARIANT_CHOICES}, got {batch_invariant!r}")
         self.device = resolve_device(device)
@@ -63,6 +71,15 @@ class TransformersBackend:
         emb = self.base.get_input_embeddings().weight
         self.hidden_size = int(emb.shape[1])
         self.vocab_size = int(emb.shape[0])
+        self.prefix_cache = self._make_prefix_cache(prefix_cache_bytes)
+
+    def _make_prefix_cache(self, max_bytes: int) -> PrefixCache | None:
+        if max_bytes <= 0:
+            return None
+        why = softkv.unsupported(self.base)
+        if why is not None:
+            raise BackendError(f"--prefix-cache-mib: {why}")
+        return PrefixCache(max_bytes, self.model_name)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a prompt, without special tokens (as :class:`lopa.SoftPromptModel` does)."""
@@ -86,17 +103,48 @@ class TransformersBackend:
         n = len(token_ids) + int(soft_prompt.shape[0])
         return (n // PAD_MULTIPLE + 1) * PAD_MULTIPLE
 
+    def _layout(self, token_ids: Sequence[int], soft_prompt: torch.Tensor) -> tuple[Any, ...]:
+        """What rows sharing a pass must have in common: the padded length (:meth:`_length`), or, with the
+        prefix cache, whether the row uses it and the padded lengths of its soft-prompt and token parts
+        (each its own length's next multiple of :data:`PAD_MULTIPLE`, at least one pad before Z: the
+        masked attention path always, as :meth:`_length`)."""
+        if self.prefix_cache is None or not token_ids:
+            return (False, self._length(token_ids, soft_prompt))
+        if not self.batch_invariant:
+            return (True, None, None)
+        m, t = int(soft_prompt.shape[0]), len(token_ids)
+        return (True, (m // PAD_MULTIPLE + 1) * PAD_MULTIPLE, -(-t // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+    def _batch(self, softs: Sequence[torch.Tensor], token_ids: Sequence[Sequence[int]],
+               layout: tuple[Any, ...]) -> prefix.PrefixBatch:
+        """The pass of rows sharing ``layout``: the joint ``[Z ; tokens]`` pass, or the tokens on the
+        soft prompts' cached (or freshly computed) keys and values."""
+        if not layout[0]:
+            return prefix.assemble(self.base, softs, token_ids, pad_to_multiple=layout[1])
+        cache, dtype = self.prefix_cache, self.base.get_input_embeddings().weight.dtype
+        assert cache is not None
+        kvs = [cache.get(s.to(dtype), lambda z: softkv.soft_prompt_kv(self.base, z)) for s in softs]
+        return softkv.assemble_after(self.base, kvs, token_ids, past_len=layout[1], tok_len=layout[2])
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether repeated soft prompts' keys and values are reused (``/health`` says it)."""
+        return self.prefix_cache is not None
+
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        """The prefix cache's counters (None when it is off): for the server's metrics."""
+        return None if self.prefix_cache is None else self.prefix_cache.stats()
+
     @torch.inference_mode()
     def classify(self, rows: Sequence[ClassifyRow]) -> list[list[float]]:
         """Label log-probabilities for every row: one forward pass per distinct number of classes
         (and, batch-invariant, per distinct length)."""
         out: list[list[float] | None] = [None] * len(rows)
-        groups: dict[tuple[int, int | None], list[int]] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault((len(r.label_ids), self._length(r.token_ids, r.soft_prompt)), []).append(i)
-        for (_, padded), idx in groups.items():
-            batch = prefix.assemble(self.base, [rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx],
-                                    pad_to_multiple=padded)
+            groups.setdefault((len(r.label_ids), *self._layout(r.token_ids, r.soft_prompt)), []).append(i)
+        for key, idx in groups.items():
+            batch = self._batch([rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx], key[1:])
             label_ids = torch.tensor([rows[i].label_ids for i in idx], dtype=torch.long)
             logp = prefix.classify(self.base, batch, label_ids).cpu().tolist()
             for i, lp in zip(idx, logp):
@@ -108,8 +156,10 @@ class TransformersBackend:
         and, batch-invariant, equal padded length; each knows its rows by their positions in ``rows``."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault((*r.group_key(), self._length(r.token_ids, r.soft_prompt)), []).append(i)
-        return [DecodeGroup(self.base, self.tokenizer, rows, idx, key[-1]) for key, idx in groups.items()]
+            groups.setdefault((self._layout(r.token_ids, r.soft_prompt), *r.group_key()), []).append(i)
+        return [DecodeGroup(self.base, self.tokenizer, rows, idx,
+                            self._batch([rows[i].soft_prompt for i in idx], [rows[i].token_ids for i in idx], key[0]))
+                for key, idx in groups.items()]
 
     def generate(self, rows: Sequence[GenerateRow]) -> list[Completion]:
         """Completions for every row: each decode group (:meth:`open_groups`) is a KV-cached decoding

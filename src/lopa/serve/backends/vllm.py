@@ -186,6 +186,37 @@ def engine_kwargs(model_path: str, dtype: str, *, enforce_eager: bool, max_model
     return args
 
 
+def hashes_prompt_embeds() -> bool:
+    """Whether the installed vLLM keys its prefix cache on prompt embeddings' values. It hashes a
+    block of a request by its token ids; a ``prompt_embeds`` request has none of its own, so without
+    a hash of the embeddings (``_gen_prompt_embeds_extra_hash_keys``, in vLLM 0.32) two requests with
+    different soft prompts would share cached blocks: wrong answers."""
+    try:
+        from vllm.v1.core import kv_cache_utils
+    except ImportError:
+        return False
+    return hasattr(kv_cache_utils, "_gen_prompt_embeds_extra_hash_keys")
+
+
+def prefix_caching_setting(settings: Mapping[str, Any] | None, sound: bool) -> dict[str, Any]:
+    """``settings`` with ``enable_prefix_caching`` decided: unset, on where vLLM hashes prompt embeddings
+    (``sound``; a repeated soft prompt's blocks are then computed once), else off; asked for where
+    unsound, an error.
+
+    >>> prefix_caching_setting({}, sound=True), prefix_caching_setting({"enable_prefix_caching": False}, True)
+    ({'enable_prefix_caching': True}, {'enable_prefix_caching': False})
+    >>> prefix_caching_setting(None, sound=False)
+    {'enable_prefix_caching': False}
+    """
+    out = dict(settings or {})
+    asked = out.get("enable_prefix_caching")
+    if asked and not sound:
+        raise BackendError("this vLLM's prefix cache does not hash prompt embeddings, so requests with different "
+                           "soft prompts would share cached blocks; use --no-enable-prefix-caching or vLLM >= 0.32")
+    out["enable_prefix_caching"] = sound if asked is None else bool(asked)
+    return out
+
+
 # -- the backend -----------------------------------------------------------------------------------
 
 class VLLMBackend:
@@ -203,6 +234,8 @@ class VLLMBackend:
             sampler helpers uncompiled (``TORCH_COMPILE_DISABLE=1`` for the engine process).
         settings: ``lopa serve``'s engine settings by their :class:`~lopa.serve.config.ServeConfig` names
             (``tensor_parallel_size``, ``kv_cache_memory`` in GiB, ...; see :func:`engine_kwargs`).
+            Prefix caching is on unless they turn it off, where this vLLM hashes prompt embeddings
+            (:func:`prefix_caching_setting`): requests repeating one soft prompt reuse its full KV blocks.
         engine_args: more ``vllm.AsyncEngineArgs`` fields, by vLLM's names, applied last.
 
     The KV cache on CPU is sized by vLLM's ``VLLM_CPU_KVCACHE_SPACE`` (GiB).
@@ -241,6 +274,8 @@ class VLLMBackend:
         self.vocab_size, self.hidden_size = (int(x) for x in self._embed.weight_shape)  # type: ignore[attr-defined]
         if enforce_eager is None:
             enforce_eager = platform == "cpu"
+        settings = prefix_caching_setting(settings, hashes_prompt_embeds())
+        self.prefix_caching = bool(settings["enable_prefix_caching"])
         args = engine_kwargs(resolve(model_name), str(self.dtype).removeprefix("torch."),
                              enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                              settings=settings, extra=engine_args)
