@@ -77,10 +77,12 @@ def render_prefix_cache(result: dict[str, Any]) -> list[str]:
 
 
 def summary_line(result: dict[str, Any]) -> list[str]:
-    pc = result.get("prefix_cache") or {}
-    if not pc:
-        return []
-    c = pc["contenders"]
-    return [f"prefix cache (one task's soft prompt on every request) requests/s: cached "
-            f"{c['cached']['requests_per_s']:.2f}  plain {c['plain']['requests_per_s']:.2f}  ratio "
-            f"{pc['ratio_cached_over_plain']:.2f}  (hits {pc['cache'].get('hits_total', 0):.0f})"]
+    """The printed summary's line for the row, when it ran."""
+    return [_summary(result["prefix_cache"])] if result.get("prefix_cache") else []
+
+
+def _summary(pc: dict[str, Any]) -> str:
+    rate = {k: v["requests_per_s"] for k, v in pc["contenders"].items()}
+    return (f"prefix cache (one task's soft prompt on every request) requests/s: cached {rate['cached']:.2f}  "
+            f"plain {rate['plain']:.2f}  ratio {pc['ratio_cached_over_plain']:.2f}  "
+            f"(hits {pc['cache'].get('hits_total', 0):.0f})")
