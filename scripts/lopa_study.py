@@ -27,6 +27,9 @@ VARIANTS: dict[str, dict] = {
     "lopa-constant": dict(method="lopa", schedule="constant"),
     "lopa-gate2": dict(method="lopa", gate_scale=2.0),
     "lopa-zs-lr10x": dict(method="lopa", shared_lr_scale=10.0),
+    # Z_S at prompt tuning's best rate (1e-2 at 10x) or beyond: the gate can only rescale Z_S, and under
+    # Adam Z_S moves about lr per step while S-IDPG's head moves its whole prompt h times faster
+    "lopa-zs-lr30x": dict(method="lopa", shared_lr_scale=30.0),
     "lopa-zs-normal1-h384": dict(method="lopa", init="random", init_std=1.0, hidden_size=384),
     "lopa-zs-normal1-lr3e-3": dict(method="lopa", init="random", init_std=1.0, lr=3e-3),
     "lopa-zs-lr10x-lr3e-3": dict(method="lopa", shared_lr_scale=10.0, lr=3e-3),
