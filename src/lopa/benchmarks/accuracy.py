@@ -286,12 +286,18 @@ def row_summary(cfg: argparse.Namespace, runner: Runner, jobs: list[Job]) -> dic
         return {}
     accs = [r["test"]["accuracy"] for _, r in results]
     per_item = [c for j, _ in results if (c := _correct(runner.run_dir(j))) is not None]
+    items = [statistics.fmean(col) for col in zip(*per_item)] if per_item else None
     if len(accs) > 1:
+        # the wider of the seeds' t-interval (training's randomness) and the test items' interval
+        # (the test set's sampling): two seeds alone can give a zero-width or a beyond-100% interval
         mean, lo, hi = mean_ci95(accs)
+        if items:
+            _, ilo, ihi = mean_ci95(items)
+            lo, hi = min(lo, ilo), max(hi, ihi)
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
     else:
         n = results[0][1]["test"]["n"]
         mean, lo, hi = proportion_ci95(round(accs[0] * n), n)
-    items = [statistics.fmean(col) for col in zip(*per_item)] if per_item else None
     curves = [[(h["step"], h["dev"]) for h in map(json.loads, (runner.run_dir(j) / "metrics.jsonl").read_text().splitlines())]
               for j, _ in results if (runner.run_dir(j) / "metrics.jsonl").exists()]
     return {"mean": mean, "ci95": [lo, hi], "seeds": len(accs), "accuracies": accs,
@@ -365,7 +371,8 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
            f"- **Protocol**: base `{cfg.model}`; batch 8; AdamW; warm-up 10% then the method's schedule; "
            f"steps {', '.join(f'{t} {n}' for t, n in cfg.task_steps.items())}; {cfg.evals} dev evaluations per run "
            f"on {cfg.dev_limit} dev items (carved from GLUE train), the best one's checkpoint scored on test "
-           f"(GLUE's dev set, as in the paper); seeds: {cfg.seeds} for {', '.join(MULTI_SEED)} on the first task.",
+           f"(GLUE's dev set, as in the paper); seeds: {cfg.seeds} for {', '.join(MULTI_SEED)} on the first task; "
+           f"a row's 95% CI is the wider of its seeds' t-interval and its test items' interval, within [0, 100].",
            "", "### Learning rates (chosen on the first task's dev split at the main budget; test never read)", "",
            "| family | candidates: best dev accuracy | chosen |", "|---|---|---|"]
     for fam, cands in lr_table.items():
@@ -383,7 +390,9 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
                        f"{r['seeds']} | {_pct(r.get('macro_f1'))} | {r['trainable']:,} | {r.get('lr', '—')} | "
                        f"{r.get('train_s', 0):.0f} | {paper if paper is not None else '—'} |")
         if s["differences"]:
-            out += ["", "Paired differences (A − B, points, 95% interval over the same test items):", ""]
+            out += ["", "Paired differences (A − B, points, 95% interval over the same test items, each item's "
+                    "correctness averaged over the seeds; the interval covers the test set's sampling, not the "
+                    "spread between seeds, so with two or three seeds read it next to the rows' ± above):", ""]
             out += [f"- {k}: {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] → "
                     f"{d['verdict']}" for k, d in s["differences"].items()]
     adopted = sorted(str(p.parent.relative_to(cfg.out / "runs")) for p in (cfg.out / "runs").glob("*/*/*/" + PROVENANCE))
