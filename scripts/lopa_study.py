@@ -19,21 +19,22 @@ from pathlib import Path
 
 # one run's settings on top of the shared protocol; names say what differs from "lopa-current"
 VARIANTS: dict[str, dict] = {
-    "lopa-current": dict(method="lopa"),
-    "lopa-zs-normal1": dict(method="lopa", init="random", init_std=1.0),
-    "lopa-lr3e-3": dict(method="lopa", lr=3e-3),
-    "lopa-lr3e-4": dict(method="lopa", lr=3e-4),
-    "lopa-h384": dict(method="lopa", hidden_size=384),
-    "lopa-constant": dict(method="lopa", schedule="constant"),
-    "lopa-gate2": dict(method="lopa", gate_scale=2.0),
+    "lopa-current": dict(method="lopa"),  # the library's defaults as they are now (Z_S at 10x since the study)
+    "lopa-shared1x": dict(method="lopa", shared_lr_scale=1.0),  # the defaults before: Z_S at the heads' rate
+    "lopa-zs-normal1": dict(method="lopa", shared_lr_scale=1.0, init="random", init_std=1.0),
+    "lopa-lr3e-3": dict(method="lopa", shared_lr_scale=1.0, lr=3e-3),
+    "lopa-lr3e-4": dict(method="lopa", shared_lr_scale=1.0, lr=3e-4),
+    "lopa-h384": dict(method="lopa", shared_lr_scale=1.0, hidden_size=384),
+    "lopa-constant": dict(method="lopa", shared_lr_scale=1.0, schedule="constant"),
+    "lopa-gate2": dict(method="lopa", shared_lr_scale=1.0, gate_scale=2.0),
     "lopa-zs-lr10x": dict(method="lopa", shared_lr_scale=10.0),
     # Z_S at prompt tuning's best rate (1e-2 at 10x) or beyond: the gate can only rescale Z_S, and under
     # Adam Z_S moves about lr per step while S-IDPG's head moves its whole prompt h times faster
     "lopa-zs-lr30x": dict(method="lopa", shared_lr_scale=30.0),
-    "lopa-zs-normal1-h384": dict(method="lopa", init="random", init_std=1.0, hidden_size=384),
-    "lopa-zs-normal1-lr3e-3": dict(method="lopa", init="random", init_std=1.0, lr=3e-3),
+    "lopa-zs-normal1-h384": dict(method="lopa", shared_lr_scale=1.0, init="random", init_std=1.0, hidden_size=384),
+    "lopa-zs-normal1-lr3e-3": dict(method="lopa", shared_lr_scale=1.0, init="random", init_std=1.0, lr=3e-3),
     "lopa-zs-lr10x-lr3e-3": dict(method="lopa", shared_lr_scale=10.0, lr=3e-3),
-    "lopa-fp32": dict(method="lopa", precision="fp32"),
+    "lopa-fp32": dict(method="lopa", shared_lr_scale=1.0, precision="fp32"),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),

@@ -65,10 +65,10 @@ ROWS = [
     Row("idpg", "S-IDPG", {"method": "idpg"}),
     Row("lopa", "LoPA (library defaults)", {"method": "lopa"}),
     # the formulation of the authors' reference code: Z_S from nn.Embedding's N(0, 1), heads as wide as
-    # the encoder (MiniLM: 384), the rate constant after warm-up (given as a fraction of the steps)
+    # the encoder (MiniLM: 384), one rate for every parameter, constant after warm-up (a fraction of the steps)
     Row("lopa-paper", "LoPA (the reference code's formulation)",
-        {"method": "lopa", "init": "random", "init_std": 1.0, "hidden_size": 384, "schedule": "constant",
-         "warmup_fraction": 0.06}, family="lopa"),
+        {"method": "lopa", "init": "random", "init_std": 1.0, "hidden_size": 384, "shared_lr_scale": 1.0,
+         "schedule": "constant", "warmup_fraction": 0.06}, family="lopa"),
     Row("lopa-train-encoder", "LoPA, encoder trained too", {"method": "lopa", "train_encoder": True}, family="lopa"),
     Row("lora", "LoRA (r 8, q/v)", {"method": "lora"}),
     Row("full", "full fine-tuning", {"method": "full"}),
@@ -146,7 +146,7 @@ def main_jobs(cfg: argparse.Namespace, lrs: dict[str, float]) -> list[Job]:
         # in parts has the rows' comparisons on equal footing whenever it stops
         for s in range(cfg.seeds if i == 0 else 1):
             jobs += [Job(task, name, s, lrs[ROW_BY_NAME[name].lr_family], True) for name in cfg.row_list
-                     if s == 0 or name in MULTI_SEED]
+                     if (s == 0 or name in MULTI_SEED) and ROW_BY_NAME[name].lr_family in lrs]
     return jobs
 
 
