@@ -73,6 +73,7 @@ class Client:
         self.config = self.artifact.config
         self.url = url.rstrip("/") if url else None
         self.batch_size = max(1, batch_size)
+        self._chat_tokenizer: Any = None  # loaded on first need (a chat-format artifact over HTTP)
         if self.url is None:
             name = model or self.artifact.base_model
             if not name:
@@ -158,7 +159,7 @@ class Client:
     def _tokenizer(self) -> Any:
         if self.transport.tokenizer is not None:
             return self.transport.tokenizer
-        if self.__dict__.get("_chat_tokenizer") is None:
+        if self._chat_tokenizer is None:
             from .models import load_tokenizer
             name = self.artifact.base_model or self.transport.model
             try:

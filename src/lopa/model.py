@@ -40,6 +40,7 @@ class PromptedModel(nn.Module):
 
     base: nn.Module
     tokenizer: Any
+    task: dict[str, Any]
 
     @property
     def hidden_size(self) -> int:
@@ -58,7 +59,7 @@ class PromptedModel(nn.Module):
     def prompt_format(self) -> "PromptFormat":
         """The format the task was trained in (plain or chat template, system prompt), as recorded."""
         from .prompt_format import PromptFormat
-        return PromptFormat.from_settings(getattr(self, "task", {}).get("prompt_format"))
+        return PromptFormat.from_settings(self.task.get("prompt_format"))
 
     def build_prompt(self, prompt: str | None = None, *,
                      messages: Sequence[dict[str, str]] | None = None) -> str:
