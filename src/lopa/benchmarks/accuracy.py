@@ -347,11 +347,11 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
     tasks = list(summary)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for name, r in summary[task]["rows"].items():
-            for i, curve in enumerate(r["curves"]):
+        for k, (name, r) in enumerate(summary[task]["rows"].items()):
+            for i, curve in enumerate(r["curves"]):  # one colour per row, its other seeds paler
                 if curve:
-                    ax.plot(*zip(*[(s, 100 * d) for s, d in curve]), marker=".", alpha=0.8 if i == 0 else 0.35,
-                            label=name if i == 0 else None)
+                    ax.plot(*zip(*[(s, 100 * d) for s, d in curve]), marker=".", color=f"C{k}",
+                            alpha=0.8 if i == 0 else 0.35, label=name if i == 0 else None)
         ax.set(title=f"{task}: dev accuracy while training", xlabel="step", ylabel="dev accuracy %")
         ax.legend(fontsize=6)
     fig.tight_layout()
