@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,19 @@ def test_quick_runs_every_row_and_resumes(tmp_path, capsys):
     assert bench_cli(BenchArgs("accuracy", argv)) == 0  # resumes: reads every run back, trains nothing
     assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/*/*/*/results.json")) == before
 
+    # a fresh checkout has the committed run log beside the report but no run directories: the
+    # report is rebuilt from the log alone, figures and paired differences unchanged
+    shutil.rmtree(out)
+    section = text[text.index("### sst2"):text.index("![dev curves]")]
+    assert bench_cli(BenchArgs("accuracy", [*argv, "--report-only"])) == 0
+    assert json.loads((doc.parent / "accuracy.json").read_text()) == acc
+    rebuilt = doc.read_text()
+    assert rebuilt[rebuilt.index("### sst2"):rebuilt.index("![dev curves]")] == section
+
+    # a run logged with other settings (here another number of dev evaluations) is not passed off as today's
+    assert bench_cli(BenchArgs("accuracy", [*argv, "--report-only", "--evals", "3"])) == 0
+    assert set(json.loads((doc.parent / "accuracy.json").read_text())["sst2"]) == {"zero-shot"}
+
 
 def test_plan_lists_the_runs_without_training(tmp_path, capsys):
     assert bench_cli(BenchArgs("accuracy", ["--quick", "--plan", "--out", str(tmp_path / "a"),
@@ -89,3 +103,27 @@ def test_a_family_is_decided_only_when_all_its_candidates_have_finished(tmp_path
     finish(second, 0.8)
     chosen, _ = choose_lrs(cfg, runner)
     assert chosen == {"lopa": second.lr}
+
+
+def test_a_corrupt_run_log_is_refused_with_its_line_and_nothing_is_overwritten(tmp_path, capsys):
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    log = doc.parent / "accuracy_runs.jsonl"
+    log.write_text('{"format": "lopa-run-log", "version": 1}\n{"key": "sst2/lopa/lr0.001-s0", "sett\n')
+    argv = ["--quick", "--out", str(tmp_path / "a"), "--doc", str(doc), "--data-dir", str(DATA), "--report-only"]
+    assert bench_cli(BenchArgs("accuracy", argv)) == 2
+    err = capsys.readouterr().err
+    assert f"{log}:2" in err and "not a JSON line" in err
+    assert log.read_text().endswith('"sett\n') and not (doc.parent / "accuracy.json").exists()
+
+
+def test_the_paper_row_takes_the_encoders_width(tmp_path):
+    """The reference code's heads are as wide as its encoder, whichever encoder the benchmark is given."""
+    from lopa.benchmarks.accuracy import ROW_BY_NAME, Job, Runner, parse_args
+    cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--data-dir", str(DATA), "--tasks", "sst2",
+                      "--rows", "lopa-paper", "--steps", "sst2=1", "--evals", "1", "--threads", "1"])
+    job = Job("sst2", "lopa-paper", 0, 1e-3, False)
+    Runner(cfg)._train(job)
+    run_config = json.loads((tmp_path / "a" / "runs" / job.key / "run_config.json").read_text())
+    assert ROW_BY_NAME["lopa-paper"].settings["hidden_size"] != 32
+    assert json.dumps(run_config).count('"hidden_size": 32') == 1  # tiny-random-bert is 32 wide

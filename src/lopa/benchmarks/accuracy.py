@@ -9,7 +9,10 @@ a 95% interval, and claimed only where the interval excludes zero. Resumable: ev
 ``lopa train`` run directory under OUT/runs/, finished ones are read back, unfinished ones resume.
 
 Writes ``docs/accuracy.json`` (``{task: {method: {mean, ci95, seeds, trainable}}}``), a markdown
-section of docs/results.md and a PNG of every run's dev curve.
+section of docs/results.md, a PNG of every run's dev curve, and ``docs/accuracy_runs.jsonl``: what the
+report needs of each finished run (figures, curve, per-item test correctness) with the settings it ran
+with, committed, so that a fresh checkout continues the benchmark or adds a row without training the
+finished runs again (see :mod:`lopa.benchmarks.run_log`).
 
     lopa bench accuracy --plan                 # the runs and their estimated time
     lopa bench accuracy --tasks sst2 --threads 2   # one part; run again to continue
@@ -29,10 +32,13 @@ from typing import Any
 
 from lopa.benchmarks.common import (BenchmarkParser, machine, method_settings, parse_assignments, prepare_benchmark,
                                     require_positive, write_section)
+from lopa.benchmarks.run_log import RunLog, RunLogError, bits, unbits
 
 MARK_START, MARK_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 PROVENANCE = "provenance.json"  # in a run directory that was adopted from another study: where from, and why it is the same run
 SUMMARY = "summary.json"  # in OUT: every row's figures, the LR choice and the paired differences
+RUN_LOG = "accuracy_runs.jsonl"  # beside --doc: the finished runs, so a fresh checkout need not train them again
+ENCODER_WIDTH = "the encoder's width"  # a row setting resolved when the run starts (the encoder is an option)
 
 # The LoPA paper's Table 1 (RoBERTa-large, GLUE dev accuracy; MRPC as the paper reports it).
 PAPER = {"prompt-tuning": {"sst2": 84.4, "mrpc": 72.4}, "idpg": {"sst2": 95.3, "mrpc": 78.6},
@@ -65,9 +71,9 @@ ROWS = [
     Row("idpg", "S-IDPG", {"method": "idpg"}),
     Row("lopa", "LoPA (library defaults)", {"method": "lopa"}),
     # the formulation of the authors' reference code: Z_S from nn.Embedding's N(0, 1), heads as wide as
-    # the encoder (MiniLM: 384), one rate for every parameter, constant after warm-up (a fraction of the steps)
+    # the encoder, one rate for every parameter, constant after warm-up (a fraction of the steps)
     Row("lopa-paper", "LoPA (the reference code's formulation)",
-        {"method": "lopa", "init": "random", "init_std": 1.0, "hidden_size": 384, "shared_lr_scale": 1.0,
+        {"method": "lopa", "init": "random", "init_std": 1.0, "hidden_size": ENCODER_WIDTH, "shared_lr_scale": 1.0,
          "schedule": "constant", "warmup_fraction": 0.06}, family="lopa"),
     Row("lopa-train-encoder", "LoPA, encoder trained too", {"method": "lopa", "train_encoder": True}, family="lopa"),
     Row("lora", "LoRA (r 8, q/v)", {"method": "lora"}),
@@ -129,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     require_positive(p, args, ("seeds", "evals", "dev_limit"))
     p.finish(args, writes=[SUMMARY])
     args.out, args.doc = Path(args.out), Path(args.doc)
+    args.run_log = args.doc.parent / RUN_LOG
     return args
 
 
@@ -151,21 +158,55 @@ def main_jobs(cfg: argparse.Namespace, lrs: dict[str, float]) -> list[Job]:
 
 
 class Runner:
-    """Runs (or reads back) one job as a ``lopa train`` run directory."""
+    """Runs one job as a ``lopa train`` run directory, or reads it back: from the run log (a fresh
+    checkout) or from its run directory (a run that finished before it was logged)."""
 
     def __init__(self, cfg: argparse.Namespace):
         self.cfg = cfg
         self.started = time.time()
+        self.log = RunLog(cfg.run_log)
 
     def run_dir(self, job: Job) -> Path:
         return self.cfg.out / "runs" / job.key
 
+    def settings(self, job: Job) -> dict[str, Any]:
+        """What makes two runs of one key the same run: a record with other settings is not read back."""
+        import dataclasses
+        from lopa.methods import get_method
+        cfg, row = self.cfg, ROW_BY_NAME[job.row]
+        defaults = dataclasses.asdict(get_method(row.method)[0]())
+        return {"model": cfg.model, "encoder": cfg.encoder, "steps": cfg.task_steps[job.task], "evals": cfg.evals,
+                "dev_limit": cfg.dev_limit, "test_limit": cfg.test_limit, "row": row.settings,
+                "method_defaults": defaults}
+
     def done(self, job: Job) -> dict[str, Any] | None:
-        path = self.run_dir(job) / "results.json"
-        if not path.exists():
+        """The finished job's record (with ``test`` for a test job), or None."""
+        settings = self.settings(job)
+        rec = self.log.get(job.key, settings)
+        # a test job shares its key with its dev-only twin, whose record lacks the test score it then gets
+        if (rec is None or (job.test and "test" not in rec)) and (found := self._from_run_dir(job)) is not None:
+            rec = found
+            if not job.test or "test" in rec:
+                self.log.put(job.key, settings, rec)
+        return rec if rec is not None and (not job.test or "test" in rec) else None
+
+    def _from_run_dir(self, job: Job) -> dict[str, Any] | None:
+        out = self.run_dir(job)
+        if not (out / "results.json").exists():
             return None
-        res = json.loads(path.read_text())
-        return res if (not job.test or "test" in res) else None
+        res = json.loads((out / "results.json").read_text())
+        rec = {k: res[k] for k in ("best_dev_accuracy", "trainable_params", "train_s") if k in res}
+        if (out / "metrics.jsonl").exists():
+            rec["curve"] = [[h["step"], h["dev"]] for h in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        if "test" in res:
+            correct = _correct(out)
+            if correct is None:  # scored, but its predictions are gone: not usable for paired differences
+                return rec
+            rec["test"] = {k: res["test"][k] for k in ("accuracy", "n", "macro_f1") if k in res["test"]}
+            rec["correct"] = bits(correct)
+        if (out / PROVENANCE).exists():
+            rec["provenance"] = json.loads((out / PROVENANCE).read_text()).get("why", "")
+        return rec
 
     def out_of_time(self) -> bool:
         return self.cfg.max_minutes is not None and time.time() - self.started > 60 * self.cfg.max_minutes
@@ -175,19 +216,24 @@ class Runner:
             return res
         if self.cfg.report_only or self.out_of_time():
             return None
+        if self.log.stale(job.key, self.settings(job)):
+            print(f"[accuracy] {job.key}: logged with other settings; running it again", file=sys.stderr)
         dev_twin = Job(job.task, job.row, job.seed, job.lr, False)
-        if job.test and self.done(dev_twin) is not None:
-            return self._test_only(job, dev_twin)
-        return self._train(job)
+        if job.test and (self.run_dir(dev_twin) / "best").is_dir():
+            self._test_only(job, dev_twin)
+        else:
+            self._train(job)
+        return self.done(job)
 
     def _train(self, job: Job) -> dict[str, Any]:
+        from lopa.models import hidden_size_of
         from lopa.train import TrainArgs, train
         cfg, row, steps = self.cfg, ROW_BY_NAME[job.row], self.cfg.task_steps[job.task]
         out = self.run_dir(job)
         settings = dict(row.settings)
         warmup = max(1, round(steps * settings.pop("warmup_fraction", 0.1)))
-        if cfg.quick:  # the tiny encoder is 32 wide
-            settings.pop("hidden_size", None)
+        if settings.get("hidden_size") == ENCODER_WIDTH:
+            settings["hidden_size"] = hidden_size_of(cfg.encoder)
         args = TrainArgs.from_flat(**{
             **method_settings(row.method, encoder=cfg.encoder), **settings, "task": job.task, "model": cfg.model,
             "data_dir": cfg.data_dir, "out": str(out), "max_steps": steps, "lr": job.lr, "seed": job.seed,
@@ -231,26 +277,34 @@ def _drop_checkpoints(out: Path) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # best/ and the logs stay; full's are 1.6 GB
 
 
-def zero_shot(cfg: argparse.Namespace, task_name: str) -> dict[str, Any] | None:
-    """The bare model on the task's test split, with per-item predictions (cached in OUT)."""
+def zero_shot(cfg: argparse.Namespace, task_name: str, log: RunLog) -> dict[str, Any] | None:
+    """The bare model on the task's test split: accuracy, its interval, macro-F1 and per-item
+    correctness (logged; an older OUT/zero-shot/TASK.json is read back too)."""
+    key, settings = f"{task_name}/zero-shot", {"model": cfg.model, "test_limit": cfg.test_limit}
+    if (rec := log.get(key, settings)) is not None:
+        return rec
     path = cfg.out / "zero-shot" / f"{task_name}.json"
     if path.exists():
-        return json.loads(path.read_text())
-    if cfg.report_only:
+        res = json.loads(path.read_text())
+    elif cfg.report_only:
         return None
-    from lopa.baselines import BaselineModel
-    from lopa.evaluate import score
-    from lopa.hardware import fast_precision
-    from lopa.models import load_base
-    from lopa.tasks import get_task
-    task = get_task(task_name, data_dir=cfg.data_dir)
-    base, tok = load_base(cfg.model)
-    res = score(BaselineModel(base, tok), task, "test", limit=cfg.test_limit, precision=fast_precision(),
-                progress=False, keep_predictions=True)
-    res["labels"] = [e.label for e in task.split("test")[:res["n"]]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res) + "\n")
-    return res
+    else:
+        from lopa.baselines import BaselineModel
+        from lopa.evaluate import score
+        from lopa.hardware import fast_precision
+        from lopa.models import load_base
+        from lopa.tasks import get_task
+        task = get_task(task_name, data_dir=cfg.data_dir)
+        base, tok = load_base(cfg.model)
+        res = score(BaselineModel(base, tok), task, "test", limit=cfg.test_limit, precision=fast_precision(),
+                    progress=False, keep_predictions=True)
+        res["labels"] = [e.label for e in task.split("test")[:res["n"]]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res) + "\n")
+    rec = {"accuracy": res["accuracy"], "accuracy_ci95": res["accuracy_ci95"], "macro_f1": res["macro_f1"],
+           "n": res["n"], "correct": bits(p == y for p, y in zip(res["predictions"], res["labels"]))}
+    log.put(key, settings, rec)
+    return rec
 
 
 def choose_lrs(cfg: argparse.Namespace, runner: Runner) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -285,7 +339,7 @@ def row_summary(cfg: argparse.Namespace, runner: Runner, jobs: list[Job]) -> dic
     if not results:
         return {}
     accs = [r["test"]["accuracy"] for _, r in results]
-    per_item = [c for j, _ in results if (c := _correct(runner.run_dir(j))) is not None]
+    per_item = [unbits(r["correct"]) for _, r in results if "correct" in r]
     items = [statistics.fmean(col) for col in zip(*per_item)] if per_item else None
     if len(accs) > 1:
         # the wider of the seeds' t-interval (training's randomness) and the test items' interval
@@ -298,12 +352,12 @@ def row_summary(cfg: argparse.Namespace, runner: Runner, jobs: list[Job]) -> dic
     else:
         n = results[0][1]["test"]["n"]
         mean, lo, hi = proportion_ci95(round(accs[0] * n), n)
-    curves = [[(h["step"], h["dev"]) for h in map(json.loads, (runner.run_dir(j) / "metrics.jsonl").read_text().splitlines())]
-              for j, _ in results if (runner.run_dir(j) / "metrics.jsonl").exists()]
     return {"mean": mean, "ci95": [lo, hi], "seeds": len(accs), "accuracies": accs,
             "macro_f1": statistics.fmean(r["test"]["macro_f1"] for _, r in results),
-            "trainable": results[0][1]["trainable_params"], "lr": results[0][0].lr,
-            "train_s": statistics.fmean(r["train_s"] for _, r in results), "items": items, "curves": curves}
+            "trainable": results[0][1].get("trainable_params", 0), "lr": results[0][0].lr,
+            "train_s": statistics.fmean(r.get("train_s", 0) for _, r in results), "items": items,
+            "curves": [r["curve"] for _, r in results if r.get("curve")],
+            "adopted": {j.key: r["provenance"] for j, r in results if r.get("provenance")}}
 
 
 def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
@@ -320,10 +374,9 @@ def summarize(cfg: argparse.Namespace, runner: Runner, lrs: dict[str, float]) ->
     summary: dict[str, Any] = {}
     for task in cfg.task_list:
         rows: dict[str, Any] = {}
-        if (zs := zero_shot(cfg, task)) is not None:
-            items = [float(p == y) for p, y in zip(zs["predictions"], zs["labels"])]
+        if (zs := zero_shot(cfg, task, runner.log)) is not None:
             rows["zero-shot"] = {"mean": zs["accuracy"], "ci95": zs["accuracy_ci95"], "seeds": 1, "trainable": 0,
-                                 "macro_f1": zs["macro_f1"], "items": items, "curves": []}
+                                 "macro_f1": zs["macro_f1"], "items": unbits(zs["correct"]), "curves": []}
         for name in cfg.row_list:
             s = row_summary(cfg, runner, [j for j in jobs if j.task == task and j.row == name])
             if s:
@@ -395,11 +448,10 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
                     "spread between seeds, so with two or three seeds read it next to the rows' ± above):", ""]
             out += [f"- {k}: {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] → "
                     f"{d['verdict']}" for k, d in s["differences"].items()]
-    adopted = sorted(str(p.parent.relative_to(cfg.out / "runs")) for p in (cfg.out / "runs").glob("*/*/*/" + PROVENANCE))
+    adopted = {k: why for s in summary.values() for r in s["rows"].values() for k, why in r.get("adopted", {}).items()}
     if adopted:
-        why = json.loads((cfg.out / "runs" / adopted[0] / PROVENANCE).read_text()).get("why", "")
-        out += ["", f"Runs adopted from an earlier study rather than trained here ({why}): "
-                + ", ".join(f"`{a}`" for a in adopted) + "."]
+        out += ["", f"Runs adopted from an earlier study rather than trained here ({next(iter(adopted.values()))}): "
+                + ", ".join(f"`{a}`" for a in sorted(adopted)) + "."]
     out += ["", "![dev curves](accuracy_curves.png)", "", MARK_END]
     return "\n".join(out) + "\n"
 
@@ -412,11 +464,15 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     prepare_benchmark(cfg.threads)
-    runner = Runner(cfg)
+    try:
+        runner = Runner(cfg)
+    except RunLogError as e:
+        print(f"lopa bench accuracy: {e}", file=sys.stderr)
+        return 2
     if cfg.plan:
         return print_plan(cfg, runner)
     for task in cfg.task_list:
-        zero_shot(cfg, task)
+        zero_shot(cfg, task, runner.log)
     lrs, lr_table = choose_lrs(cfg, runner)
     missing = {ROW_BY_NAME[r].lr_family for r in cfg.row_list} - set(lrs)
     if not missing:
