@@ -78,7 +78,7 @@ def test_plan_lists_the_runs_without_training(tmp_path, capsys):
 
 
 def test_bad_rows_and_steps_are_refused_at_once(tmp_path, capsys):
-    for argv in (["--rows", "lopa,nope"], ["--steps", "sst2=x"], ["--steps", "qqp=5"]):
+    for argv in (["--rows", "lopa,nope"], ["--steps", "sst2=x"], ["--steps", "qqp=5"], ["--run-log", str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             bench_cli(BenchArgs("accuracy", ["--quick", "--out", str(tmp_path / "a"), *argv]))
         assert e.value.code == 2

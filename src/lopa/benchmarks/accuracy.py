@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--data-dir", default=None, help="folder holding glue/ (default $LOPA_DATA_DIR or ../shared/data)")
     a("--threads", type=int, default=None, help="torch threads (a shared machine may run faster with 1)")
     a("--max-minutes", type=float, default=None, help="start no new run after this many minutes (run in parts)")
+    a("--run-log", default=None, metavar="FILE",
+      help=f"the finished runs' record, committed so a fresh checkout continues without training them again "
+           f"(default {RUN_LOG} beside --doc)")
     args = p.parse(argv)
     unknown = [r for r in args.rows.split(",") if r not in ROW_BY_NAME]
     if unknown:
@@ -135,7 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     require_positive(p, args, ("seeds", "evals", "dev_limit"))
     p.finish(args, writes=[SUMMARY])
     args.out, args.doc = Path(args.out), Path(args.doc)
-    args.run_log = args.doc.parent / RUN_LOG
+    args.run_log = Path(args.run_log) if args.run_log else args.doc.parent / RUN_LOG
+    if args.run_log.is_dir():
+        p.error(f"--run-log takes a file; {args.run_log} is a folder")
     return args
 
 
@@ -356,8 +361,7 @@ def row_summary(cfg: argparse.Namespace, runner: Runner, jobs: list[Job]) -> dic
             "macro_f1": statistics.fmean(r["test"]["macro_f1"] for _, r in results),
             "trainable": results[0][1].get("trainable_params", 0), "lr": results[0][0].lr,
             "train_s": statistics.fmean(r.get("train_s", 0) for _, r in results), "items": items,
-            "curves": [r["curve"] for _, r in results if r.get("curve")],
-            "adopted": {j.key: r["provenance"] for j, r in results if r.get("provenance")}}
+            "curves": [r["curve"] for _, r in results if r.get("curve")]}
 
 
 def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
@@ -417,7 +421,8 @@ def _pct(x: float | None) -> str:
 
 
 def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str, dict[str, float]],
-           lrs: dict[str, float], machine: str, wall_min: float) -> str:
+           lrs: dict[str, float], machine: str, wall_min: float, adopted: dict[str, str] | None = None) -> str:
+    """The markdown section; ``adopted`` maps the keys of runs recorded rather than trained here to why."""
     out = [MARK_START, "## Accuracy: the LoPA paper's comparison on SST-2, MRPC and rotten-tomatoes-3", "",
            f"- **Command**: `lopa bench accuracy {' '.join(cfg.argv)}` (resumable: run again to continue)",
            f"- **Machine**: {machine}; wall time of the recorded runs: {wall_min:.0f} min",
@@ -448,10 +453,9 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
                     "spread between seeds, so with two or three seeds read it next to the rows' ± above):", ""]
             out += [f"- {k}: {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] → "
                     f"{d['verdict']}" for k, d in s["differences"].items()]
-    adopted = {k: why for s in summary.values() for r in s["rows"].values() for k, why in r.get("adopted", {}).items()}
-    if adopted:
-        out += ["", f"Runs adopted from an earlier study rather than trained here ({next(iter(adopted.values()))}): "
-                + ", ".join(f"`{a}`" for a in sorted(adopted)) + "."]
+    for why in sorted(set((adopted or {}).values())):
+        out += ["", f"Runs recorded rather than trained here ({why}): "
+                + ", ".join(f"`{k}`" for k in sorted(k for k, w in adopted.items() if w == why)) + "."]
     out += ["", "![dev curves](accuracy_curves.png)", "", MARK_END]
     return "\n".join(out) + "\n"
 
@@ -488,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     (docs / "accuracy.json").write_text(json.dumps(accuracy_json(summary), indent=2) + "\n")
     plot_curves(summary, docs / "accuracy_curves.png")
     wall = sum(r.get("train_s", 0) * r.get("seeds", 1) for s in summary.values() for r in s["rows"].values()) / 60
-    write_section(cfg.doc, render(cfg, summary, lr_table, lrs, _machine(), wall), MARK_START, MARK_END)
+    jobs = lr_jobs(cfg) + (main_jobs(cfg, lrs) if not missing else [])
+    adopted = {j.key: rec["provenance"] for j in jobs if (rec := runner.done(j)) is not None and rec.get("provenance")}
+    write_section(cfg.doc, render(cfg, summary, lr_table, lrs, _machine(), wall, adopted), MARK_START, MARK_END)
     left = ([j.key for j in main_jobs(cfg, lrs) if runner.done(j) is None] if not missing
             else ["learning rate of " + ", ".join(sorted(missing))])
     print(json.dumps({"tasks": accuracy_json(summary), "left": left}, indent=1))
