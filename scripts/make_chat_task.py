@@ -12,7 +12,13 @@ the plain format reads naturally; with the chat template the trainer strips noth
 learns " positive" as the assistant's turn.
 
     python scripts/make_chat_task.py --data-dir ../shared/data --out results/chat-task/sst2-chat.jsonl
-    lopa train --method lopa --task results/chat-task/sst2-chat.jsonl --chat-template auto --dev-metric exact_match
+    for m in lopa prompt-tuning; do for ct in auto none; do
+      lopa train --method $m --task results/chat-task/sst2-chat.jsonl --chat-template $ct \
+        --dev-metric exact_match --max-steps 300 --eval-every 100 --out results/chat-task/runs/$m-$ct
+    done; done
+
+Each run scores the bare model zero-shot on the same test rows in the same format first, and ends with
+the paired difference (exact match, ROUGE-L) against it. docs/results.md has the figures.
 """
 
 from __future__ import annotations

@@ -301,3 +301,16 @@ def test_a_generation_run_is_compared_with_zero_shot_item_by_item(tmp_path, caps
         assert results["test"][m] == pytest.approx(sum(a) / 3) and results["zero_shot"][m] == pytest.approx(sum(b) / 3)
     assert not any(k.endswith("_items") for k in results["test"])  # kept apart, in predictions.json
     assert "over zero-shot (paired 95% CI" in capsys.readouterr().out
+
+
+def test_the_headline_follows_the_dev_metric_the_user_chose(tmp_path, capsys):
+    """--dev-metric exact_match picks checkpoints by exact match, so the last line compares exact match too."""
+    data = _jsonl(tmp_path / "pairs.jsonl", _pairs(30))
+    out = tmp_path / "run"
+    assert main(["train", "--method", "prompt-tuning", "--task", str(data), "--out", str(out), "--max-steps", "2",
+                 "--eval-every", "2", "--batch-size", "4", "--chat-template", "none", "--model", "tiny-random-llama",
+                 "--dev-metric", "exact_match", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["vs_zero_shot"] == results["vs_zero_shot_by_metric"]["exact_match"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("test "))
+    assert line.startswith("test exact_match:") and "zero-shot exact_match:" in line

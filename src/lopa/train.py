@@ -481,7 +481,7 @@ def _finish(run: _Run) -> dict[str, Any]:
         results["test"] = _final_scores(best, run.task, args)
         if (run.out / ZERO_SHOT).exists():
             results["zero_shot"] = json.loads((run.out / ZERO_SHOT).read_text())
-            results.update(_paired_with_zero_shot(run.task, results["test"], results["zero_shot"]))
+            results.update(_paired_with_zero_shot(run.task, results["test"], results["zero_shot"], run.metric_name))
         _write_predictions(run, results)
     (run.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -521,9 +521,11 @@ def _per_item(task: Task, res: dict[str, Any]) -> dict[str, list[float]]:
     return {m: res[f"{m}_items"] for m in ITEM_METRICS if f"{m}_items" in res}
 
 
-def _paired_with_zero_shot(task: Task, test: dict[str, Any], zero_shot: dict[str, Any]) -> dict[str, Any]:
+def _paired_with_zero_shot(task: Task, test: dict[str, Any], zero_shot: dict[str, Any],
+                           dev_metric: str | None = None) -> dict[str, Any]:
     """The trained model minus the zero-shot model on the same test items, with a paired 95% interval:
-    ``{"vs_zero_shot": {"metric", "difference", "ci95"}}`` for the headline metric (accuracy, pass@1 or
+    ``{"vs_zero_shot": {"metric", "difference", "ci95"}}`` for the headline metric (the dev metric the
+    user chose where the test split has it per item, e.g. exact match; else accuracy, pass@1 or
     ROUGE-L), and ``"vs_zero_shot_by_metric"`` for each per-item metric of a generation task."""
     a, b = _per_item(task, test), _per_item(task, zero_shot)
     diffs = {}
@@ -533,7 +535,7 @@ def _paired_with_zero_shot(task: Task, test: dict[str, Any], zero_shot: dict[str
             diffs[m] = {"metric": m, "difference": d, "ci95": [lo, hi]}
     if not diffs:
         return {}
-    headline = next(m for m in (*HEADLINE, *diffs) if m in diffs)
+    headline = next(m for m in (dev_metric, *HEADLINE, *diffs) if m in diffs)
     out: dict[str, Any] = {"vs_zero_shot": diffs[headline]}
     if task.kind != "classification":
         out["vs_zero_shot_by_metric"] = diffs
@@ -550,13 +552,13 @@ def train_cli(args: TrainArgs) -> int:
         return 0
     test, zs = results.get("test"), results.get("zero_shot")
     if test:
-        key = next(k for k in HEADLINE if k in test)
+        vs = results.get("vs_zero_shot") or {}
+        key = vs["metric"] if vs.get("metric") in test else next(k for k in HEADLINE if k in test)
         line = f"test {key}: {test[key]:.4f}"
         if "macro_f1" in test:
             line += f"  macro-F1: {test['macro_f1']:.4f}"
         if zs:
             line += f"  |  zero-shot {key}: {zs[key]:.4f}"
-        vs = results.get("vs_zero_shot")
         if vs and vs.get("metric", key) == key:
             lo, hi = vs["ci95"]
             line += (f"  |  {100 * vs['difference']:+.1f} points over zero-shot "
