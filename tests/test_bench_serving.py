@@ -42,6 +42,7 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
         assert all(p["lead_in_requests"] == result["settings"]["batch_size"] for p in server["passes"])
         # PEFT prompt tuning holds the server's soft prompts: the same numbers (fp32 tiny model here)
         assert row["max_abs_logprob_diff_lopa_vs_peft_pt"] < 1e-5
+        assert 0 <= row["rounding_floor"] < 1e-5  # the bare model's own batch-shape rounding, measured
     assert result["classification"]["4"]["contenders"]["peft-pt"]["batches_per_pass"] == 4  # one per adapter
     # operators per batch: lopa's and the bare model's do not depend on K; LoRA's mixed batch loops over its adapters
     ops = {k: {c: x["operators_per_batch"] for c, x in row["contenders"].items() if "operators_per_batch" in x}
@@ -157,3 +158,20 @@ def test_quick_on_cuda(tmp_path):
                  "--doc", str(tmp_path / "results.md")]) == 0
     result = json.loads((tmp_path / "serving.json").read_text())
     assert result["settings"]["device"] == "cuda" and result["dtype"] == "bfloat16"
+
+
+def test_the_peft_check_measures_rounding_against_the_models_own_batch_shape_floor():
+    """In bf16 a model's label log-probs move with the batch's shape (kernels block by shape); the check
+    that PEFT prompt tuning computes what the server does must allow what the bare model itself shows,
+    and no more than twice it."""
+    from lopa.benchmarks.serving import notes_checks
+
+    def result(diff, floor):
+        row = {"max_abs_logprob_diff_lopa_vs_peft_pt": diff, "rounding_floor": floor, "contenders": {}}
+        return {"settings": {"batch_size": 32, "requests": 64}, "dtype": "bfloat16",
+                "classification": {"1": {**row, "max_abs_logprob_diff_lopa_vs_peft_pt": 0.0}, "512": row}}
+
+    same = notes_checks(result(0.47, 0.33))[0]
+    assert "compute the same thing" in same and "NOT" not in same and "differed by up to 0.33" in same
+    assert "NOT compute" in notes_checks(result(0.47, 0.01))[0]
+    assert "NOT compute" in notes_checks(result(0.47, None))[0]  # no floor measured: the dtype's usual 0.05
