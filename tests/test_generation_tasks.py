@@ -314,3 +314,23 @@ def test_the_headline_follows_the_dev_metric_the_user_chose(tmp_path, capsys):
     assert results["vs_zero_shot"] == results["vs_zero_shot_by_metric"]["exact_match"]
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("test "))
     assert line.startswith("test exact_match:") and "zero-shot exact_match:" in line
+
+
+def test_eval_of_a_user_file_named_like_a_builtin_task_on_that_builtin(tmp_path, capsys):
+    """A user's mbpp.jsonl is recorded by its path; `lopa eval RUN --task mbpp` means the built-in MBPP
+    (its own fixed format), not the file's chat and length settings; a task that cannot be built is one
+    clear line, not a traceback."""
+    from lopa.tasks import task_from_settings
+    data = _jsonl(tmp_path / "mbpp.jsonl", _pairs(30))
+    record = get_task(data, chat_template="none", max_length=64).settings()
+    assert record["name"] == "mbpp" and record["path"] == str(data)
+    assert task_from_settings(record, task="mbpp", data_dir=tmp_path).name == "mbpp"  # no generation settings passed
+    assert task_from_settings(record).settings()["max_length"] == 64  # the recorded file, as recorded
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "prompt-tuning", "--task", str(data), "--out", str(out), "--max-steps", "2",
+                 "--eval-every", "2", "--batch-size", "4", "--chat-template", "none", "--no-test", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--task", "rotten-tomatoes", "--template", "{nope}", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lopa eval: error:") and "Traceback" not in err

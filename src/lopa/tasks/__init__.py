@@ -107,7 +107,9 @@ def task_from_settings(record: dict[str, Any], *, task: str | None = None, data_
     name = task or recorded
     if not name:
         raise TaskError("the artifact records no task: pass --task (and --template, --label-words)")
-    same = task is None or task == recorded or task == record.get("name")
+    # a file or hf: task is named by its path; its name (the file's stem) may be a built-in's, as a user's
+    # mbpp.jsonl is named "mbpp": --task mbpp then means the built-in task, not the recorded file
+    same = task is None or task == recorded or (task == record.get("name") and not record.get("path"))
     gen = {k: record[k] for k in GENERATION_SETTINGS if same and record.get(k) not in (None, "", {})}
     return get_task(name, data_dir=data_dir or record.get("data_dir"), template=template or record.get("template") or None,
                     label_words=label_words or record.get("label_words") or None,
