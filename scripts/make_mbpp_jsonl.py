@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/mbpp-generic/mbpp.jsonl", help="the JSONL to write")
     p.add_argument("--seed", type=int, default=0, help="the built-in task's split seed")
     a = p.parse_args(argv)
-    task = get_task("mbpp", data_dir=a.data_dir, seed=a.seed)
+    splits = get_task("mbpp", data_dir=a.data_dir, seed=a.seed).splits()
     rows = [{"prompt": e.prompt, "completion": e.target, "split": split}
-            for split, examples in task.splits().items() for e in examples]
+            for split, examples in splits.items() for e in examples]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print(f"wrote {out}: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits().items()))
+    print(f"wrote {out}: " + ", ".join(f"{s} {len(x)}" for s, x in splits.items()))
     return 0
 
 

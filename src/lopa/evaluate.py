@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .hardware import PRECISION_CHOICES, autocast, precision_name
 from .rundir import load_run_model, run_precision
-from .tasks import Example, GenerationTask, Task, TaskError, generation_inputs, get_task
+from .tasks import Example, GenerationTask, Task, generation_inputs, get_task
 from .tasks.metrics import (accuracy, exact_match, macro_f1, mean_ci95, pass_at_k, perplexity,
                             proportion_ci95, rouge_l)
 
@@ -351,7 +351,7 @@ class EvalArgs:
 def eval_cli(args: EvalArgs) -> int:
     try:
         return _eval(args)
-    except (TaskError, ValueError, FileNotFoundError) as e:  # a bad task, run, artifact or data file: one line
+    except (ValueError, FileNotFoundError) as e:  # a bad task (TaskError), run, artifact or data file: one line
         print(f"lopa eval: error: {e}", file=sys.stderr)
         return 2
 

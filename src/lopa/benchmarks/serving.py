@@ -897,14 +897,13 @@ class Field:
     def rounding_floor(self) -> float | None:
         """What the model itself does between differently shaped batches: the stream's plain rows (as many
         as the check compares) run in full batches and one row at a time, the largest label log-prob
-        difference. A check
-        that compares batches of different shapes (the server's full ones, PEFT prompt tuning's per
+        difference. A check that compares batches of different shapes (the server's full ones, PEFT prompt tuning's per
         adapter) cannot expect less; in bf16 on a CPU whose kernels block by shape it is far from zero."""
         if self.bare is None:
             return None
         if self.floor is None:
             a, w = self.args, self.work
-            rows = [w.plain[i] for i in range(min(a.requests, len(w.plain)))]
+            rows = list(w.plain[:a.requests])
             whole = run_bare(self.bare, rows, w.label_ids, a.batch_size)
             single = run_bare(self.bare, rows, w.label_ids, 1)
             self.floor = max(abs(x - y) for r, q in zip(whole, single) for x, y in zip(r, q))
