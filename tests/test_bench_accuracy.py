@@ -127,3 +127,20 @@ def test_the_paper_row_takes_the_encoders_width(tmp_path):
     run_config = json.loads((tmp_path / "a" / "runs" / job.key / "run_config.json").read_text())
     assert ROW_BY_NAME["lopa-paper"].settings["hidden_size"] != 32
     assert json.dumps(run_config).count('"hidden_size": 32') == 1  # tiny-random-bert is 32 wide
+
+
+def test_accuracy_json_keeps_the_tasks_a_partial_run_did_not_cover(tmp_path, capsys):
+    from lopa.benchmarks.accuracy import write_accuracy_json
+    path = tmp_path / "accuracy.json"
+    earlier = {"mrpc": {"lopa": {"mean": 0.7, "ci95": [0.6, 0.8], "seeds": 1, "trainable": 5}},
+               "sst2": {"lopa": {"mean": 0.1, "ci95": [0.0, 0.2], "seeds": 1, "trainable": 5}}}
+    path.write_text(json.dumps(earlier))
+    summary = {"sst2": {"rows": {"lopa": {"mean": 0.85, "ci95": [0.8, 0.9], "seeds": 3, "trainable": 7}}}}
+    assert write_accuracy_json(path, summary) == ["mrpc"]
+    written = json.loads(path.read_text())
+    assert written["mrpc"] == earlier["mrpc"]  # the task this run did not cover survives
+    assert written["sst2"]["lopa"] == {"mean": 0.85, "ci95": [0.8, 0.9], "seeds": 3, "trainable": 7}
+    path.write_text("{not json")  # an unreadable earlier file is replaced, with a word on stderr
+    assert write_accuracy_json(path, summary) == []
+    assert list(json.loads(path.read_text())) == ["sst2"]
+    assert "not readable" in capsys.readouterr().err

@@ -397,6 +397,34 @@ def accuracy_json(summary: dict[str, Any]) -> dict[str, Any]:
                    for name, r in s["rows"].items()} for task, s in summary.items()}
 
 
+def write_accuracy_json(path: Path, summary: dict[str, Any]) -> list[str]:
+    """Write :func:`accuracy_json` of ``summary`` to ``path``, keeping the entries of tasks this run did
+    not cover (a benchmark run in parts, one ``--tasks`` at a time, must not erase the others); returns
+    the tasks kept from the earlier file. An unreadable earlier file is replaced, and said so.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "accuracy.json"
+    >>> _ = p.write_text('{"mrpc": {"lopa": {"mean": 0.7, "ci95": [0.6, 0.8], "seeds": 1, "trainable": 5}}}')
+    >>> write_accuracy_json(p, {"sst2": {"rows": {}}})
+    ['mrpc']
+    >>> sorted(json.loads(p.read_text()))
+    ['mrpc', 'sst2']
+    """
+    new = accuracy_json(summary)
+    old: dict[str, Any] = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict) or not all(isinstance(v, dict) for v in old.values()):
+                raise ValueError("not a {task: {method: ...}} object")
+        except ValueError as e:
+            print(f"[accuracy] {path} was not readable ({e}); writing it anew", file=sys.stderr)
+            old = {}
+    kept = sorted(t for t in old if t not in new)
+    path.write_text(json.dumps({**{t: old[t] for t in kept}, **new}, indent=2) + "\n")
+    return kept
+
+
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -421,8 +449,10 @@ def _pct(x: float | None) -> str:
 
 
 def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str, dict[str, float]],
-           lrs: dict[str, float], machine: str, wall_min: float, adopted: dict[str, str] | None = None) -> str:
-    """The markdown section; ``adopted`` maps the keys of runs recorded rather than trained here to why."""
+           lrs: dict[str, float], machine: str, wall_min: float, adopted: dict[str, str] | None = None,
+           kept: list[str] | None = None) -> str:
+    """The markdown section; ``adopted`` maps the keys of runs recorded rather than trained here to why;
+    ``kept`` names the tasks whose figures ``accuracy.json`` keeps from an earlier run of the benchmark."""
     out = [MARK_START, "## Accuracy: the LoPA paper's comparison on SST-2, MRPC and rotten-tomatoes-3", "",
            f"- **Command**: `lopa bench accuracy {' '.join(cfg.argv)}` (resumable: run again to continue)",
            f"- **Machine**: {machine}; wall time of the recorded runs: {wall_min:.0f} min",
@@ -456,6 +486,9 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
     for why in sorted(set((adopted or {}).values())):
         out += ["", f"Runs recorded rather than trained here ({why}): "
                 + ", ".join(f"`{k}`" for k in sorted(k for k, w in adopted.items() if w == why)) + "."]
+    if kept:
+        out += ["", f"`accuracy.json` keeps its figures for {', '.join(kept)} from an earlier run of this benchmark "
+                "(not among the tasks of the command above, nor shown in this section)."]
     out += ["", "![dev curves](accuracy_curves.png)", "", MARK_END]
     return "\n".join(out) + "\n"
 
@@ -489,12 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     (cfg.out / SUMMARY).write_text(json.dumps({"learning_rates": lr_table, "chosen": lrs, "tasks": slim}) + "\n")
     docs = cfg.doc.parent
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "accuracy.json").write_text(json.dumps(accuracy_json(summary), indent=2) + "\n")
+    kept = write_accuracy_json(docs / "accuracy.json", summary)
     plot_curves(summary, docs / "accuracy_curves.png")
     wall = sum(r.get("train_s", 0) * r.get("seeds", 1) for s in summary.values() for r in s["rows"].values()) / 60
     jobs = lr_jobs(cfg) + (main_jobs(cfg, lrs) if not missing else [])
     adopted = {j.key: rec["provenance"] for j in jobs if (rec := runner.done(j)) is not None and rec.get("provenance")}
-    write_section(cfg.doc, render(cfg, summary, lr_table, lrs, _machine(), wall, adopted), MARK_START, MARK_END)
+    write_section(cfg.doc, render(cfg, summary, lr_table, lrs, _machine(), wall, adopted, kept), MARK_START, MARK_END)
     left = ([j.key for j in main_jobs(cfg, lrs) if runner.done(j) is None] if not missing
             else ["learning rate of " + ", ".join(sorted(missing))])
     print(json.dumps({"tasks": accuracy_json(summary), "left": left}, indent=1))
