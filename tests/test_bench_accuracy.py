@@ -85,13 +85,14 @@ def test_bad_rows_and_steps_are_refused_at_once(tmp_path, capsys):
 
 
 def test_a_family_is_decided_only_when_all_its_candidates_have_finished(tmp_path):
-    """A benchmark run in parts must not train main runs at a rate a later candidate could beat."""
-    from lopa.benchmarks.accuracy import CANDIDATE_LRS, Runner, choose_lrs, lr_jobs, parse_args
+    """A benchmark run in parts must not train main runs at a rate a later candidate could beat; a grid
+    whose best candidate sits on its edge is widened one step there before the family is decided."""
+    from lopa.benchmarks.accuracy import CANDIDATE_LRS, Job, Runner, choose_lrs, lr_jobs, parse_args
     cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa",
-                      "--report-only"])
+                      "--report-only", "--lr-extensions", "1"])
     runner = Runner(cfg)
     first, second = lr_jobs(cfg)
-    assert (first.lr, second.lr) == CANDIDATE_LRS["lopa"]
+    assert (first.lr, second.lr) == CANDIDATE_LRS["lopa"] == (1e-3, 3e-3)
 
     def finish(job, dev):
         runner.run_dir(job).mkdir(parents=True)
@@ -99,10 +100,18 @@ def test_a_family_is_decided_only_when_all_its_candidates_have_finished(tmp_path
 
     finish(first, 0.7)
     chosen, table = choose_lrs(cfg, runner)
-    assert chosen == {} and table == {"lopa": {f"{first.lr:g}": 0.7}}
-    finish(second, 0.8)
-    chosen, _ = choose_lrs(cfg, runner)
-    assert chosen == {"lopa": second.lr}
+    assert chosen == {} and table == {"lopa": {"0.001": 0.7}}
+    finish(second, 0.8)  # the best is the top edge, and beats its neighbour: 1e-2 is tried before deciding
+    chosen, table = choose_lrs(cfg, runner)
+    assert chosen == {} and table == {"lopa": {"0.001": 0.7, "0.003": 0.8}}
+    widened = Job("sst2", "lopa", 0, 1e-2, False)
+    assert [j.lr for j in lr_jobs(cfg, runner)] == [1e-3, 3e-3, 1e-2]
+    finish(widened, 0.75)  # inside the grid now: decided
+    chosen, table = choose_lrs(cfg, runner)
+    assert chosen == {"lopa": 3e-3} and table["lopa"]["0.01"] == 0.75
+
+    cfg.lr_extensions = 0  # no widening: the first grid decides
+    assert choose_lrs(cfg, runner)[0] == {"lopa": 3e-3}
 
 
 def test_a_corrupt_run_log_is_refused_with_its_line_and_nothing_is_overwritten(tmp_path, capsys):

@@ -2,8 +2,10 @@
 the test split, as in the paper) and rotten-tomatoes-3, every method next to zero-shot.
 
 Protocol: each family's learning rate is chosen on the first task's dev split at the main runs'
-budget (candidates trained with ``--no-test``: the test split is never read to choose); the chosen
-run is then scored on test, and the other seeds and tasks reuse that LR. Differences between rows
+budget (candidates trained with ``--no-test``: the test split is never read to choose). A family's grid
+is widened while its best candidate sits on the grid's edge and strictly beats its neighbour: the next
+rate one grid step further out is tried, at most ``--lr-extensions`` times, so that no family is judged
+at a rate its own curve says is too low or too high. The chosen run is then scored on test, and the other seeds and tasks reuse that LR. Differences between rows
 are paired (same test items; with several seeds, each item's correctness averaged over seeds) with
 a 95% interval, and claimed only where the interval excludes zero. Resumable: every run is a
 ``lopa train`` run directory under OUT/runs/, finished ones are read back, unfinished ones resume.
@@ -81,6 +83,7 @@ ROWS = [
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 MULTI_SEED = ("prompt-tuning", "idpg", "lopa", "lora")
+# each family's first grid; widened on the side where its best candidate sits (see lr_grid)
 CANDIDATE_LRS = {"prompt-tuning": (3e-3, 1e-2), "lopt-1": (3e-3, 1e-2), "lopt-2": (1e-3, 3e-3),
                  "idpg": (3e-4, 1e-3), "lopa": (1e-3, 3e-3), "lora": (5e-4, 2e-3), "full": (2e-5, 1e-4)}
 COMPARE = [("lopa", "prompt-tuning"), ("lopa", "lora"), ("lopa", "idpg"), ("lopa", "lopa-paper"),
@@ -117,6 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.quick("--seeds", 3, 2, f"seeds of {', '.join(MULTI_SEED)} on the first task", type=int)
     a("--steps", default=None, metavar="TASK=N,...",
       help="training steps per task (default " + ",".join(f"{k}={v}" for k, v in TASK_STEPS.items()) + "; --quick: 4)")
+    p.quick("--lr-extensions", 2, 1, "times a family's learning-rate grid may be widened beyond its first "
+            "candidates (" + ", ".join(f"{f} {'/'.join(f'{x:g}' for x in c)}" for f, c in CANDIDATE_LRS.items())
+            + "), one step past the edge where its best candidate sits", type=int)
     p.quick("--evals", 6, 2, "dev evaluations per run, evenly spaced (the curves' points)", type=int)
     p.quick("--dev-limit", 500, 16, "dev items per evaluation", type=int)
     p.quick("--test-limit", None, 24, "test items per run", shown="all", type=int)
@@ -136,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.task_list, args.row_list = args.tasks.split(","), args.rows.split(",")
     args.task_steps = {t: (4 if args.quick else steps.get(t, 400)) for t in args.task_list}
     require_positive(p, args, ("seeds", "evals", "dev_limit"))
+    if args.lr_extensions < 0:
+        p.error(f"--lr-extensions must be >= 0, got {args.lr_extensions}")
     p.finish(args, writes=[SUMMARY])
     args.out, args.doc = Path(args.out), Path(args.doc)
     args.run_log = Path(args.run_log) if args.run_log else args.doc.parent / RUN_LOG
@@ -144,11 +152,81 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def lr_jobs(cfg: argparse.Namespace) -> list[Job]:
-    """Dev-only candidates on the first task, seed 0, at the main budget."""
+def nice_lr(x: float) -> float:
+    """``x`` rounded, in log space, to the nearest of 1, 2, 3 or 5 times a power of ten.
+
+    >>> [nice_lr(x) for x in (3.3e-2, 1.25e-4, 9e-3, 6.7e-6)]
+    [0.03, 0.0001, 0.01, 5e-06]
+    """
+    k = math.floor(math.log10(x))
+    steps = [m * 10.0 ** e for e in (k, k + 1) for m in (1, 2, 3, 5)]
+    return float(f"{min(steps, key=lambda v: abs(math.log(v / x))):.3g}")
+
+
+def next_lr(dev: dict[float, float]) -> float | None:
+    """The rate to try next, given each tried rate's best dev accuracy: one grid step beyond the edge
+    where the best sits, if it strictly beats its neighbour there; None when the best is inside the
+    grid (or level with its neighbour: a flat edge says nothing about further out).
+
+    >>> next_lr({3e-3: 0.72, 1e-2: 0.83})       # best at the top edge: try higher
+    0.03
+    >>> next_lr({1e-3: 0.85, 3e-3: 0.84})       # best at the bottom edge: try lower
+    0.0003
+    >>> next_lr({3e-4: 0.8, 1e-3: 0.85, 3e-3: 0.84}) is None   # inside: decided
+    True
+    """
+    lrs = sorted(dev)
+    if len(lrs) < 2:
+        return None
+    best = min(lrs, key=lambda lr: (-dev[lr], lr))
+    if best == lrs[-1] and dev[lrs[-1]] > dev[lrs[-2]]:
+        return nice_lr(lrs[-1] * lrs[-1] / lrs[-2])
+    if best == lrs[0] and dev[lrs[0]] > dev[lrs[1]]:
+        return nice_lr(lrs[0] * lrs[0] / lrs[1])
+    return None
+
+
+def lr_grid(cfg: argparse.Namespace, family: str, dev_of: Any) -> tuple[dict[float, float], float | None]:
+    """A family's candidates so far and its chosen rate (None while undecided). ``dev_of(job)`` gives a
+    finished candidate's record or None; it may train the candidate (:class:`Runner`) or only look."""
+    grid, dev = list(CANDIDATE_LRS[family]), {}
+    while True:
+        for lr in grid:
+            if lr not in dev:
+                rec = dev_of(Job(cfg.task_list[0], family, 0, lr, False))
+                if rec is None:
+                    return dev, None
+                dev[lr] = rec["best_dev_accuracy"]
+        nxt = next_lr(dev) if len(grid) < len(CANDIDATE_LRS[family]) + cfg.lr_extensions else None
+        if nxt is None or nxt in dev:
+            return dev, min(dev, key=lambda lr: (-dev[lr], lr))  # ties: the smaller rate
+        grid.append(nxt)
+
+
+def lr_jobs(cfg: argparse.Namespace, runner: "Runner | None" = None) -> list[Job]:
+    """Dev-only candidates on the first task, seed 0, at the main budget: each family's first grid, and
+    the widenings its finished candidates call for (known only from ``runner``'s finished runs)."""
     first = cfg.task_list[0]
     families = {ROW_BY_NAME[r].lr_family for r in cfg.row_list}
-    return [Job(first, fam, 0, lr, False) for fam in CANDIDATE_LRS if fam in families for lr in CANDIDATE_LRS[fam]]
+    jobs = []
+    for fam in CANDIDATE_LRS:
+        if fam not in families:
+            continue
+        tried = set(CANDIDATE_LRS[fam])
+        if runner is not None:
+            tried |= set(lr_grid(cfg, fam, runner.done)[0])
+            if (nxt := next_pending(cfg, fam, runner)) is not None:
+                tried.add(nxt)
+        jobs += [Job(first, fam, 0, lr, False) for lr in sorted(tried)]
+    return jobs
+
+
+def next_pending(cfg: argparse.Namespace, family: str, runner: "Runner") -> float | None:
+    """The widening a family waits for: all its tried candidates finished, the grid not yet decided."""
+    dev, chosen = lr_grid(cfg, family, runner.done)
+    if chosen is not None or len(dev) < len(CANDIDATE_LRS[family]):
+        return None
+    return next_lr(dev)
 
 
 def main_jobs(cfg: argparse.Namespace, lrs: dict[str, float]) -> list[Job]:
@@ -313,16 +391,20 @@ def zero_shot(cfg: argparse.Namespace, task_name: str, log: RunLog) -> dict[str,
 
 
 def choose_lrs(cfg: argparse.Namespace, runner: Runner) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Each family's LR: the candidate with the best dev accuracy (ties: the smaller LR)."""
+    """Each family's LR: the candidate with the best dev accuracy (ties: the smaller LR), its grid widened
+    as :func:`lr_grid` says. A family is decided only once every candidate it calls for has finished, so a
+    benchmark run in parts never trains its main runs at a rate that a later candidate would have beaten."""
+    families = {ROW_BY_NAME[r].lr_family for r in cfg.row_list}
     table: dict[str, dict[str, float]] = {}
-    for job in lr_jobs(cfg):
-        res = runner(job)
-        if res is not None:
-            table.setdefault(job.row, {})[f"{job.lr:g}"] = res["best_dev_accuracy"]
-    # a family is decided only once all its candidates have finished, so a benchmark run in parts never
-    # trains its main runs at a rate that a later candidate would have beaten
-    complete = {fam: c for fam, c in table.items() if len(c) == len(CANDIDATE_LRS[fam])}
-    chosen = {fam: float(min(c, key=lambda lr: (-c[lr], float(lr)))) for fam, c in complete.items()}
+    chosen: dict[str, float] = {}
+    for fam in CANDIDATE_LRS:
+        if fam not in families:
+            continue
+        dev, lr = lr_grid(cfg, fam, runner)
+        if dev:
+            table[fam] = {f"{x:g}": dev[x] for x in sorted(dev)}
+        if lr is not None:
+            chosen[fam] = lr
     return chosen, table
 
 
@@ -525,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = write_accuracy_json(docs / "accuracy.json", summary)
     plot_curves(summary, docs / "accuracy_curves.png")
     wall = sum(r.get("train_s", 0) * r.get("seeds", 1) for s in summary.values() for r in s["rows"].values()) / 60
-    jobs = lr_jobs(cfg) + (main_jobs(cfg, lrs) if not missing else [])
+    jobs = lr_jobs(cfg, runner) + (main_jobs(cfg, lrs) if not missing else [])
     adopted = {j.key: rec["provenance"] for j in jobs if (rec := runner.done(j)) is not None and rec.get("provenance")}
     write_section(cfg.doc, render(cfg, summary, lr_table, lrs, _machine(), wall, adopted, kept), MARK_START, MARK_END)
     left = ([j.key for j in main_jobs(cfg, lrs) if runner.done(j) is None] if not missing
@@ -535,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_plan(cfg: argparse.Namespace, runner: Runner) -> int:
-    """The runs still to do (the main runs as if each family's first candidate won) and their steps."""
-    lrs = {fam: c[0] for fam, c in CANDIDATE_LRS.items()}
-    todo = [j for j in lr_jobs(cfg) + main_jobs(cfg, lrs) if runner.done(j) is None]
+    """The runs still to do (the main runs at each decided family's rate, or as if its first candidate
+    won; widenings of a grid appear once the candidates that call for them have finished) and their steps."""
+    lrs = {fam: lr_grid(cfg, fam, runner.done)[1] or c[0] for fam, c in CANDIDATE_LRS.items()}
+    todo = [j for j in lr_jobs(cfg, runner) + main_jobs(cfg, lrs) if runner.done(j) is None]
     reused = [j for j in todo if j.test and j.seed == 0 and j.task == cfg.task_list[0]]  # scored from an LR run
     steps = sum(cfg.task_steps[j.task] for j in todo if j not in reused)
     print(f"{len(todo)} runs to do ({len(reused)} of them only scored on test), {steps} training steps")
