@@ -31,6 +31,10 @@ VARIANTS: dict[str, dict] = {
     # Z_S at prompt tuning's best rate (1e-2 at 10x) or beyond: the gate can only rescale Z_S, and under
     # Adam Z_S moves about lr per step while S-IDPG's head moves its whole prompt h times faster
     "lopa-zs-lr30x": dict(method="lopa", shared_lr_scale=30.0),
+    # prompt tuning's own rate, once its grid was widened on dev, rose to 1e-1 (100x LoPA's heads' 1e-3): does
+    # LoPA's task-wide part want as much?
+    "lopa-zs-lr100x": dict(method="lopa", shared_lr_scale=100.0),
+    "lopa-zs-lr300x": dict(method="lopa", shared_lr_scale=300.0),
     "lopa-zs-normal1-h384": dict(method="lopa", shared_lr_scale=1.0, init="random", init_std=1.0, hidden_size=384),
     "lopa-zs-normal1-lr3e-3": dict(method="lopa", shared_lr_scale=1.0, init="random", init_std=1.0, lr=3e-3),
     "lopa-zs-lr10x-lr3e-3": dict(method="lopa", shared_lr_scale=10.0, lr=3e-3),
@@ -38,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
+    "prompt-tuning-lr1e-1": dict(method="prompt-tuning", lr=1e-1),
     "idpg": dict(method="idpg"),
     "idpg-lr3e-4": dict(method="idpg", lr=3e-4),
 }
