@@ -44,7 +44,8 @@ def test_quick_runs_every_row_and_resumes(tmp_path, capsys):
     assert acc["sst2"]["zero-shot"]["trainable"] == 0
 
     # the learning rates were chosen on runs that never scored the test split
-    lr_runs = [p for p in (out / "runs" / "sst2").glob("*/*") if not (p / "predictions.json").exists()]
+    lr_runs = [p for p in (out / "runs" / "sst2").glob("*/*") if p.is_dir() and not (p / "predictions.json").exists()]
+    assert all(p.with_name(p.name + ".settings.json").exists() for p in lr_runs)  # what each was made with
     assert lr_runs and all("test" not in json.loads((p / "results.json").read_text()) for p in lr_runs)
     text = doc.read_text()
     assert "kept as is" in text and "<!-- accuracy:start -->" in text and "Paired differences" in text
@@ -97,6 +98,7 @@ def test_a_family_is_decided_only_when_all_its_candidates_have_finished(tmp_path
     def finish(job, dev):
         runner.run_dir(job).mkdir(parents=True)
         (runner.run_dir(job) / "results.json").write_text(json.dumps({"best_dev_accuracy": dev}))
+        runner.settings_path(job).write_text(json.dumps(runner.settings(job)))
 
     finish(first, 0.7)
     chosen, table = choose_lrs(cfg, runner)
@@ -153,3 +155,22 @@ def test_accuracy_json_keeps_the_tasks_a_partial_run_did_not_cover(tmp_path, cap
     assert write_accuracy_json(path, summary) == []
     assert list(json.loads(path.read_text())) == ["sst2"]
     assert "not readable" in capsys.readouterr().err
+
+
+def test_a_run_directory_made_with_other_settings_is_not_read_back(tmp_path):
+    """After a method's default changes, its old run directories must not pass for today's runs."""
+    from lopa.benchmarks.accuracy import Job, Runner, parse_args
+    cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa", "--report-only"])
+    runner = Runner(cfg)
+    job = Job("sst2", "lopa", 0, 1e-3, False)
+    runner.run_dir(job).mkdir(parents=True)
+    (runner.run_dir(job) / "results.json").write_text(json.dumps({"best_dev_accuracy": 0.8}))
+    # a directory without its settings file, and no log record: not trusted
+    assert runner.done(job) is None and not runner.dir_matches(job)
+    # with the settings it was made with, read back (and logged)
+    runner.settings_path(job).write_text(json.dumps(runner.settings(job)))
+    assert runner.done(job)["best_dev_accuracy"] == 0.8
+    # the same directory under another default: neither its file nor the log's record matches any more
+    fresh = Runner(parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa",
+                               "--report-only", "--dev-limit", "17"]))
+    assert fresh.done(job) is None and not fresh.dir_matches(job)

@@ -273,9 +273,27 @@ class Runner:
                 self.log.put(job.key, settings, rec)
         return rec if rec is not None and (not job.test or "test" in rec) else None
 
+    def settings_path(self, job: Job) -> Path:
+        """Beside the run directory (``lopa train`` wants its folder to itself): the settings it was started with."""
+        out = self.run_dir(job)
+        return out.parent / f"{out.name}.settings.json"
+
+    def dir_matches(self, job: Job) -> bool:
+        """Whether the job's run directory was made with today's settings. A directory from before the settings
+        file was kept beside it is trusted only through a log record with today's settings: a run trained under
+        other defaults (a method's default changed since) must not be read back as today's."""
+        settings = self.settings(job)
+        path = self.settings_path(job)
+        if path.exists():
+            try:
+                return json.loads(path.read_text()) == json.loads(json.dumps(settings))
+            except ValueError:
+                return False
+        return self.log.get(job.key, settings) is not None
+
     def _from_run_dir(self, job: Job) -> dict[str, Any] | None:
         out = self.run_dir(job)
-        if not (out / "results.json").exists():
+        if not (out / "results.json").exists() or not self.dir_matches(job):
             return None
         res = json.loads((out / "results.json").read_text())
         rec = {k: res[k] for k in ("best_dev_accuracy", "trainable_params", "train_s") if k in res}
@@ -302,7 +320,7 @@ class Runner:
         if self.log.stale(job.key, self.settings(job)):
             print(f"[accuracy] {job.key}: logged with other settings; running it again", file=sys.stderr)
         dev_twin = Job(job.task, job.row, job.seed, job.lr, False)
-        if job.test and (self.run_dir(dev_twin) / "best").is_dir():
+        if job.test and (self.run_dir(dev_twin) / "best").is_dir() and self.dir_matches(dev_twin):
             self._test_only(job, dev_twin)
         else:
             self._train(job)
@@ -313,6 +331,12 @@ class Runner:
         from lopa.train import TrainArgs, train
         cfg, row, steps = self.cfg, ROW_BY_NAME[job.row], self.cfg.task_steps[job.task]
         out = self.run_dir(job)
+        fresh = out.exists() and not self.dir_matches(job)
+        if fresh:
+            print(f"[accuracy] {job.key}: its run directory was made with other settings; training afresh",
+                  file=sys.stderr)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.settings_path(job).write_text(json.dumps(self.settings(job)) + "\n")
         settings = dict(row.settings)
         warmup = max(1, round(steps * settings.pop("warmup_fraction", 0.1)))
         if settings.get("hidden_size") == ENCODER_WIDTH:
@@ -322,7 +346,7 @@ class Runner:
             "data_dir": cfg.data_dir, "out": str(out), "max_steps": steps, "lr": job.lr, "seed": job.seed,
             "eval_every": max(1, steps // cfg.evals), "eval_limit": cfg.dev_limit, "test_limit": cfg.test_limit,
             "test": job.test, "zero_shot": False, "progress": False, "warmup_steps": warmup,
-            "resume": (out / "run_config.json").exists()})
+            "resume": not fresh and (out / "run_config.json").exists(), "overwrite": fresh})
         print(f"[accuracy] {job.key}: training {steps} steps", file=sys.stderr, flush=True)
         res = train(args)
         _drop_checkpoints(out)
