@@ -186,47 +186,37 @@ def next_lr(dev: dict[float, float]) -> float | None:
     return None
 
 
-def lr_grid(cfg: argparse.Namespace, family: str, dev_of: Any) -> tuple[dict[float, float], float | None]:
-    """A family's candidates so far and its chosen rate (None while undecided). ``dev_of(job)`` gives a
-    finished candidate's record or None; it may train the candidate (:class:`Runner`) or only look."""
+def lr_families(cfg: argparse.Namespace) -> list[str]:
+    """The families whose rates the chosen rows need, in :data:`CANDIDATE_LRS` order."""
+    used = {ROW_BY_NAME[r].lr_family for r in cfg.row_list}
+    return [fam for fam in CANDIDATE_LRS if fam in used]
+
+
+def lr_grid(cfg: argparse.Namespace, family: str,
+            dev_of: Any) -> tuple[list[float], dict[float, float], float | None]:
+    """A family's candidates called for so far (its first grid, and each widening its finished candidates
+    call for), the best dev accuracy of those finished, and its chosen rate (None while undecided).
+    ``dev_of(job)`` gives a finished candidate's record or None; it may train the candidate
+    (:class:`Runner`) or only look (``Runner.done``)."""
     grid, dev = list(CANDIDATE_LRS[family]), {}
     while True:
         for lr in grid:
             if lr not in dev:
                 rec = dev_of(Job(cfg.task_list[0], family, 0, lr, False))
                 if rec is None:
-                    return dev, None
+                    return grid, dev, None
                 dev[lr] = rec["best_dev_accuracy"]
         nxt = next_lr(dev) if len(grid) < len(CANDIDATE_LRS[family]) + cfg.lr_extensions else None
         if nxt is None or nxt in dev:
-            return dev, min(dev, key=lambda lr: (-dev[lr], lr))  # ties: the smaller rate
+            return grid, dev, min(dev, key=lambda lr: (-dev[lr], lr))  # ties: the smaller rate
         grid.append(nxt)
 
 
 def lr_jobs(cfg: argparse.Namespace, runner: "Runner | None" = None) -> list[Job]:
     """Dev-only candidates on the first task, seed 0, at the main budget: each family's first grid, and
     the widenings its finished candidates call for (known only from ``runner``'s finished runs)."""
-    first = cfg.task_list[0]
-    families = {ROW_BY_NAME[r].lr_family for r in cfg.row_list}
-    jobs = []
-    for fam in CANDIDATE_LRS:
-        if fam not in families:
-            continue
-        tried = set(CANDIDATE_LRS[fam])
-        if runner is not None:
-            tried |= set(lr_grid(cfg, fam, runner.done)[0])
-            if (nxt := next_pending(cfg, fam, runner)) is not None:
-                tried.add(nxt)
-        jobs += [Job(first, fam, 0, lr, False) for lr in sorted(tried)]
-    return jobs
-
-
-def next_pending(cfg: argparse.Namespace, family: str, runner: "Runner") -> float | None:
-    """The widening a family waits for: all its tried candidates finished, the grid not yet decided."""
-    dev, chosen = lr_grid(cfg, family, runner.done)
-    if chosen is not None or len(dev) < len(CANDIDATE_LRS[family]):
-        return None
-    return next_lr(dev)
+    return [Job(cfg.task_list[0], fam, 0, lr, False) for fam in lr_families(cfg)
+            for lr in sorted(lr_grid(cfg, fam, runner.done)[0] if runner is not None else CANDIDATE_LRS[fam])]
 
 
 def main_jobs(cfg: argparse.Namespace, lrs: dict[str, float]) -> list[Job]:
@@ -418,13 +408,10 @@ def choose_lrs(cfg: argparse.Namespace, runner: Runner) -> tuple[dict[str, float
     """Each family's LR: the candidate with the best dev accuracy (ties: the smaller LR), its grid widened
     as :func:`lr_grid` says. A family is decided only once every candidate it calls for has finished, so a
     benchmark run in parts never trains its main runs at a rate that a later candidate would have beaten."""
-    families = {ROW_BY_NAME[r].lr_family for r in cfg.row_list}
     table: dict[str, dict[str, float]] = {}
     chosen: dict[str, float] = {}
-    for fam in CANDIDATE_LRS:
-        if fam not in families:
-            continue
-        dev, lr = lr_grid(cfg, fam, runner)
+    for fam in lr_families(cfg):
+        _, dev, lr = lr_grid(cfg, fam, runner)
         if dev:
             table[fam] = {f"{x:g}": dev[x] for x in sorted(dev)}
         if lr is not None:
@@ -643,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_plan(cfg: argparse.Namespace, runner: Runner) -> int:
     """The runs still to do (the main runs at each decided family's rate, or as if its first candidate
     won; widenings of a grid appear once the candidates that call for them have finished) and their steps."""
-    lrs = {fam: lr_grid(cfg, fam, runner.done)[1] or c[0] for fam, c in CANDIDATE_LRS.items()}
+    lrs = {fam: lr_grid(cfg, fam, runner.done)[2] or CANDIDATE_LRS[fam][0] for fam in lr_families(cfg)}
     todo = [j for j in lr_jobs(cfg, runner) + main_jobs(cfg, lrs) if runner.done(j) is None]
     reused = [j for j in todo if j.test and j.seed == 0 and j.task == cfg.task_list[0]]  # scored from an LR run
     steps = sum(cfg.task_steps[j.task] for j in todo if j not in reused)
