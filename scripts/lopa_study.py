@@ -39,6 +39,13 @@ VARIANTS: dict[str, dict] = {
     "lopa-zs-normal1-lr3e-3": dict(method="lopa", shared_lr_scale=1.0, init="random", init_std=1.0, lr=3e-3),
     "lopa-zs-lr10x-lr3e-3": dict(method="lopa", shared_lr_scale=10.0, lr=3e-3),
     "lopa-fp32": dict(method="lopa", shared_lr_scale=1.0, precision="fp32"),
+    # features normalised before the heads: mean pooling shrinks them as texts grow (SST-2's train split,
+    # and so the dev split carved from it, is mostly phrases; its test split is whole sentences)
+    "lopa-fn-rms": dict(method="lopa", feature_norm="rms"),
+    "lopa-fn-l2": dict(method="lopa", feature_norm="l2"),
+    "lopa-fn-rms-lr3e-3": dict(method="lopa", feature_norm="rms", lr=3e-3),
+    "lopa-lr3e-3-zs100x": dict(method="lopa", lr=3e-3),
+    "idpg-fn-rms": dict(method="idpg", feature_norm="rms"),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
@@ -62,6 +69,32 @@ def run_variant(name: str, settings: dict, proto: dict, out_root: str) -> dict:
     kw = {**proto, **settings, "out": str(out), "test": False, "zero_shot": False, "progress": False}
     kw["resume"] = (out / "run_config.json").exists()
     return train(TrainArgs.from_flat(**kw))
+
+
+def dev_by_length(run_dir: Path, min_words: int, threads: int = 1) -> dict:
+    """Accuracy of a run's best checkpoint on its task's whole dev split, apart for texts of fewer and of
+    at least ``min_words`` words (cached in the run directory). SST-2's dev split is carved from GLUE's
+    train split, mostly short phrases; this says how a setting fares on the longer texts among them."""
+    cached = run_dir / f"dev_by_length_{min_words}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    import torch
+    torch.set_num_threads(threads)
+    from lopa.evaluate import load_run_model, score
+    from lopa.hardware import precision_name
+    from lopa.rundir import run_precision
+    from lopa.tasks import task_from_settings
+    model = load_run_model(str(run_dir))
+    task = task_from_settings(model.task)
+    res = score(model, task, "dev", keep_predictions=True, progress=False,
+                precision=precision_name(run_precision(str(run_dir)) or "auto"))
+    examples = task.split("dev")
+    out: dict = {"min_words": min_words, "n": len(examples), "accuracy": res["accuracy"]}
+    for part, keep in (("short", lambda n: n < min_words), ("long", lambda n: n >= min_words)):
+        hits = [p == e.label for p, e in zip(res["predictions"], examples) if keep(len(e.prompt.split()))]
+        out[part] = {"n": len(hits), "accuracy": sum(hits) / max(1, len(hits))}
+    cached.write_text(json.dumps(out) + "\n")
+    return out
 
 
 def curves(out_root: Path, name: str) -> list[dict]:
@@ -111,7 +144,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/lopa-study")
     p.add_argument("--docs", action="store_true", help="write docs/lopa_study.md and docs/lopa_study.png")
+    p.add_argument("--by-length", type=int, default=0, metavar="WORDS",
+                   help="also score each run's best checkpoint on the whole dev split, apart for texts under and "
+                        "at least WORDS words (the prompt's words, template included)")
+    p.add_argument("--score-runs", default=None, metavar="DIR,...",
+                   help="with --by-length: only score these finished run directories (of any method) by length, "
+                        "train nothing")
     a = p.parse_args(argv)
+    if a.score_runs:
+        if not a.by_length:
+            p.error("--score-runs needs --by-length")
+        with ProcessPoolExecutor(a.workers) as pool:
+            jobs = {d: pool.submit(dev_by_length, Path(d), a.by_length, a.threads) for d in a.score_runs.split(",")}
+            for d, j in jobs.items():
+                b = j.result()
+                print(f"{d}: whole dev {100 * b['accuracy']:.1f} (n={b['n']}); under {a.by_length} words "
+                      f"{100 * b['short']['accuracy']:.1f} (n={b['short']['n']}); at least "
+                      f"{100 * b['long']['accuracy']:.1f} (n={b['long']['n']})")
+        return 0
     names = a.only.split(",") if a.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -127,15 +177,25 @@ def main(argv: list[str] | None = None) -> int:
                 results[n] = f.result()
             except Exception as e:  # one failed variant must not lose the others' results
                 print(f"{n}: failed: {e}", file=sys.stderr)
+        by_length = {}
+        if a.by_length:
+            jobs = {n: pool.submit(dev_by_length, out_root / n, a.by_length, a.threads) for n in results}
+            by_length = {n: j.result() for n, j in jobs.items()}
     summary = {n: {"settings": VARIANTS[n], "best_dev_accuracy": r.get("best_dev_accuracy"),
                    "best_step": r.get("best_step"), "train_s": r.get("train_s"),
                    "trainable": r.get("trainable_params"),
-                   "dev_curve": [(h["step"], h["dev"]) for h in curves(out_root, n)]}
+                   "dev_curve": [(h["step"], h["dev"]) for h in curves(out_root, n)],
+                   **({"dev_by_length": by_length[n]} if n in by_length else {})}
                for n, r in results.items()}
     (out_root / "study.json").write_text(json.dumps({"protocol": proto, "variants": summary}, indent=2) + "\n")
     if a.docs:
         write_docs(summary, proto, Path("docs"))
     for n, s in sorted(summary.items(), key=lambda kv: -(kv[1]["best_dev_accuracy"] or 0)):
+        if "dev_by_length" in s:
+            b = s["dev_by_length"]
+            print(f"{n:28s} whole dev {100 * b['accuracy']:5.1f} (n={b['n']}); under {b['min_words']} words "
+                  f"{100 * b['short']['accuracy']:5.1f} (n={b['short']['n']}); at least "
+                  f"{100 * b['long']['accuracy']:5.1f} (n={b['long']['n']})")
         print(f"{n:28s} dev {100 * (s['best_dev_accuracy'] or 0):5.1f}  curve "
               + " ".join(f"{100 * d:.1f}" for _, d in s["dev_curve"]))
     return 0

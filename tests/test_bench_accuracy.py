@@ -174,3 +174,20 @@ def test_a_run_directory_made_with_other_settings_is_not_read_back(tmp_path):
     fresh = Runner(parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa",
                                "--report-only", "--dev-limit", "17"]))
     assert fresh.done(job) is None and not fresh.dir_matches(job)
+
+
+def test_a_setting_added_later_leaves_finished_runs_standing_until_its_default_changes(tmp_path, monkeypatch):
+    """Runs recorded before a setting existed ran with its "stored_default"; while today's default is that
+    value they stay today's runs, and once the default moves they are stale."""
+    import dataclasses
+    from lopa.benchmarks.accuracy import Job, Runner, parse_args
+    from lopa.methods.lopa import LoPAConfig
+    cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa", "--report-only"])
+    job = Job("sst2", "lopa", 0, 1e-3, False)
+    today = Runner(cfg).settings(job)
+    assert "feature_norm" not in today["method_defaults"]  # as runs logged before the setting existed record it
+    assert "rank" in today["method_defaults"]
+    # as if the runs on record had run with another value than today's default: they no longer match
+    added = {f.name: f for f in dataclasses.fields(LoPAConfig)}["feature_norm"]
+    monkeypatch.setattr(added, "metadata", {**added.metadata, "stored_default": "rms"})
+    assert Runner(cfg).settings(job)["method_defaults"]["feature_norm"] == "none"

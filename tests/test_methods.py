@@ -220,6 +220,27 @@ def test_config_round_trips_through_dict():
         SoftPromptConfig.from_dict({**d, "method": "nope"})
 
 
+@pytest.mark.parametrize("method", ["idpg", "lopa"])
+def test_feature_norm_makes_the_heads_blind_to_the_features_scale(method):
+    # mean pooling shrinks features as texts grow; a normalised head gives one prompt at any scale
+    x = torch.randn(3, 12)
+    for norm, invariant in (("none", False), ("l2", True), ("rms", True)):
+        gen = build_generator(make_config(method, num_virtual_tokens=3, hidden_size=16, feature_norm=norm),
+                              InitContext(torch.randn(50, 8), encoder_dim=12)).eval()
+        with torch.no_grad():
+            same = torch.allclose(gen(x, 3), gen(0.4 * x, 3), atol=1e-6)
+        assert same == invariant, norm
+    with pytest.raises(ConfigError, match="feature_norm"):
+        make_config(method, feature_norm="layer")
+
+
+def test_a_stored_config_without_feature_norm_keeps_the_unnormalised_heads():
+    # an artifact written before the setting existed computed with raw features, whatever today's default
+    d = make_config("lopa", num_virtual_tokens=3, feature_norm="rms").to_dict()
+    del d["feature_norm"]
+    assert SoftPromptConfig.from_dict(d).feature_norm == "none"
+
+
 # -- trainable counts -----------------------------------------------------------------------------
 def lopa_count(e, d, h, m, r):
     """DESIGN.md: (e·h + h) + (h·m·r + m·r) + (e·h + h) + (h·d·r + d·r) + m·d."""

@@ -247,7 +247,11 @@ class Runner:
         import dataclasses
         from lopa.methods import get_method
         cfg, row = self.cfg, ROW_BY_NAME[job.row]
-        defaults = dataclasses.asdict(get_method(row.method)[0]())
+        klass = get_method(row.method)[0]
+        # a setting added later is left out while its default is what runs recorded without it ran with
+        # ("stored_default"), so adding a setting does not make every finished run look stale
+        defaults = {f.name: getattr(klass(), f.name) for f in dataclasses.fields(klass)
+                    if not ("stored_default" in f.metadata and getattr(klass(), f.name) == f.metadata["stored_default"])}
         return {"model": cfg.model, "encoder": cfg.encoder, "steps": cfg.task_steps[job.task], "evals": cfg.evals,
                 "dev_limit": cfg.dev_limit, "test_limit": cfg.test_limit, "row": row.settings,
                 "method_defaults": defaults}

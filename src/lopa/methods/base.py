@@ -24,6 +24,7 @@ from torch import nn
 
 INITS = ("vocab", "text", "random")
 POOLINGS = ("mean", "cls")
+FEATURE_NORMS = ("none", "l2", "rms")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,11 @@ class MethodConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown} for method {method!r}; known: {sorted(known)}")
+        for f in dataclasses.fields(klass):
+            # a config stored before a setting existed ran as the setting's "stored_default" says, which need
+            # not be today's default: an old artifact must compute what it computed when it was trained
+            if f.name not in d and "stored_default" in f.metadata:
+                d[f.name] = f.metadata["stored_default"]
         return klass(**d)
 
 
@@ -127,6 +133,8 @@ class InstanceConfig(SoftPromptConfig):
     """h, the width of each head's hidden layer"""
     dropout: float = 0.1
     """dropout on the encoder features while training"""
+    feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS, "stored_default": "none"})
+    """how the heads see the pooled features: none (as the encoder gives them), l2 (unit length) or rms (unit root-mean-square per coordinate); mean pooling shrinks features as texts grow, so without it heads trained on short texts meet longer ones at a scale they never saw"""
     train_encoder: bool = False
     """fine-tune the encoder too (as the LoPA reference's GLUE code does); its weights are then part of the artifact and of the trainable count, and features are no longer cached"""
     encoder_lr_scale: float = 0.01
@@ -280,8 +288,11 @@ class MLPHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float, out_bias: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, feature_norm: str = "none"):
         super().__init__()
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
+        self.feature_norm = feature_norm
         self.dropout = nn.Dropout(dropout)
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
@@ -293,4 +304,8 @@ class MLPHead(nn.Module):
                 self.fc2.bias.copy_(out_bias.reshape(-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_norm == "l2":
+            x = torch.nn.functional.normalize(x, dim=-1)
+        elif self.feature_norm == "rms":
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
         return self.fc2(torch.tanh(self.fc1(self.dropout(x))))

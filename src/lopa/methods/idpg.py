@@ -38,7 +38,7 @@ class IDPG(SoftPromptGenerator):
         m, d = config.num_virtual_tokens, ctx.embed_dim
         g = torch.Generator().manual_seed(config.seed + 1)
         self.head = MLPHead(ctx.encoder_dim, config.hidden_size, m * d, config.dropout,
-                            out_bias=initial_prompt(config, ctx), generator=g)
+                            out_bias=initial_prompt(config, ctx), generator=g, feature_norm=config.feature_norm)
 
     def forward(self, features: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         return self.head(features).view(batch_size, self.config.num_virtual_tokens, self.embed_dim)

@@ -70,8 +70,8 @@ class LoPA(SoftPromptGenerator):
         m, d, r, h = config.num_virtual_tokens, ctx.embed_dim, config.rank, config.hidden_size
         g = torch.Generator().manual_seed(config.seed + 1)
         self.shared = nn.Parameter(initial_prompt(config, ctx))  # Z_S
-        self.u_head = MLPHead(ctx.encoder_dim, h, m * r, config.dropout, generator=g)
-        self.v_head = MLPHead(ctx.encoder_dim, h, d * r, config.dropout, generator=g)
+        self.u_head = MLPHead(ctx.encoder_dim, h, m * r, config.dropout, generator=g, feature_norm=config.feature_norm)
+        self.v_head = MLPHead(ctx.encoder_dim, h, d * r, config.dropout, generator=g, feature_norm=config.feature_norm)
 
     def forward(self, features: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         m, d, r = self.config.num_virtual_tokens, self.embed_dim, self.config.rank
