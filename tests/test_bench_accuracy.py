@@ -90,7 +90,7 @@ def test_a_family_is_decided_only_when_all_its_candidates_have_finished(tmp_path
     whose best candidate sits on its edge is widened one step there before the family is decided."""
     from lopa.benchmarks.accuracy import CANDIDATE_LRS, Job, Runner, choose_lrs, lr_jobs, parse_args
     cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa",
-                      "--report-only", "--lr-extensions", "1"])
+                      "--report-only", "--lr-extensions", "1", "--seeds", "1"])
     runner = Runner(cfg)
     first, second = lr_jobs(cfg)
     assert (first.lr, second.lr) == CANDIDATE_LRS["lopa"] == (1e-3, 3e-3)
@@ -114,6 +114,41 @@ def test_a_family_is_decided_only_when_all_its_candidates_have_finished(tmp_path
 
     cfg.lr_extensions = 0  # no widening: the first grid decides
     assert choose_lrs(cfg, runner)[0] == {"lopa": 3e-3}
+
+
+def test_a_runner_up_within_one_standard_error_is_confirmed_on_the_other_seeds(tmp_path):
+    """One seed's best dev accuracy is noisy: when the two best rates of a multi-seed family are closer
+    than its standard error, both run on the other seeds and the better mean decides."""
+    from lopa.benchmarks.accuracy import Job, Runner, choose_lrs, lr_jobs, parse_args
+    cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2", "--rows", "lopa",
+                      "--report-only", "--lr-extensions", "0", "--seeds", "3", "--dev-limit", "400"])
+    runner = Runner(cfg)
+
+    def finish(seed, lr, dev):
+        job = Job("sst2", "lopa", seed, lr, False)
+        runner.run_dir(job).mkdir(parents=True)
+        (runner.run_dir(job) / "results.json").write_text(json.dumps({"best_dev_accuracy": dev}))
+        runner.settings_path(job).write_text(json.dumps(runner.settings(job)))
+
+    finish(0, 1e-3, 0.85)
+    finish(0, 3e-3, 0.86)  # 1 point apart; the standard error at 86% of 400 items is 1.7 points
+    assert choose_lrs(cfg, runner)[0] == {}
+    assert {(j.seed, j.lr) for j in lr_jobs(cfg, runner)} == {(s, lr) for s in range(3) for lr in (1e-3, 3e-3)}
+    for seed, low, high in ((1, 0.88, 0.84), (2, 0.87, 0.85)):
+        finish(seed, 1e-3, low)
+        finish(seed, 3e-3, high)
+    chosen, table = choose_lrs(cfg, runner)
+    assert chosen == {"lopa": 1e-3}  # means 86.7 against 85.0: the seed-0 leader lost
+    assert table["lopa"]["mean over 3 seeds: 0.001"] == pytest.approx(0.8667, abs=1e-4)
+    assert table["lopa"]["0.003"] == 0.86  # seed 0's figures stay in the table
+
+    far = Runner(parse_args(["--quick", "--out", str(tmp_path / "b"), "--tasks", "sst2", "--rows", "lopa",
+                             "--report-only", "--lr-extensions", "0", "--seeds", "3", "--dev-limit", "400"]))
+    runner = far
+    finish(0, 1e-3, 0.80)
+    finish(0, 3e-3, 0.86)  # 6 points apart: decided on seed 0, nothing more to run
+    assert choose_lrs(cfg, far)[0] == {"lopa": 3e-3}
+    assert {(j.seed, j.lr) for j in lr_jobs(cfg, far)} == {(0, 1e-3), (0, 3e-3)}
 
 
 def test_a_corrupt_run_log_is_refused_with_its_line_and_nothing_is_overwritten(tmp_path, capsys):
