@@ -46,6 +46,9 @@ VARIANTS: dict[str, dict] = {
     "lopa-fn-rms-lr3e-3": dict(method="lopa", feature_norm="rms", lr=3e-3),
     "lopa-lr3e-3-zs100x": dict(method="lopa", lr=3e-3),
     "idpg-fn-rms": dict(method="idpg", feature_norm="rms"),
+    # the gate starts at 1/2, so LoPA's task-wide prompt for an average input is about Z_S / 2 and moves at
+    # half Z_S's rate; gate scale 2 starts it at Z_S (ruled out at Z_S's old 1x rate, not yet at 100x)
+    "lopa-gate2-zs100x": dict(method="lopa", gate_scale=2.0),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
@@ -74,7 +77,9 @@ def run_variant(name: str, settings: dict, proto: dict, out_root: str) -> dict:
 def dev_by_length(run_dir: Path, min_words: int, threads: int = 1) -> dict:
     """Accuracy of a run's best checkpoint on its task's whole dev split, apart for texts of fewer and of
     at least ``min_words`` words (cached in the run directory). SST-2's dev split is carved from GLUE's
-    train split, mostly short phrases; this says how a setting fares on the longer texts among them."""
+    train split, mostly short phrases; this says how a setting fares on the longer texts among them. For an
+    instance-dependent run, also with the instance part switched off (every text given the mean features):
+    what the instance part adds over the one prompt it makes for an average input."""
     cached = run_dir / f"dev_by_length_{min_words}.json"
     if cached.exists():
         return json.loads(cached.read_text())
@@ -93,6 +98,18 @@ def dev_by_length(run_dir: Path, min_words: int, threads: int = 1) -> dict:
     for part, keep in (("short", lambda n: n < min_words), ("long", lambda n: n >= min_words)):
         hits = [p == e.label for p, e in zip(res["predictions"], examples) if keep(len(e.prompt.split()))]
         out[part] = {"n": len(hits), "accuracy": sum(hits) / max(1, len(hits))}
+    enc = getattr(model, "encoder", None)
+    if enc is not None:
+        # the instance part switched off: every text gets the dev split's mean features, so the prompt is
+        # the one task-wide prompt the generator makes for an average instance
+        mean = enc.encode([e.prompt for e in examples]).mean(0, keepdim=True)
+        enc.encode = lambda texts: mean.expand(len(texts), -1)
+        res = score(model, task, "dev", keep_predictions=True, progress=False,
+                    precision=precision_name(run_precision(str(run_dir)) or "auto"))
+        out["mean_features"] = {"accuracy": res["accuracy"]}
+        for part, keep in (("short", lambda n: n < min_words), ("long", lambda n: n >= min_words)):
+            hits = [p == e.label for p, e in zip(res["predictions"], examples) if keep(len(e.prompt.split()))]
+            out["mean_features"][part] = sum(hits) / max(1, len(hits))
     cached.write_text(json.dumps(out) + "\n")
     return out
 
@@ -161,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{d}: whole dev {100 * b['accuracy']:.1f} (n={b['n']}); under {a.by_length} words "
                       f"{100 * b['short']['accuracy']:.1f} (n={b['short']['n']}); at least "
                       f"{100 * b['long']['accuracy']:.1f} (n={b['long']['n']})")
+                if "mean_features" in b:
+                    m = b["mean_features"]
+                    print(f"  with every text given the mean features: whole dev {100 * m['accuracy']:.1f}; "
+                          f"short {100 * m['short']:.1f}; long {100 * m['long']:.1f}")
         return 0
     names = a.only.split(",") if a.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
