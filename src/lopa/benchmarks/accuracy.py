@@ -5,8 +5,10 @@ Protocol: each family's learning rate is chosen on the first task's dev split at
 budget (candidates trained with ``--no-test``: the test split is never read to choose). A family's grid
 is widened while its best candidate sits on the grid's edge and strictly beats its neighbour: the next
 rate one grid step further out is tried, at most ``--lr-extensions`` times, so that no family is judged
-at a rate its own curve says is too low or too high. The chosen run is then scored on test, and the other seeds and tasks reuse that LR. Differences between rows
-are paired (same test items; with several seeds, each item's correctness averaged over seeds) with
+at a rate its own curve says is too low or too high. One seed's dev accuracy is noisy, so where a family
+with several seeds has a runner-up within one standard error of its best, both rates run on every seed
+(dev only) and the better mean over seeds is chosen. The chosen run is then scored on test, and the
+other seeds and tasks reuse that LR. Differences between rows are paired (same test items; with several seeds, each item's correctness averaged over seeds) with
 a 95% interval, and claimed only where the interval excludes zero. Resumable: every run is a
 ``lopa train`` run directory under OUT/runs/, finished ones are read back, unfinished ones resume.
 
