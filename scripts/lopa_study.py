@@ -47,7 +47,7 @@ VARIANTS: dict[str, dict] = {
     "lopa-lr3e-3-zs100x": dict(method="lopa", lr=3e-3),
     "idpg-fn-rms": dict(method="idpg", feature_norm="rms"),
     # the gate starts at 1/2, so LoPA's task-wide prompt for an average input is about Z_S / 2 and moves at
-    # half Z_S's rate; gate scale 2 starts it at Z_S (ruled out at Z_S's old 1x rate, not yet at 100x)
+    # half Z_S's rate; gate scale 2 starts it at Z_S (ruled out at Z_S's old 1x rate and at 100x, lead 13)
     "lopa-gate2-zs100x": dict(method="lopa", gate_scale=2.0),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
@@ -91,25 +91,27 @@ def dev_by_length(run_dir: Path, min_words: int, threads: int = 1) -> dict:
     from lopa.tasks import task_from_settings
     model = load_run_model(str(run_dir))
     task = task_from_settings(model.task)
-    res = score(model, task, "dev", keep_predictions=True, progress=False,
-                precision=precision_name(run_precision(str(run_dir)) or "auto"))
     examples = task.split("dev")
-    out: dict = {"min_words": min_words, "n": len(examples), "accuracy": res["accuracy"]}
-    for part, keep in (("short", lambda n: n < min_words), ("long", lambda n: n >= min_words)):
-        hits = [p == e.label for p, e in zip(res["predictions"], examples) if keep(len(e.prompt.split()))]
-        out[part] = {"n": len(hits), "accuracy": sum(hits) / max(1, len(hits))}
+    precision = precision_name(run_precision(str(run_dir)) or "auto")
+
+    def scored() -> tuple[float, dict[str, list[bool]]]:
+        res = score(model, task, "dev", keep_predictions=True, progress=False, precision=precision)
+        parts: dict[str, list[bool]] = {"short": [], "long": []}
+        for p, e in zip(res["predictions"], examples):
+            parts["short" if len(e.prompt.split()) < min_words else "long"].append(p == e.label)
+        return res["accuracy"], parts
+
+    accuracy, parts = scored()
+    out: dict = {"min_words": min_words, "n": len(examples), "accuracy": accuracy}
+    out.update({k: {"n": len(h), "accuracy": sum(h) / max(1, len(h))} for k, h in parts.items()})
     enc = getattr(model, "encoder", None)
     if enc is not None:
         # the instance part switched off: every text gets the dev split's mean features, so the prompt is
         # the one task-wide prompt the generator makes for an average instance
         mean = enc.encode([e.prompt for e in examples]).mean(0, keepdim=True)
         enc.encode = lambda texts: mean.expand(len(texts), -1)
-        res = score(model, task, "dev", keep_predictions=True, progress=False,
-                    precision=precision_name(run_precision(str(run_dir)) or "auto"))
-        out["mean_features"] = {"accuracy": res["accuracy"]}
-        for part, keep in (("short", lambda n: n < min_words), ("long", lambda n: n >= min_words)):
-            hits = [p == e.label for p, e in zip(res["predictions"], examples) if keep(len(e.prompt.split()))]
-            out["mean_features"][part] = sum(hits) / max(1, len(hits))
+        accuracy, parts = scored()
+        out["mean_features"] = {"accuracy": accuracy, **{k: sum(h) / max(1, len(h)) for k, h in parts.items()}}
     cached.write_text(json.dumps(out) + "\n")
     return out
 

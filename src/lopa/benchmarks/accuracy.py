@@ -8,8 +8,9 @@ rate one grid step further out is tried, at most ``--lr-extensions`` times, so t
 at a rate its own curve says is too low or too high. One seed's dev accuracy is noisy, so where a family
 with several seeds has a runner-up within one standard error of its best, both rates run on every seed
 (dev only) and the better mean over seeds is chosen. The chosen run is then scored on test, and the
-other seeds and tasks reuse that LR. Differences between rows are paired (same test items; with several seeds, each item's correctness averaged over seeds) with
-a 95% interval, and claimed only where the interval excludes zero. Resumable: every run is a
+other seeds and tasks reuse that LR. Differences between rows are paired (same test items; with several
+seeds, each item's correctness averaged over seeds) with a 95% interval, and claimed only where the
+interval excludes zero. Resumable: every run is a
 ``lopa train`` run directory under OUT/runs/, finished ones are read back, unfinished ones resume.
 
 Writes ``docs/accuracy.json`` (``{task: {method: {mean, ci95, seeds, trainable}}}``), a markdown
