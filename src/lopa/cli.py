@@ -25,6 +25,8 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
+from .allocator import retain_freed_memory
+
 # verb -> (args dataclass, function, one-line description)
 VERBS: dict[str, tuple[str, str, str]] = {
     "train": ("lopa.train:TrainArgs", "lopa.train:train_cli", "train a soft-prompt method (or a LoRA/full baseline) on a task"),
@@ -138,6 +140,8 @@ def build_parser(verb_names: Sequence[str] | None = None) -> argparse.ArgumentPa
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # before any tensor is made: every verb runs models, and glibc's defaults cost each pass its page faults
+    retain_freed_memory()
     verb = next((a for a in argv if not a.startswith("-")), None)
     if verb not in VERBS:
         build_parser(verb_names=[]).parse_args(argv or ["--help"])

@@ -745,7 +745,9 @@ def in_process_contenders(args: argparse.Namespace, dtype: Any, work: Workload) 
         pt = PromptTuningAdapters(lopa.load_base(args.model, dtype)[0].to(args.device), work.soft_model, args)
     if "lopa-inproc" in args.contenders:
         from lopa.serve.backends import TransformersBackend
-        inproc = TransformersBackend(args.model, dtype=str(dtype).removeprefix("torch."), device=args.device)
+        # padded as the server is (--batch-invariant off there): the split into HTTP and backend is like for like
+        inproc = TransformersBackend(args.model, dtype=str(dtype).removeprefix("torch."), device=args.device,
+                                     batch_invariant="off")
     return lora, pt, inproc
 
 

@@ -1,0 +1,73 @@
+"""Keep freed memory in the process instead of handing it back to the kernel after every forward pass.
+
+With glibc's defaults a tensor of a few MiB is ``mmap``-ed when it is made and ``munmap``-ed when it
+is freed, and the top of the heap is trimmed whenever more than 128 KiB of it is free. A transformer's
+activations are exactly such tensors, made and freed in every layer of every pass, so each pass
+touches its memory afresh: about 55,000 minor page faults per forward of smollm2-135m on a batch of 32
+rows of 42 tokens, measured on this project's 2-core machine, and 12-14% of the pass's time. Raising the
+``mmap`` threshold to its ceiling (32 MiB on 64-bit) and the trim threshold to 1 GiB lets glibc reuse
+the same pages pass after pass: 0-300 faults per forward. PyTorch's CPU performance guide recommends
+the same effect through jemalloc or tcmalloc; this needs neither.
+
+The ``lopa`` command calls :func:`retain_freed_memory` once at start, so ``lopa serve``, ``lopa train``
+and the benchmarks (which time the in-process contenders in the same process as their server's
+client) all run with it. A library user calls it once, early. It changes nothing where glibc is not
+the allocator, where ``LOPA_MALLOC=system`` asks for glibc's defaults, or where the user's own
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set (theirs win).
+
+The cost: memory freed after a peak (a long prompt, a large batch) stays in the process, up to 1 GiB
+above what is in use, for the next peak, instead of going back to the system. A server's RSS then stays
+at its working set rather than rising and falling with every pass.
+
+>>> retain_freed_memory() in ("tuned", "already tuned", "not glibc", "LOPA_MALLOC=system", "MALLOC_ set by the user")
+True
+>>> retain_freed_memory()  # once per process: later calls change nothing
+'already tuned'
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+MMAP_THRESHOLD = 32 * 2 ** 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+TRIM_THRESHOLD = 2 ** 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+_state: str | None = None
+
+
+def retain_freed_memory() -> str:
+    """Tune glibc's allocator to reuse freed memory (see the module's text); what it did, as a word.
+
+    Returns ``"tuned"`` the first time it changes the settings, ``"already tuned"`` after, and otherwise
+    why it left them: ``"not glibc"``, ``"LOPA_MALLOC=system"`` or ``"MALLOC_ set by the user"``.
+    """
+    global _state
+    if _state is not None:
+        return "already tuned" if _state == "tuned" else _state
+    _state = _tune()
+    return _state
+
+
+def _tune() -> str:
+    choice = os.environ.get("LOPA_MALLOC", "retain")
+    if choice not in ("retain", "system"):
+        raise ValueError(f"LOPA_MALLOC must be 'retain' (the default) or 'system', got {choice!r}")
+    if choice == "system":
+        return "LOPA_MALLOC=system"
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return "MALLOC_ set by the user"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "not glibc"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt answers 1 on success; a libc that ignores a setting (another allocator preloaded) is left as it is
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    return "tuned" if ok else "not glibc"
