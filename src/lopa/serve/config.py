@@ -60,7 +60,7 @@ class ServeConfig:
     device: str = "auto"
     """where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     batch_invariant: str = field(default="auto", metadata={"choices": list(BATCH_INVARIANT_CHOICES)})
-    """on: a request's answer does not depend on what shares its batch (rows are padded by their own length and batched with rows padded alike); off: pad rows to their batch's longest (PEFT's batching); auto: on where the backend can promise it (transformers), the backend's own batching with vllm (README, Serving)"""
+    """on: rows are padded by their own length and batched only with rows padded alike, so a request's answer does not depend on what shares its batch, bit for bit where this machine's matrix products are invariant to the number of rows; off: pad rows to their batch's longest (PEFT's batching); auto: on where a check of the model's own matrix products at start finds them invariant (transformers; else off), the backend's own batching with vllm (README, Serving)"""
     backend: str = field(default="transformers", metadata={"choices": list(BACKENDS)})
     """what runs the model: transformers (in this process) or vllm (prompt_embeds into vLLM's continuous batching; pip install 'lopa[vllm]')"""
     scheduling: str = field(default="continuous", metadata={"choices": list(SCHEDULING_CHOICES)})

@@ -26,6 +26,7 @@ from ..protocol import SCHEDULING_CHOICES, BackendError, ClassifyRow, Completion
 from ..scheduler import ContinuousBatcher
 from . import softkv
 from .decode_group import DecodeGroup
+from .invariance import matmuls_batch_invariant
 from .precision import resolve_device, resolve_dtype
 from .prefixcache import PrefixCache
 
@@ -41,13 +42,15 @@ class TransformersBackend:
         dtype: ``auto`` (see :func:`~lopa.serve.backends.precision.resolve_dtype`), ``float32``,
             ``bfloat16`` or ``float16``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        batch_invariant: ``on`` (and ``auto``): each row is padded by an amount set by its own
-            length alone (see :meth:`_length`) and shares a pass only with rows padded to the same
-            length, so its answer does not depend on its neighbours (bit for bit in bf16 on the CPUs
-            measured; in float32 the matrix kernels still round differently with the batch size, by
-            ~2e-5); ``off``: rows of any length share one pass, each padded to the longest (fewer
-            passes, more padded positions), as PEFT and ``generate`` batch. Measured in the README's
-            "Serving": padding moves bf16 log-probabilities by up to 0.24 on smollm2-135m.
+        batch_invariant: ``on``: each row is padded by an amount set by its own length alone (see
+            :meth:`_length`) and shares a pass only with rows padded to the same length, so its answer
+            does not depend on its neighbours, bit for bit where the machine's matrix products are
+            themselves invariant to the number of rows; ``off``: rows of any length share one pass,
+            each padded to the longest (fewer passes, fewer padded positions), as PEFT and
+            ``generate`` batch; ``auto``: ``on`` where the model's own matrix products are invariant
+            on this device and dtype (:func:`~lopa.serve.backends.invariance.matmuls_batch_invariant`),
+            else ``off``, since padding by length then buys nothing exact. Measured in the README's
+            "Serving".
         prefix_cache_bytes: when above 0, keep each distinct soft prompt's keys and values, up to this
             many bytes (:mod:`~lopa.serve.backends.prefixcache`): every row's soft prompt then runs as
             its own pass (:mod:`~lopa.serve.backends.softkv`), skipped when cached, so an answer is the
@@ -63,11 +66,12 @@ class TransformersBackend:
             raise ValueError(f"batch_invariant must be one of {BATCH_INVARIANT_CHOICES}, got {batch_invariant!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_invariant = batch_invariant != "off"
         self.model_name = model_name
         self.base, self.tokenizer = load_base(model_name, self.dtype)
         self.max_token_chars = max_token_chars(self.tokenizer)
         self.base.to(self.device)
+        self.batch_invariant = batch_invariant == "on" or (batch_invariant == "auto"
+                                                           and matmuls_batch_invariant(self.base))
         emb = self.base.get_input_embeddings().weight
         self.hidden_size = int(emb.shape[1])
         self.vocab_size = int(emb.shape[0])
