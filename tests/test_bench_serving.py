@@ -91,6 +91,9 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     assert "--prefix-cache-mib 64" in pc["commands"]["cached"] and "--prefix-cache-mib" not in pc["commands"]["plain"]
     assert pc["cache"]["misses_total"] == 1 and pc["cache"]["hits_total"] > n  # one task's soft prompt, computed once
     assert pc["max_logprob_difference"] < 1e-4  # fp32 tiny model: rounding only
+    # on the sweep's threads (the generation server here has 2), so that it compares with LoRA's rows
+    assert pc["threads"] == 1 and all("--threads 1" in c for c in pc["commands"].values())
+    assert pc["cached_over_lora"] == {}  # LoRA ran at K = 1 and 4 only, and the target is from K = 8 on
 
     gw = result["gateway"]
     assert gw["command"].startswith("lopa gateway --task task0=")
@@ -175,3 +178,18 @@ def test_the_peft_check_measures_rounding_against_the_models_own_batch_shape_flo
     assert "compute the same thing" in same and "NOT" not in same and "differed by up to 0.33" in same
     assert "NOT compute" in notes_checks(result(0.47, 0.01))[0]
     assert "NOT compute" in notes_checks(result(0.47, None))[0]  # no floor measured: the dtype's usual 0.05
+
+
+def test_the_prefix_cache_is_set_against_loras_rows_from_k_8():
+    from lopa.benchmarks.serving import cached_over_lora
+    from lopa.benchmarks.serving_prefix import render_prefix_cache
+    result = {"classification": {k: {"contenders": {"lora": lora}} for k, lora in
+                                 (("1", {"requests_per_s": 100.0}), ("8", {"requests_per_s": 50.0}),
+                                  ("64", {"requests_per_s": 80.0}), ("512", {"fits": False}))},
+              "prefix_cache": {"requests": 8, "m": 4, "text_tokens": 8, "mib": 64, "threads": 1,
+                               "max_logprob_difference": 0.0, "ratio_cached_over_plain": 1.1, "cache": {},
+                               "contenders": {"cached": {"requests_per_s": 60.0}, "plain": {"requests_per_s": 55.0}}}}
+    result["prefix_cache"]["cached_over_lora"] = ratios = cached_over_lora(result)
+    assert ratios == {"8": 1.2, "64": 0.75}
+    text = "\n".join(render_prefix_cache(result, 1.0))
+    assert "K = 8: 1.20 ✓, K = 64: 0.75 ✗" in text and "on 1 torch thread(s)" in text

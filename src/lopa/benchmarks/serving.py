@@ -797,9 +797,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server = None
     try:
         server = classification_phase(args, result, work, bare, dtype, log_path)
-        server = generation_phase(args, result, work, server, bare, tok, dtype, log_path)
-        if args.prefix_cache_mib:
+        if args.prefix_cache_mib:  # on the sweep's threads: its target compares it with LoRA's rows
             server = prefix_cache_phase(args, result, work, server, log_path)
+        server = generation_phase(args, result, work, server, bare, tok, dtype, log_path)
         if args.gateway:
             server = server or Server(args, log_path)
             gateway_section(args, result, work, server, bare, tok)
@@ -839,6 +839,14 @@ def classification_phase(args: argparse.Namespace, result: dict[str, Any], work:
     return server
 
 
+def cached_over_lora(result: dict[str, Any]) -> dict[str, float]:
+    """{K: the cached server's requests/s on the repeated-task stream over PEFT LoRA's on K's mixed stream}, for
+    every K >= 8 where LoRA ran (the same torch threads): the issue's target is >= 1 at each."""
+    cached = result["prefix_cache"]["contenders"]["cached"]["requests_per_s"]
+    lora = {k: row["contenders"].get("lora", {}).get("requests_per_s") for k, row in result["classification"].items()}
+    return {k: cached / r for k, r in lora.items() if int(k) >= 8 and r}
+
+
 def generation_phase(args: argparse.Namespace, result: dict[str, Any], work: Workload, server: Any, bare: Any,
                      tok: Any, dtype: Any, log_path: Path) -> Any:
     """The generation workload, on a server with --gen-threads (the sweep's if it has them, else a new one,
@@ -863,8 +871,12 @@ def generation_phase(args: argparse.Namespace, result: dict[str, Any], work: Wor
 
 def prefix_cache_phase(args: argparse.Namespace, result: dict[str, Any], work: Workload, server: Any,
                        log_path: Path) -> Any:
-    """The prefix-cache section (:mod:`lopa.benchmarks.serving_prefix`): the running server (or a new one) is
-    the plain contender, a second one with ``--prefix-cache-mib`` and the same threads the cached one."""
+    """The prefix-cache section (:mod:`lopa.benchmarks.serving_prefix`): the sweep's server (or a new one with
+    ``--threads``) is the plain contender, a second one with ``--prefix-cache-mib`` and the same threads the
+    cached one."""
+    if server is not None and server.threads != args.threads:
+        server.close()
+        server = None
     server = server or Server(args, log_path)
     cached_log = log_path.with_suffix(".prefix-cache.log")  # its own: the plain server still writes to log_path
     cached = Server(args, cached_log, threads=server.threads,
@@ -874,6 +886,8 @@ def prefix_cache_phase(args: argparse.Namespace, result: dict[str, Any], work: W
         bodies = repeated_task_bodies(work, args.requests, LABEL_WORDS)
         cached.drive("/v1/classify", bodies[:args.batch_size])  # first-call kernel set-up in neither column
         result["prefix_cache"] = time_both(args, {"cached": cached, "plain": server}, bodies, log)
+        result["prefix_cache"]["threads"] = server.threads
+        result["prefix_cache"]["cached_over_lora"] = cached_over_lora(result)
     finally:
         cached.close()
     cached_log.unlink(missing_ok=True)  # kept, and quoted in the error, only when the server failed
@@ -1428,7 +1442,7 @@ def _mib(x: float) -> str:
 def render(result: dict[str, Any], image: str | None) -> str:
     """The markdown section: how it ran, the K sweep, operators, memory, generation, notes."""
     L = (render_setup(result) + render_sweep(result, image) + render_operators(result) + render_memory(result)
-         + render_generation(result) + render_prefix_cache(result) + render_gateway(result))
+         + render_generation(result) + render_prefix_cache(result, TARGETS["lopa_over_lora"]) + render_gateway(result))
     L += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + ["", MARK_END, ""]
     return "\n".join(L)
 

@@ -58,14 +58,22 @@ def time_both(args: Any, servers: dict[str, Any], bodies: list[bytes], log: Any)
             "cache": cache_counters(servers["cached"]), "commands": {n: s.process.command for n, s in servers.items()}}
 
 
-def render_prefix_cache(result: dict[str, Any]) -> list[str]:
-    """The section's markdown: the two servers' requests/s and their ratio."""
+def render_prefix_cache(result: dict[str, Any], target: float) -> list[str]:
+    """The section's markdown: the two servers' requests/s and their ratio, and the cached server against PEFT
+    LoRA's mixed batches at each K >= 8 (✓ where the ratio is at least ``target``)."""
     pc = result.get("prefix_cache") or {}
     if not pc:
         return []
     c, cache = pc["contenders"], pc["cache"]
+    against = pc.get("cached_over_lora") or {}
+    lora = ([f"Against PEFT LoRA's mixed batches (the sweep's rows, the same {pc.get('threads', '?')} torch "
+             f"thread(s)), the cached server's requests/s on this stream over LoRA's at each K ≥ 8 (target ≥ "
+             f"{target:g}): " + ", ".join(f"K = {k}: {r:.2f} {'✓' if r >= target else '✗'}"
+                                          for k, r in sorted(against.items(), key=lambda kv: int(kv[0]))) + ".", ""]
+            if against else [])
     return [f"Prefix cache: a repeated-task stream, {pc['requests']} classification requests per pass that all "
-            f"carry one task's soft prompt (m = {pc['m']}, {pc['text_tokens']} text tokens), against the server "
+            f"carry one task's soft prompt (m = {pc['m']}, {pc['text_tokens']} text tokens), on "
+            f"{pc.get('threads', '?')} torch thread(s), against the server "
             f"with `--prefix-cache-mib {pc['mib']}` (the soft prompt's keys and values computed once) and without; "
             f"the cached server counted {cache.get('hits_total', 0):.0f} hits and {cache.get('misses_total', 0):.0f} "
             f"misses, and its log-probabilities differ from the other's by at most {pc['max_logprob_difference']:.2g} "
@@ -73,7 +81,7 @@ def render_prefix_cache(result: dict[str, Any]) -> list[str]:
             "| server | requests/s | cached / plain |", "|---|---:|---:|",
             f"| `--prefix-cache-mib {pc['mib']}` | {c['cached']['requests_per_s']:.2f} | "
             f"{pc['ratio_cached_over_plain']:.2f} |",
-            f"| no prefix cache | {c['plain']['requests_per_s']:.2f} | |", ""]
+            f"| no prefix cache | {c['plain']['requests_per_s']:.2f} | |", "", *lora]
 
 
 def summary_line(result: dict[str, Any]) -> list[str]:
