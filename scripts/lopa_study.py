@@ -49,6 +49,9 @@ VARIANTS: dict[str, dict] = {
     # the gate starts at 1/2, so LoPA's task-wide prompt for an average input is about Z_S / 2 and moves at
     # half Z_S's rate; gate scale 2 starts it at Z_S (ruled out at Z_S's old 1x rate and at 100x, lead 13)
     "lopa-gate2-zs100x": dict(method="lopa", gate_scale=2.0),
+    # the paper's additive combination, Z_S + u v^T: the task-wide part at its full size (the gate halves it at
+    # initialisation and can only shrink it), the instance part an offset rather than a mask
+    "lopa-add": dict(method="lopa", combine="add"),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
