@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict] = {
     # the paper's additive combination, Z_S + u v^T: the task-wide part at its full size (the gate halves it at
     # initialisation and can only shrink it), the instance part an offset rather than a mask
     "lopa-add": dict(method="lopa", combine="add"),
+    "lopa-r8": dict(method="lopa", rank=8),  # a richer instance part: twice the rank of u v^T
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
