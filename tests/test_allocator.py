@@ -70,6 +70,8 @@ def state(**env: str) -> subprocess.CompletedProcess:
 def test_the_user_can_keep_glibcs_defaults():
     assert state(LOPA_MALLOC="system").stdout.strip() == "LOPA_MALLOC=system"
     assert state(MALLOC_TRIM_THRESHOLD_="131072").stdout.strip() == "MALLOC_ set by the user"
+    assert state(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072").stdout.strip() == "MALLOC_ set by the user"
+    assert state(GLIBC_TUNABLES="glibc.cpu.hwcaps=-AVX2").stdout.strip() in ("tuned", "not glibc")  # not malloc's
 
 
 def test_an_unknown_choice_is_refused():
@@ -80,3 +82,10 @@ def test_an_unknown_choice_is_refused():
 def test_once_per_process():
     first = retain_freed_memory()
     assert retain_freed_memory() == ("already tuned" if first in ("tuned", "already tuned") else first)
+
+
+def test_the_command_refuses_an_unknown_choice_before_any_work():
+    run = subprocess.run([sys.executable, "-m", "lopa", "train", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "LOPA_MALLOC": "tcmalloc"})
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip() == "lopa: LOPA_MALLOC must be 'retain' (the default) or 'system', got 'tcmalloc'"

@@ -13,7 +13,7 @@ The ``lopa`` command calls :func:`retain_freed_memory` once at start, so ``lopa 
 and the benchmarks (which time the in-process contenders in the same process as their server's
 client) all run with it. A library user calls it once, early. It changes nothing where glibc is not
 the allocator, where ``LOPA_MALLOC=system`` asks for glibc's defaults, or where the user's own
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set (theirs win).
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or ``glibc.malloc`` tunables) are set (theirs win).
 
 The cost: memory freed after a peak (a long prompt, a large batch) stays in the process, up to 1 GiB
 above what is in use, for the next peak, instead of going back to the system. A server's RSS then stays
@@ -57,7 +57,8 @@ def _tune() -> str:
         raise ValueError(f"LOPA_MALLOC must be 'retain' (the default) or 'system', got {choice!r}")
     if choice == "system":
         return "LOPA_MALLOC=system"
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+    if (any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return "MALLOC_ set by the user"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc"

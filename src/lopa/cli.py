@@ -141,7 +141,11 @@ def build_parser(verb_names: Sequence[str] | None = None) -> argparse.ArgumentPa
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # before any tensor is made: every verb runs models, and glibc's defaults cost each pass its page faults
-    retain_freed_memory()
+    try:
+        retain_freed_memory()
+    except ValueError as e:  # a bad LOPA_MALLOC: say so before any work
+        print(f"lopa: {e}", file=sys.stderr)
+        return 2
     verb = next((a for a in argv if not a.startswith("-")), None)
     if verb not in VERBS:
         build_parser(verb_names=[]).parse_args(argv or ["--help"])
