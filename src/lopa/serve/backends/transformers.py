@@ -46,8 +46,8 @@ class TransformersBackend:
             :meth:`_length`) and shares a pass only with rows padded to the same length, so its answer
             does not depend on its neighbours, bit for bit where the machine's matrix products are
             themselves invariant to the number of rows; ``off``: rows of any length share one pass,
-            each padded to the longest (fewer passes, fewer padded positions), as PEFT and
-            ``generate`` batch; ``auto``: ``on`` where the model's own matrix products are invariant
+            each padded to the longest (fewer passes; how much padding depends on the batch), as PEFT
+            and ``generate`` batch; ``auto``: ``on`` where the model's own matrix products are invariant
             on this device and dtype (:func:`~lopa.serve.backends.invariance.matmuls_batch_invariant`),
             else ``off``, since padding by length then buys nothing exact. Measured in the README's
             "Serving".
