@@ -19,10 +19,9 @@ The cost: memory freed after a peak (a long prompt, a large batch) stays in the 
 above what is in use, for the next peak, instead of going back to the system. A server's RSS then stays
 at its working set rather than rising and falling with every pass.
 
->>> retain_freed_memory() in ("tuned", "already tuned", "not glibc", "LOPA_MALLOC=system", "MALLOC_ set by the user")
+>>> first = retain_freed_memory()  # "tuned" here; elsewhere why not ("not glibc", ...)
+>>> retain_freed_memory() == ("already tuned" if first in ("tuned", "already tuned") else first)  # once per process
 True
->>> retain_freed_memory()  # once per process: later calls change nothing
-'already tuned'
 """
 
 from __future__ import annotations

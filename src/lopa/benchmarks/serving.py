@@ -839,6 +839,15 @@ def classification_phase(args: argparse.Namespace, result: dict[str, Any], work:
     return server
 
 
+def on_threads(args: argparse.Namespace, server: Any, threads: int, log_path: Path) -> Any:
+    """``server`` if it runs on ``threads`` torch threads; else (closing it) a new server that does."""
+    if server is not None and server.threads == threads:
+        return server
+    if server is not None:
+        server.close()
+    return Server(args, log_path, threads=threads)
+
+
 def cached_over_lora(result: dict[str, Any]) -> dict[str, float]:
     """{K: the cached server's requests/s on the repeated-task stream over PEFT LoRA's on K's mixed stream}, for
     every K >= 8 where LoRA ran (the same torch threads): the issue's target is >= 1 at each."""
@@ -855,10 +864,7 @@ def generation_phase(args: argparse.Namespace, result: dict[str, Any], work: Wor
     if not args.gen_requests:
         return server
     if server is None or server.threads != args.gen_threads:
-        if server is not None:
-            server.close()
-        server = None
-        server = Server(args, log_path, threads=args.gen_threads)
+        server = on_threads(args, server, args.gen_threads, log_path)
         log(f"generation server up with {args.gen_threads} threads in {server.start_s:.1f}s")
     result["generation_server"] = {"command": server.process.command}
     torch.set_num_threads(args.gen_threads)
@@ -874,10 +880,7 @@ def prefix_cache_phase(args: argparse.Namespace, result: dict[str, Any], work: W
     """The prefix-cache section (:mod:`lopa.benchmarks.serving_prefix`): the sweep's server (or a new one with
     ``--threads``) is the plain contender, a second one with ``--prefix-cache-mib`` and the same threads the
     cached one."""
-    if server is not None and server.threads != args.threads:
-        server.close()
-        server = None
-    server = server or Server(args, log_path)
+    server = on_threads(args, server, args.threads, log_path)
     cached_log = log_path.with_suffix(".prefix-cache.log")  # its own: the plain server still writes to log_path
     cached = Server(args, cached_log, threads=server.threads,
                     extra=("--prefix-cache-mib", str(args.prefix_cache_mib)))
