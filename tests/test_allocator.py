@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -12,8 +13,10 @@ import pytest
 from lopa.allocator import retain_freed_memory
 
 # the server's case: smollm2-135m's forward in bf16 (batch 32, 42 positions, the answer position's logits) in a worker
-# thread, as the backend's thread runs it; minor page faults per pass after a warm-up. With glibc's defaults
-# that thread's arena hands the freed activations back and faults them in again: ~55,000 per pass measured
+# thread, as the backend's thread runs it; minor page faults in each of 8 passes. With glibc's defaults that thread's
+# arena often hands the freed activations back and faults them in again: 80,000-110,000 in every pass, measured, though
+# in some runs glibc's own adaptive thresholds settle it after a few passes. Tuned, the first two passes fault the
+# activations in (about 10,000 and 1,000) and later passes fault next to none
 PROBE = """
 import json, resource, sys, threading
 import torch
@@ -26,15 +29,13 @@ ids = torch.randint(5, 5000, (32, 42), generator=torch.Generator().manual_seed(0
 def forward():
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=torch.tensor([41]))
-out = {}
+out = {"passes": []}
 def work():
     torch.set_num_threads(1)
-    for _ in range(2):
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         forward()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        forward()
-    out["faults_per_pass"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+        out["passes"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 t = threading.Thread(target=work)
 t.start(); t.join()
 print(json.dumps({"state": state, **out}))
@@ -51,12 +52,14 @@ def probe(mode: str, **env: str) -> dict:
 @pytest.mark.real_model
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_tuned_allocator_stops_the_page_faults_of_freed_tensors():
-    plain, tuned = probe("plain"), probe("tune")
+    tuned = probe("tune")
     if tuned["state"] == "not glibc":
         pytest.skip("not glibc")
     assert tuned["state"] == "tuned"
-    assert plain["faults_per_pass"] > 10_000, plain
-    assert tuned["faults_per_pass"] < plain["faults_per_pass"] / 20, (plain, tuned)  # measured 19 against 108,599
+    # the steady state, past the passes that fault the activations in for the first time: a pass that refaults its
+    # activations costs ~100,000 faults; 1,000 is 4 MiB, a stray scratch buffer at most (the median takes one such)
+    steady = statistics.median(tuned["passes"][2:])
+    assert steady < 1_000, tuned
 
 
 STATE = "from lopa.allocator import retain_freed_memory; print(retain_freed_memory())"
