@@ -193,3 +193,15 @@ def test_the_prefix_cache_is_set_against_loras_rows_from_k_8():
     assert ratios == {"8": 1.2, "64": 0.75}
     text = "\n".join(render_prefix_cache(result, 1.0))
     assert "K = 8: 1.20 ✓, K = 64: 0.75 ✗" in text and "on 1 torch thread(s)" in text
+
+
+@pytest.mark.parametrize("contenders", [["lopa", "lora", "peft-pt", "bare"], ["bare", "lopa"],
+                                        ["lora", "bare", "lopa-inproc", "lopa", "peft-pt"], ["lopa", "lora"]])
+def test_every_pass_runs_lopa_next_to_the_bare_model(contenders):
+    from lopa.benchmarks.serving import pass_order
+    orders = [pass_order(contenders, r) for r in range(2 * len(contenders))]
+    assert all(sorted(o) == sorted(contenders) for o in orders)
+    assert len({o[0] for o in orders}) > 1  # the passes still rotate
+    if "bare" in contenders:
+        assert all(abs(o.index("lopa") - o.index("bare")) == 1 for o in orders), orders
+        assert {o.index("lopa") < o.index("bare") for o in orders} == {True, False}  # each goes first in turn
