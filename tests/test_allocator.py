@@ -18,13 +18,13 @@ from lopa.allocator import retain_freed_memory
 # in some runs glibc's own adaptive thresholds settle it after a few passes. Tuned, the first two passes fault the
 # activations in (about 10,000 and 1,000) and later passes fault next to none
 PROBE = """
-import json, resource, sys, threading
+import json, resource, threading
 import torch
 from lopa.allocator import retain_freed_memory
-state = retain_freed_memory() if sys.argv[1] == "tune" else "untouched"
+state = retain_freed_memory()
 torch.set_num_threads(1)
 import lopa
-model, _ = lopa.load_base("smollm2-135m", getattr(torch, sys.argv[2]))
+model, _ = lopa.load_base("smollm2-135m", torch.bfloat16)
 ids = torch.randint(5, 5000, (32, 42), generator=torch.Generator().manual_seed(0))
 def forward():
     with torch.inference_mode():
@@ -42,9 +42,14 @@ print(json.dumps({"state": state, **out}))
 """
 
 
-def probe(mode: str, **env: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", PROBE, mode, "bfloat16"], capture_output=True, text=True, timeout=120,
-                         env={**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env})
+def without_malloc_settings(**env: str) -> dict[str, str]:
+    """This environment less the user's MALLOC_ settings (the tuning would stand aside for them), plus ``env``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env}
+
+
+def probe() -> dict:
+    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
+                         env=without_malloc_settings())
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -52,7 +57,7 @@ def probe(mode: str, **env: str) -> dict:
 @pytest.mark.real_model
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_tuned_allocator_stops_the_page_faults_of_freed_tensors():
-    tuned = probe("tune")
+    tuned = probe()
     if tuned["state"] == "not glibc":
         pytest.skip("not glibc")
     assert tuned["state"] == "tuned"
@@ -67,7 +72,7 @@ STATE = "from lopa.allocator import retain_freed_memory; print(retain_freed_memo
 
 def state(**env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", STATE], capture_output=True, text=True, timeout=60,
-                          env={**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env})
+                          env=without_malloc_settings(**env))
 
 
 def test_the_user_can_keep_glibcs_defaults():
