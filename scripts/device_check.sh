@@ -9,7 +9,9 @@
 # Settings (environment): MODEL (default smollm2-135m), PYTHON (default python), STEPS (50), PORT (8765),
 # DEVICE (cuda; cpu rehearses the steps on a machine without a GPU, steps 1 and 4 then prove nothing),
 # BENCH_TASKS (1,8,64,512) and BENCH_REQUESTS (64): the benchmark's K values and requests per K.
-# Time limits per step (s): GPU 60, tests 60, train 120, server start 60, each round trip 30, benchmark 170.
+# Time limits per step (s): GPU 60, tests 90, train 120, server start 60, each round trip 30, benchmark 240;
+# and BUDGET (default 480) for the whole run: a step gets at most what is left of it, so the script ends
+# within BUDGET seconds plus 10 s of kill grace. Measured on an H200: about 5 minutes end to end.
 # Everything goes to OUT/device_check.log (each step's own output also to OUT/<step>.log); one summary line
 # per step on stdout and in OUT/summary.txt. Exit status: 0 all steps passed or were skipped with a reason,
 # 1 a step failed or ran out of time, 2 bad usage, 3 no CUDA GPU (found in seconds, before any step).
@@ -24,10 +26,11 @@ PORT=${PORT:-8765}
 DEVICE=${DEVICE:-cuda}
 BENCH_TASKS=${BENCH_TASKS:-1,8,64,512}
 BENCH_REQUESTS=${BENCH_REQUESTS:-64}
+BUDGET=${BUDGET:-480}
 KEY=device-check-key
 
-case "$STEPS$PORT$BENCH_REQUESTS" in *[!0-9]*|"")
-  echo "device_check: STEPS, PORT and BENCH_REQUESTS must be whole numbers (got '$STEPS', '$PORT', '$BENCH_REQUESTS')" >&2; exit 2;; esac
+case "$STEPS$PORT$BENCH_REQUESTS$BUDGET" in *[!0-9]*|"")
+  echo "device_check: STEPS, PORT, BENCH_REQUESTS and BUDGET must be whole numbers (got '$STEPS', '$PORT', '$BENCH_REQUESTS', '$BUDGET')" >&2; exit 2;; esac
 case "$BENCH_TASKS" in *[!0-9,]*|"") echo "device_check: BENCH_TASKS must be comma-separated whole numbers (got '$BENCH_TASKS')" >&2; exit 2;; esac
 case "$DEVICE" in cuda|cuda:[0-9]*|cpu) ;; *) echo "device_check: DEVICE must be cuda, cuda:N or cpu (got '$DEVICE')" >&2; exit 2;; esac
 mkdir -p "$OUT" || { echo "device_check: cannot create $OUT" >&2; exit 2; }
@@ -50,10 +53,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'cleanup; exit 130' INT TERM
 
-# step NAME SECONDS COMMAND...: run under timeout, log it, print one summary line
+# seconds left of the whole run's BUDGET (SECONDS counts from the script's start)
+left() { echo $((BUDGET - SECONDS)); }
+
+# step NAME SECONDS COMMAND...: run under timeout (the step's own limit or what is left of BUDGET, whichever
+# is less), log it, print one summary line
 step() {
   local name=$1 limit=$2; shift 2
   local start=$SECONDS rc
+  [ "$(left)" -lt "$limit" ] && limit=$(left)
+  if [ "$limit" -le 0 ]; then
+    say "$name: FAILED, not run: the whole run's budget of $BUDGET s is spent"; FAILED=1; return 124
+  fi
   echo "=== $name: $*" >>"$LOG"
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
@@ -61,7 +72,7 @@ step() {
   if [ $rc -eq 0 ]; then
     say "$name: ok ($((SECONDS - start)) s)"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    say "$name: FAILED, out of time after ${limit} s (see $OUT/$name.log)"; FAILED=1
+    say "$name: FAILED, out of time after ${limit} s (see $OUT/$name.log; budget left $(left) s)"; FAILED=1
   else
     say "$name: FAILED, exit status $rc after $((SECONDS - start)) s (see $OUT/$name.log; last line: $(tail -n 1 "$OUT/$name.log"))"; FAILED=1
   fi
@@ -90,7 +101,9 @@ EOF
 fi
 
 # 1. the suite's GPU tests (they skip themselves where there is no GPU)
-step pytest_gpu 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# (less test_quick_on_cuda: step 4 runs that benchmark on the GPU at full size, and the quick one alone takes a minute)
+step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests \
+  --deselect tests/test_bench_serving.py::test_quick_on_cuda
 
 # 2. training: a small classification task written here (no download), 50 steps in bf16
 DATA="$OUT/reviews.jsonl"
@@ -128,8 +141,9 @@ else
     >"$OUT/serve_server.log" 2>&1 &
   SERVER_PID=$!
   healthy=0
-  for _ in $(seq 1 300); do  # 60 s for the model to load
+  for _ in $(seq 1 300); do  # 60 s for the model to load, within the budget
     kill -0 "$SERVER_PID" 2>/dev/null || break
+    [ "$(left)" -gt 0 ] || break
     if "$PY" -c "import sys, httpx; sys.exit(httpx.get('$URL/health', timeout=1).status_code != 200)" 2>/dev/null; then
       healthy=1; break
     fi
@@ -151,7 +165,7 @@ fi
 
 # 4. the serving benchmark on the device (its figures: OUT/bench/serving.json and OUT/bench/results.md)
 if "$PY" -m lopa bench serving --help 2>/dev/null | grep -q -- "--device"; then
-  step bench_serving 170 "$PY" -m lopa bench serving --device "$DEVICE" --model "$MODEL" --tasks "$BENCH_TASKS" \
+  step bench_serving 240 "$PY" -m lopa bench serving --device "$DEVICE" --model "$MODEL" --tasks "$BENCH_TASKS" \
     --requests "$BENCH_REQUESTS" --repeats 1 --gen-requests 16 --new-tokens 16 --no-vllm \
     --out "$OUT/bench" --doc "$OUT/bench/results.md"
 else
