@@ -77,6 +77,20 @@ def test_dry_run_prints_count(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_threads_sets_torchs_cpu_threads(tmp_path, capsys):
+    import torch
+    task = _user_task(tmp_path, _reviews())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["train", "--method", "prompt-tuning", "--task", str(task), "--template", "{text} It was",
+                     "--label-words", " terrible, great", "--out", str(tmp_path / "r"), "--dry-run", "--threads", "1",
+                     *TINY]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_micro_batches_cover_each_epoch_once():
     batches = [micro_batch(10, seed=3, micro_step=s, size=4) for s in range(5)]
     flat = sum(batches, [])
@@ -140,7 +154,7 @@ def test_bad_task_input_is_refused_before_training(tmp_path, capsys, rows, extra
 
 @pytest.mark.parametrize("flag,value,message", [("--rank", "0", "rank"), ("--num-virtual-tokens", "0",
                                                                           "num_virtual_tokens"),
-                                                 ("--max-steps", "0", "max-steps")])
+                                                 ("--max-steps", "0", "max-steps"), ("--threads", "0", "threads")])
 def test_out_of_range_settings_are_refused(tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as e:
         main(["train", "--method", "lopa", flag, value, "--out", str(tmp_path / "r"), *TINY])

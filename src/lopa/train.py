@@ -105,6 +105,8 @@ class TrainArgs:
     """seeds initialisation, data order and dropout"""
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "float32", "bfloat16"]})
     """the base model's autocast: bf16 (bfloat16) or fp32 (float32); the soft-prompt generator always computes in fp32; auto = bf16 on a GPU with bf16 or a CPU where native bf16 beats fp32 (AMX; AVX512-BF16 if a timed matmul says so), else fp32 (the names are lopa serve --dtype's)"""
+    threads: int | None = None
+    """torch CPU threads for this run (default: torch's own, one per core); on a shared machine, give each concurrent run its share. Recorded with the run: a resume with another count could round differently, so it must match"""
     resume: bool = False
     """continue the run in --out from its newest checkpoint"""
     overwrite: bool = False
@@ -121,6 +123,8 @@ class TrainArgs:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.warmup_steps < 0:
             raise ValueError("--warmup-steps must be >= 0")
         if self.lr is not None and not 0 < self.lr < 1:
@@ -315,6 +319,8 @@ def _setup(args: TrainArgs) -> "_Run | dict[str, Any]":
     from accelerate.utils import set_seed
     from .models import load_base
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = _prepare_out(args)
     task = load_task(args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
