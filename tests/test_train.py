@@ -77,16 +77,21 @@ def test_dry_run_prints_count(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_threads_sets_torchs_cpu_threads(tmp_path, capsys):
+def test_threads_sets_torchs_cpu_threads_and_a_resume_must_keep_them(tmp_path, capsys):
     import torch
     task = _user_task(tmp_path, _reviews())
+    out = tmp_path / "r"
+    args = ["train", "--method", "prompt-tuning", "--task", str(task), "--template", "{text} It was",
+            "--label-words", " terrible, great", "--out", str(out), "--max-steps", "2", "--eval-every", "2", *TINY]
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert main(["train", "--method", "prompt-tuning", "--task", str(task), "--template", "{text} It was",
-                     "--label-words", " terrible, great", "--out", str(tmp_path / "r"), "--dry-run", "--threads", "1",
-                     *TINY]) == 0
+        assert main([*args, "--threads", "1"]) == 0
         assert torch.get_num_threads() == 1
+        assert json.loads((out / "run_config.json").read_text())["threads"] == 1
+        capsys.readouterr()
+        assert main([*args, "--max-steps", "4", "--resume", "--threads", "2"]) == 2
+        assert "['threads']" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
 
