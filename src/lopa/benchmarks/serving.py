@@ -336,6 +336,7 @@ class Server:
     def __init__(self, args: argparse.Namespace, log_path: Path, threads: int | None = None,
                  extra: tuple[str, ...] = ()):
         import httpx
+        from lopa.lanes import AsyncLanes
         self.threads = threads or args.threads
         # the server's device always given: its default (auto) would take a GPU where there is one while the
         # in-process contenders ran on --device, comparing unlike machines. Its dtype too, as resolved here:
@@ -349,8 +350,12 @@ class Server:
              "--log-level", "warning", *extra], log_path)
         self.url, self.health, self.start_s = self.process.url, self.process.health, self.process.start_s
         self.loop = asyncio.new_event_loop()
-        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(1800.0, connect=10.0), limits=limits)
+        timeout = httpx.Timeout(1800.0, connect=10.0)
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout)  # /metrics and the like
+        # the timed stream goes through lanes of one connection each: one httpx pool of `concurrency`
+        # connections costs this process more CPU per request than the server spends (lopa.lanes)
+        self.lanes = AsyncLanes(args.concurrency,
+                                lambda limits: httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits))
         self.concurrency = args.concurrency
 
     def run(self, coro: Any) -> Any:
@@ -376,14 +381,18 @@ class Server:
             arrivals: list[float] = []
 
             async def one(i: int) -> None:
-                async with sem:
-                    r = await self.http.post(path, content=bodies[i], headers={"content-type": "application/json"})
+                async with sem, self.lanes.lease() as http:
+                    r = await http.post(path, content=bodies[i], headers={"content-type": "application/json"})
                     arrivals.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:500]}")
                 out[i] = r.json()
+
+            async def health() -> None:
+                async with self.lanes.lease() as http:
+                    await http.get("/health")
             # open every connection first, so the timed stream does not pay TCP set-up
-            await asyncio.gather(*(self.http.get("/health") for _ in range(self.concurrency)))
+            await asyncio.gather(*(health() for _ in range(self.concurrency)))
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(len(bodies))))
             return time.perf_counter() - t0, out, sorted(arrivals)
@@ -412,10 +421,11 @@ class Server:
                 "client_cpu_s_per_request": (client1 - client0) / (len(lead) + len(bodies))}
 
     def close(self) -> None:
-        try:
-            self.run(self.http.aclose())
-        except Exception:
-            pass
+        for close in (self.http.aclose, self.lanes.aclose):
+            try:
+                self.run(close())
+            except Exception:
+                pass
         self.loop.close()
         self.process.stop()
 

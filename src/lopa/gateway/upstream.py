@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 
+from ..lanes import AsyncLanes
 from ..serve.errors import APIError
 
 PASSED_THROUGH = {400, 408, 413, 422, 429, 503}  # about the request or the upstream's load: the client's to see
@@ -71,19 +72,29 @@ def status_error(status: int, data: Any, text: str, url: str) -> APIError:
 
 
 class Upstream:
-    """An HTTP connection pool to one ``lopa serve``; ``info`` holds its last ``/health`` answer."""
+    """HTTP connections to one ``lopa serve``; ``info`` holds its last ``/health`` answer.
+
+    Requests answered in one piece, the gateway's main load, go through lanes of one connection each
+    (:mod:`lopa.lanes`): through one httpx pool of ``max_connections`` connections, each request cost
+    the gateway more CPU than the upstream spent on it. Streams and ``/health`` share an ordinary pool
+    of up to ``max_connections``: a stream holds its connection for the whole answer, so the pool's cost
+    per request is small beside it.
+    """
 
     def __init__(self, url: str, key: str | None = None, *, timeout: float = 120.0, connect_timeout: float = 5.0,
                  max_connections: int = 64):
         self.url, self.timeout = url.rstrip("/"), timeout
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.http = httpx.AsyncClient(base_url=self.url, headers=_headers(key), limits=limits,
-                                      timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=None))
+        headers, http_timeout = _headers(key), httpx.Timeout(timeout, connect=connect_timeout, pool=None)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, limits=limits, timeout=http_timeout)
+        self.lanes = AsyncLanes(max_connections, lambda one: httpx.AsyncClient(
+            base_url=self.url, headers=headers, limits=one, timeout=http_timeout))
         self.info: dict[str, Any] | None = None
         self.last_error: str | None = None
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.lanes.aclose()
 
     def _failed(self, exc: httpx.HTTPError) -> APIError:
         err = transport_error(exc, self.url, self.timeout)
@@ -104,7 +115,8 @@ class Upstream:
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` and return the upstream's JSON answer."""
         try:
-            r = await self.http.post(path, json=body)
+            async with self.lanes.lease() as http:
+                r = await http.post(path, json=body)
         except httpx.HTTPError as e:
             raise self._failed(e) from None
         return _json_answer(r, self.url, path)
