@@ -53,6 +53,11 @@ VARIANTS: dict[str, dict] = {
     # initialisation and can only shrink it), the instance part an offset rather than a mask
     "lopa-add": dict(method="lopa", combine="add"),
     "lopa-r8": dict(method="lopa", rank=8),  # a richer instance part: twice the rank of u v^T
+    # a stronger encoder: the reference's GLUE code encodes with a model as large as its backbone, ours with a
+    # 22M MiniLM; the base model itself (mean of its last hidden states, e = 576) tests whether the encoder's
+    # capacity is what limits the instance part. Its features are about 6x MiniLM's scale, hence the rms twin
+    "lopa-enc-base": dict(method="lopa", encoder="smollm2-135m"),
+    "lopa-enc-base-fn-rms": dict(method="lopa", encoder="smollm2-135m", feature_norm="rms"),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
