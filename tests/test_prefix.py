@@ -166,3 +166,48 @@ def test_generate_logprobs_reports_the_same_tokens_with_the_models_numbers(tiny_
     prefix.generate_logprobs(base, tok, batch, top_logprobs=1, max_new_tokens=2,
                              on_token=lambda i, t, lp: seen.append((i, t, lp.token)))
     assert len(seen) == 8 and all(t == tt for _, t, tt in seen)
+
+
+def _layout_by_hand(base, softs, ids, total):
+    """The batch laid out row by row, as the definition says: [zeros][soft][token embeddings]."""
+    emb = base.get_input_embeddings()
+    rows, masks = [], []
+    for z, t in zip(softs, ids):
+        pad = total - len(z) - len(t)
+        tok = emb(torch.tensor(t, dtype=torch.long)) if t else z.new_zeros(0, z.shape[1])
+        rows.append(torch.cat([z.new_zeros(pad, z.shape[1]), z, tok]))
+        masks.append([0] * pad + [1] * (len(z) + len(t)))
+    return torch.stack(rows), torch.tensor(masks)
+
+
+def test_assemble_lays_out_rows_exactly_and_passes_gradients(tiny_base):
+    base, _ = tiny_base
+    d = base.get_input_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(3)
+    softs = [torch.randn(n, d, generator=g).requires_grad_() for n in (3, 0, 5, 1)]
+    ids = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7], [], [300, 301]]
+    batch = prefix.assemble(base, softs, ids, pad_to_multiple=4)
+    want, mask = _layout_by_hand(base, softs, ids, total=8)
+    assert torch.equal(batch.inputs_embeds, want) and torch.equal(batch.attention_mask, mask)
+    assert batch.position_ids[0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5]
+    grads = torch.autograd.grad((batch.inputs_embeds * 2).sum(), [softs[0], softs[2]])
+    assert all(torch.equal(gr, torch.full_like(gr, 2.0)) for gr in grads)
+    # a B x n x d tensor gives the same batch as its rows in a list
+    z = torch.randn(4, 2, d, generator=g)
+    a, b = prefix.assemble(base, z, ids), prefix.assemble(base, list(z), ids)
+    assert torch.equal(a.inputs_embeds, b.inputs_embeds) and torch.equal(a.attention_mask, b.attention_mask)
+    with pytest.raises(ValueError, match=r"soft prompt 1 has shape \(2, 3\)"):
+        prefix.assemble(base, [softs[0], torch.zeros(2, 3)], ids[:2])
+
+
+def test_assemble_costs_the_same_operators_at_any_batch_size(tiny_base):
+    # on a GPU every operator is a kernel launch: a per-row loop would cost launches per request
+    from lopa.benchmarks.serving import count_operators
+    base, _ = tiny_base
+    d = base.get_input_embeddings().weight.shape[1]
+
+    def ops(b: int) -> int:
+        softs = [torch.randn(10, d) for _ in range(b)]
+        ids = [list(range(5, 5 + 3 + i % 7)) for i in range(b)]
+        return count_operators(lambda: prefix.assemble(base, softs, ids))["non_view"]
+    assert ops(2) == ops(32) == ops(64)

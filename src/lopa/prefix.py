@@ -52,36 +52,54 @@ def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], tok
     Gradients flow into the soft prompts; the token embeddings come from the frozen table.
     ``pad_to_multiple`` rounds the batch length up to a multiple of it (more left padding, same
     result), which bounds the number of distinct shapes the kernels see.
+
+    The layout is worked out in Python and applied by one gather over ``[0 ; soft prompts ; token
+    embeddings]``, so a batch costs the same few tensor operations at any B: on a GPU each operation is
+    a kernel launch (and each host tensor moved, a copy), where a loop over rows paid several per row.
     """
     emb_layer = base.get_input_embeddings()
     dtype, device = emb_layer.weight.dtype, emb_layer.weight.device
+    d = int(emb_layer.weight.shape[1])
     bsz = len(token_ids)
     if len(soft_prompts) != bsz:
         raise ValueError(f"{len(soft_prompts)} soft prompts for {bsz} rows")
+    if isinstance(soft_prompts, torch.Tensor):
+        if soft_prompts.dim() != 3 or soft_prompts.shape[2] != d:
+            raise ValueError(f"soft prompts have shape {tuple(soft_prompts.shape)}, expected (B, n, {d})")
+        lens_s = [int(soft_prompts.shape[1])] * bsz
+        softs = soft_prompts.reshape(-1, d).to(device=device, dtype=dtype)
+    else:
+        for i, z in enumerate(soft_prompts):
+            if z.dim() != 2 or z.shape[1] != d:
+                raise ValueError(f"soft prompt {i} has shape {tuple(z.shape)}, expected (n, {d})")
+        lens_s = [int(z.shape[0]) for z in soft_prompts]
+        parts = list(soft_prompts)
+        if len({z.device for z in parts}) > 1:  # one copy to the device for the batch, unless they are spread
+            parts = [z.to(device) for z in parts]
+        softs = (torch.cat(parts, 0) if parts else torch.zeros(0, d)).to(device=device, dtype=dtype)
     lens_t = [len(t) for t in token_ids]
-    lens_s = [int(s.shape[0]) for s in soft_prompts]
     total = max(a + b for a, b in zip(lens_s, lens_t))
     if pad_to_multiple is not None:
         if pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple must be at least 1, got {pad_to_multiple}")
         total = -(-total // pad_to_multiple) * pad_to_multiple
-    t_max = max(lens_t) if lens_t else 0
-    pad_id = 0
-    ids = torch.full((bsz, max(t_max, 1)), pad_id, dtype=torch.long, device=device)
-    for i, t in enumerate(token_ids):
-        if t:
-            ids[i, :len(t)] = torch.as_tensor(list(t), dtype=torch.long)
-    tok_emb = emb_layer(ids)
-    d = tok_emb.shape[-1]
-    rows, masks = [], torch.zeros(bsz, total, dtype=torch.long, device=device)
-    for i in range(bsz):
-        soft = soft_prompts[i].to(device=device, dtype=dtype)
-        if soft.dim() != 2 or soft.shape[1] != d:
-            raise ValueError(f"soft prompt {i} has shape {tuple(soft.shape)}, expected (n, {d})")
-        pad = total - lens_s[i] - lens_t[i]
-        rows.append(torch.cat([tok_emb.new_zeros(pad, d), soft, tok_emb[i, :lens_t[i]]], 0))
-        masks[i, pad:] = 1
-    embeds = torch.stack(rows)
+    width = max(max(lens_t) if lens_t else 0, 1)
+    ids = torch.tensor([list(t) + [0] * (width - len(t)) for t in token_ids], dtype=torch.long, device=device)
+    tok_emb = emb_layer(ids)  # B × width × d
+    # rows of the gathered table: 0 is zeros (padding), then every soft prompt's rows, then every token row
+    first_token = 1 + sum(lens_s)
+    index: list[int] = []
+    mask: list[int] = []
+    soft_at = 1
+    for i, (ls, lt) in enumerate(zip(lens_s, lens_t)):
+        pad = total - ls - lt
+        tok_at = first_token + i * width
+        index += [0] * pad + list(range(soft_at, soft_at + ls)) + list(range(tok_at, tok_at + lt))
+        mask += [0] * pad + [1] * (ls + lt)
+        soft_at += ls
+    table = torch.cat([tok_emb.new_zeros(1, d), softs, tok_emb.reshape(-1, d)], 0)
+    embeds = table.index_select(0, torch.tensor(index, dtype=torch.long, device=device)).view(bsz, total, d)
+    masks = torch.tensor(mask, dtype=torch.long, device=device).view(bsz, total)
     positions = (masks.cumsum(-1) - 1).clamp_min(0)
     return PrefixBatch(embeds, masks, positions)
 
