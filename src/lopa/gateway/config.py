@@ -74,7 +74,8 @@ class GatewayConfig:
     connect_timeout: float = 5.0
     """seconds to wait for a connection to the upstream; a refused or failed connection is a 502 at once"""
     max_connections: int = 64
-    """the most requests in flight to the upstream at once (the upstream batches them together)"""
+    """the most requests in flight to the upstream at once, for answers in one piece and again for streams (the
+    upstream batches them together)"""
     device: str = "cpu"
     """where the generators and encoders run: cpu, cuda, cuda:1, ... or auto (cuda when available)"""
     wire_dtype: str = field(default="float32", metadata={"choices": list(WIRE_DTYPES)})
