@@ -198,6 +198,8 @@ def test_assemble_lays_out_rows_exactly_and_passes_gradients(tiny_base):
     assert torch.equal(a.inputs_embeds, b.inputs_embeds) and torch.equal(a.attention_mask, b.attention_mask)
     with pytest.raises(ValueError, match=r"soft prompt 1 has shape \(2, 3\)"):
         prefix.assemble(base, [softs[0], torch.zeros(2, 3)], ids[:2])
+    with pytest.raises(ValueError, match="at least one row"):
+        prefix.assemble(base, [], [])
 
 
 def test_assemble_costs_the_same_operators_at_any_batch_size(tiny_base):

@@ -61,6 +61,8 @@ def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], tok
     dtype, device = emb_layer.weight.dtype, emb_layer.weight.device
     d = int(emb_layer.weight.shape[1])
     bsz = len(token_ids)
+    if bsz == 0:
+        raise ValueError("a batch needs at least one row")
     if len(soft_prompts) != bsz:
         raise ValueError(f"{len(soft_prompts)} soft prompts for {bsz} rows")
     if isinstance(soft_prompts, torch.Tensor):
@@ -76,14 +78,14 @@ def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], tok
         parts = list(soft_prompts)
         if len({z.device for z in parts}) > 1:  # one copy to the device for the batch, unless they are spread
             parts = [z.to(device) for z in parts]
-        softs = (torch.cat(parts, 0) if parts else torch.zeros(0, d)).to(device=device, dtype=dtype)
+        softs = torch.cat(parts, 0).to(device=device, dtype=dtype)
     lens_t = [len(t) for t in token_ids]
     total = max(a + b for a, b in zip(lens_s, lens_t))
     if pad_to_multiple is not None:
         if pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple must be at least 1, got {pad_to_multiple}")
         total = -(-total // pad_to_multiple) * pad_to_multiple
-    width = max(max(lens_t) if lens_t else 0, 1)
+    width = max(*lens_t, 1)
     ids = torch.tensor([list(t) + [0] * (width - len(t)) for t in token_ids], dtype=torch.long, device=device)
     tok_emb = emb_layer(ids)  # B × width × d
     # rows of the gathered table: 0 is zeros (padding), then every soft prompt's rows, then every token row
