@@ -78,6 +78,7 @@ def state(**env: str) -> subprocess.CompletedProcess:
 def test_the_user_can_keep_glibcs_defaults():
     assert state(LOPA_MALLOC="system").stdout.strip() == "LOPA_MALLOC=system"
     assert state(MALLOC_TRIM_THRESHOLD_="131072").stdout.strip() == "MALLOC_ set by the user"
+    assert state(MALLOC_TOP_PAD_="131072").stdout.strip() == "MALLOC_ set by the user"
     assert state(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072").stdout.strip() == "MALLOC_ set by the user"
     assert state(GLIBC_TUNABLES="glibc.cpu.hwcaps=-AVX2").stdout.strip() in ("tuned", "not glibc")  # not malloc's
 

@@ -9,11 +9,20 @@ rows of 42 tokens, measured on this project's 2-core machine, and 12-14% of the 
 the same pages pass after pass: 0-300 faults per forward. PyTorch's CPU performance guide recommends
 the same effect through jemalloc or tcmalloc; this needs neither.
 
+A thread other than the main one (the server's model thread) allocates from its own arena, built of
+64 MiB sub-heaps, and glibc unmaps such a sub-heap as soon as it is wholly free, whatever the trim
+threshold, unless the arena's top pad says to keep that much. With the two thresholds alone a
+worker's forward still refaulted 11,000-50,000 pages in about one run of four, measured (the
+sub-heap that held one pass's activations was dropped and mapped again 900-23,000 times a run), so
+the top pad is raised to a sub-heap's full size too. The pad reserves address space, not memory:
+pages count only once touched.
+
 The ``lopa`` command calls :func:`retain_freed_memory` once at start, so ``lopa serve``, ``lopa train``
 and the benchmarks (which time the in-process contenders in the same process as their server's
 client) all run with it. A library user calls it once, early. It changes nothing where glibc is not
 the allocator, where ``LOPA_MALLOC=system`` asks for glibc's defaults, or where the user's own
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or ``glibc.malloc`` tunables) are set (theirs win).
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` (or ``glibc.malloc``
+tunables) are set (theirs win).
 
 The cost: memory freed after a peak (a long prompt, a large batch) stays in the process, up to 1 GiB
 above what is in use, for the next peak, instead of going back to the system. A server's RSS then stays
@@ -33,7 +42,10 @@ import platform
 
 MMAP_THRESHOLD = 32 * 2 ** 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 2 ** 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+# a thread arena's sub-heap (HEAP_MAX_SIZE, twice the mmap ceiling on 64-bit): heap_trim frees a wholly free
+# sub-heap unless the pad it is given (the top pad) reaches what would be left, and that is never above this
+TOP_PAD = 2 * MMAP_THRESHOLD
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # from glibc's malloc.h
 _state: str | None = None
 
 
@@ -56,7 +68,7 @@ def _tune() -> str:
         raise ValueError(f"LOPA_MALLOC must be 'retain' (the default) or 'system', got {choice!r}")
     if choice == "system":
         return "LOPA_MALLOC=system"
-    if (any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    if (any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"))
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return "MALLOC_ set by the user"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -70,4 +82,5 @@ def _tune() -> str:
     # mallopt answers 1 on success; a libc that ignores a setting (another allocator preloaded) is left as it is
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    ok = mallopt(_M_TOP_PAD, TOP_PAD) == 1 and ok
     return "tuned" if ok else "not glibc"
