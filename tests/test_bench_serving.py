@@ -40,6 +40,10 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
         assert 1 <= server["mean_batch_size"] <= result["settings"]["batch_size"]
         assert server["cold_requests_per_s"] > 0 and len(server["passes"]) == result["settings"]["repeats"]
         assert all(p["lead_in_requests"] == result["settings"]["batch_size"] for p in server["passes"])
+        # pages touched afresh per request, the server's (from /proc) and this process's for those run here
+        assert server["minor_faults_per_request"] >= 0
+        assert all(p["server_minor_faults_per_request"] >= 0 for p in server["passes"])
+        assert all(x["minor_faults_per_request"] >= 0 for x in ran.values())
         # PEFT prompt tuning holds the server's soft prompts: the same numbers (fp32 tiny model here)
         assert row["max_abs_logprob_diff_lopa_vs_peft_pt"] < 1e-5
         assert 0 <= row["rounding_floor"] < 1e-5  # the bare model's own batch-shape rounding, measured
@@ -112,7 +116,7 @@ def test_quick_writes_json_plot_and_doc_section(tmp_path, capsys):
     assert (doc.parent / "serving_throughput.png").stat().st_size > 1000
     assert "Operators dispatched per batch" in text
     assert "does not fit" in text and "Gateway:" in text and "first streamed token" in text
-    assert "Prefix cache: a repeated-task stream" in text
+    assert "Prefix cache: a repeated-task stream" in text and "Minor page faults per request" in text
     assert "wrote" in capsys.readouterr().out
 
 

@@ -81,8 +81,8 @@ from pathlib import Path
 from typing import Any
 
 from lopa.benchmarks.common import (BenchmarkParser, ServerProcess, command_line, load_average, lopa_env,
-                                    machine, prepare_benchmark, repo_root, require_positive, rss_mib, split_list,
-                                    write_json, write_section)
+                                    machine, minor_faults, prepare_benchmark, repo_root, require_positive, rss_mib,
+                                    split_list, write_json, write_section)
 from lopa.benchmarks.serving_prefix import (add_prefix_cache_options, render_prefix_cache, repeated_task_bodies,
                                             summary_line, time_both)
 
@@ -405,9 +405,9 @@ class Server:
         are the timed bodies' only."""
         lead = bodies[:batch_size] if lead_in else []
         s0, c0 = self.batch_stats(kind)
-        cpu0, client0 = self.process.cpu_seconds(), time.process_time()
+        cpu0, client0, faults0 = self.process.cpu_seconds(), time.process_time(), self.process.minor_faults()
         cold, out, arrivals = self.drive(path, lead + bodies)
-        cpu1, client1 = self.process.cpu_seconds(), time.process_time()
+        cpu1, client1, faults1 = self.process.cpu_seconds(), time.process_time(), self.process.minor_faults()
         s1, c1 = self.batch_stats(kind)
         n_batches = int(c1 - c0)
         # the window is exact only if the lead-in filled the first batch alone: then the batches are as few
@@ -418,7 +418,9 @@ class Server:
                 "mean_batch_size": (s1 - s0) / max(n_batches, 1), "batches": n_batches,
                 "first_answer_s": arrivals[0], "lead_in_requests": len(lead),
                 "server_cpu_s_per_request": (cpu1 - cpu0) / (len(lead) + len(bodies)),
-                "client_cpu_s_per_request": (client1 - client0) / (len(lead) + len(bodies))}
+                "client_cpu_s_per_request": (client1 - client0) / (len(lead) + len(bodies)),
+                # pages the server touched afresh: near 0 once its allocator reuses freed activations (lopa.allocator)
+                "server_minor_faults_per_request": (faults1 - faults0) / (len(lead) + len(bodies))}
 
     def close(self) -> None:
         for close in (self.http.aclose, self.lanes.aclose):
@@ -964,7 +966,7 @@ class Field:
             extra.setdefault("lopa_passes", []).append(t)
             return t["seconds"], t["server_cpu_s_per_request"], answers
         text = [w.text[i] for i in idx]
-        t0, p0 = time.perf_counter(), time.process_time()
+        t0, p0, f0 = time.perf_counter(), time.process_time(), minor_faults()
         if c == "lopa-inproc":
             answers = run_backend(self.inproc, text, [w.soft_model(t) for t in tasks], w.label_ids, a.batch_size)
         elif c == "bare":
@@ -974,7 +976,9 @@ class Field:
         else:
             answers, extra["peft_pt_batches"] = run_peft_pt(self.pt.model, text, tasks, w.label_ids, a.batch_size,
                                                              a.m)
-        return time.perf_counter() - t0, (time.process_time() - p0) / len(idx), answers
+        dt, per_request = time.perf_counter() - t0, (time.process_time() - p0) / len(idx)
+        extra.setdefault("minor_faults", {}).setdefault(c, []).append((minor_faults() - f0) / len(idx))
+        return dt, per_request, answers
 
     def operators(self, c: str, idx: list[int], tasks: list[int]) -> dict[str, int] | None:
         """Operators dispatched for one batch of the stream (not timed); lopa's are its backend's, run here."""
@@ -1090,6 +1094,8 @@ def classification_row(n: int, distinct: int, positions: dict[str, int], seconds
         row["contenders"][c] = {"requests_per_s": rps, "tokens_per_s": rps * positions[c],
                                 "seconds": ts, "requests_per_s_by_pass": [n / t for t in ts],
                                 "cpu_s_per_request": statistics.mean(cpu[c])}
+    for c, faults in extra.get("minor_faults", {}).items():  # the in-process contenders': this process's
+        row["contenders"][c]["minor_faults_per_request"] = statistics.mean(faults)
     if "lopa_passes" in extra:
         row["contenders"]["lopa"].update(server_passes(extra["lopa_passes"], n))
     if "peft_pt_batches" in extra:
@@ -1112,6 +1118,7 @@ def server_passes(passes: list[dict[str, Any]], n: int) -> dict[str, Any]:
             "cold_requests_per_s": sum(n + p["lead_in_requests"] for p in passes) / sum(p["cold_seconds"] for p in passes),
             "mean_batch_size": statistics.mean(p["mean_batch_size"] for p in passes),
             "client_cpu_s_per_request": statistics.mean(p["client_cpu_s_per_request"] for p in passes),
+            "minor_faults_per_request": statistics.mean(p["server_minor_faults_per_request"] for p in passes),
             "passes": passes}
 
 
@@ -1525,6 +1532,12 @@ def render_sweep(result: dict[str, Any], image: str | None) -> list[str]:
               "process's, all its threads, lead-in included; this process's for the others): the work each "
               "contender does per request, which other jobs on the machine cannot inflate, while wall time also "
               "shows how the server's extra threads and the HTTP clients fare for cores.", ""]
+    faults = [f"K = {k}: " + ", ".join(f"{NAMES[c]} {row['contenders'][c]['minor_faults_per_request']:.0f}"
+                                        for c in have if "minor_faults_per_request" in row["contenders"].get(c, {}))
+              for k in ks for row in [cls[str(k)]]]
+    if any(f.partition(": ")[2] for f in faults):
+        L += ["Minor page faults per request (memory touched afresh; near 0 when freed activations are reused, "
+              "lopa.allocator): " + "; ".join(faults) + ".", ""]
     if image:
         L += [f"![requests/s vs K]({image})", ""]
     return L
