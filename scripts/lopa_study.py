@@ -58,6 +58,11 @@ VARIANTS: dict[str, dict] = {
     # capacity is what limits the instance part. Its features are about 6x MiniLM's scale, hence the rms twin
     "lopa-enc-base": dict(method="lopa", encoder="smollm2-135m"),
     "lopa-enc-base-fn-rms": dict(method="lopa", encoder="smollm2-135m", feature_norm="rms"),
+    # the encoder fine-tuned with the generator, as the reference's GLUE code does (freeze_base=False): its own
+    # rate relative to the heads' 1e-3 (0.01 is the option's default, 1e-5; 0.03 and 0.1 are 3e-5 and 1e-4)
+    "lopa-train-enc": dict(method="lopa", train_encoder=True),
+    "lopa-train-enc-x0.03": dict(method="lopa", train_encoder=True, encoder_lr_scale=0.03),
+    "lopa-train-enc-x0.1": dict(method="lopa", train_encoder=True, encoder_lr_scale=0.1),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
