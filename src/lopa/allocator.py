@@ -11,10 +11,10 @@ the same effect through jemalloc or tcmalloc; this needs neither.
 
 A thread other than the main one (the server's model thread) allocates from its own arena, built of
 64 MiB sub-heaps, and glibc unmaps such a sub-heap as soon as it is wholly free, whatever the trim
-threshold, unless the arena's top pad says to keep that much. With the two thresholds alone a
-worker's forward still refaulted 11,000-50,000 pages in about one run of four, measured (the
-sub-heap that held one pass's activations was dropped and mapped again 900-23,000 times a run), so
-the top pad is raised to a sub-heap's full size too. The pad reserves address space, not memory:
+threshold, unless the arena's top pad says to keep that much. With the two thresholds alone, about
+one process in four still refaulted a worker's activations, up to 93,000 pages a pass (measured; a
+sub-heap was dropped and mapped again up to 23,000 times a run), so the top pad is raised to a
+sub-heap's full size too. The pad reserves address space, not memory:
 pages count only once touched.
 
 The ``lopa`` command calls :func:`retain_freed_memory` once at start, so ``lopa serve``, ``lopa train``
