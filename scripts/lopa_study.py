@@ -63,6 +63,9 @@ VARIANTS: dict[str, dict] = {
     "lopa-train-enc": dict(method="lopa", train_encoder=True),
     "lopa-train-enc-x0.03": dict(method="lopa", train_encoder=True, encoder_lr_scale=0.03),
     "lopa-train-enc-x0.1": dict(method="lopa", train_encoder=True, encoder_lr_scale=0.1),
+    # Z_S at prompt tuning's best rate (1e-1) as in the defaults, the heads 3x slower (3e-4): lets Z_S learn as a
+    # plain prompt would while the gate moves less of what is learnt for every input into the heads (lead 13)
+    "lopa-heads3e-4": dict(method="lopa", lr=3e-4, shared_lr_scale=1e-1 / 3e-4),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
