@@ -14,8 +14,7 @@ A thread other than the main one (the server's model thread) allocates from its 
 threshold, unless the arena's top pad says to keep that much. With the two thresholds alone, about
 one process in four still refaulted a worker's activations, up to 93,000 pages a pass (measured; a
 sub-heap was dropped and mapped again up to 23,000 times a run), so the top pad is raised to a
-sub-heap's full size too. The pad reserves address space, not memory:
-pages count only once touched.
+sub-heap's full size too. The pad reserves address space, not memory: pages count only once touched.
 
 The ``lopa`` command calls :func:`retain_freed_memory` once at start, so ``lopa serve``, ``lopa train``
 and the benchmarks (which time the in-process contenders in the same process as their server's

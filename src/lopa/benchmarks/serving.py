@@ -1532,12 +1532,11 @@ def render_sweep(result: dict[str, Any], image: str | None) -> list[str]:
               "process's, all its threads, lead-in included; this process's for the others): the work each "
               "contender does per request, which other jobs on the machine cannot inflate, while wall time also "
               "shows how the server's extra threads and the HTTP clients fare for cores.", ""]
-    faults = [f"K = {k}: " + ", ".join(f"{c} {row['contenders'][c]['minor_faults_per_request']:.0f}"
-                                        for c in have if "minor_faults_per_request" in row["contenders"].get(c, {}))
-              for k in ks for row in [cls[str(k)]]]
-    if any(f.partition(": ")[2] for f in faults):
+    faults = {k: [f"{c} {x['minor_faults_per_request']:.0f}" for c, x in cls[str(k)]["contenders"].items()
+                  if "minor_faults_per_request" in x] for k in ks}
+    if any(faults.values()):
         L += ["Minor page faults per request (memory touched afresh; near 0 when freed activations are reused, "
-              "lopa.allocator): " + "; ".join(faults) + ".", ""]
+              "lopa.allocator): " + "; ".join(f"K = {k}: {', '.join(f)}" for k, f in faults.items()) + ".", ""]
     if image:
         L += [f"![requests/s vs K]({image})", ""]
     return L
