@@ -53,6 +53,11 @@ VARIANTS: dict[str, dict] = {
     # initialisation and can only shrink it), the instance part an offset rather than a mask
     "lopa-add": dict(method="lopa", combine="add"),
     "lopa-r8": dict(method="lopa", rank=8),  # a richer instance part: twice the rank of u v^T
+    # rank 8 learnt slower than 4 in 300 steps (lead 15): does a leaner instance part learn faster still?
+    "lopa-r2": dict(method="lopa", rank=2),
+    # each training text is seen once at this budget (2,400 of SST-2's 66,000), so dropout on the encoder's
+    # features regularises nothing that could overfit and only adds noise to what the heads see
+    "lopa-dropout0": dict(method="lopa", dropout=0.0),
     # a stronger encoder: the reference's GLUE code encodes with a model as large as its backbone, ours with a
     # 22M MiniLM; the base model itself (mean of its last hidden states, e = 576) tests whether the encoder's
     # capacity is what limits the instance part. Its features are about 6x MiniLM's scale, hence the rms twin
@@ -66,6 +71,13 @@ VARIANTS: dict[str, dict] = {
     # Z_S at prompt tuning's best rate (1e-1) as in the defaults, the heads 3x slower (3e-4): lets Z_S learn as a
     # plain prompt would while the gate moves less of what is learnt for every input into the heads (lead 13)
     "lopa-heads3e-4": dict(method="lopa", lr=3e-4, shared_lr_scale=1e-1 / 3e-4),
+    # the paper's concatenation, [Z_S ; u v^T] (2m tokens): the task-wide part keeps its full size as in prompt
+    # tuning, and the instance part gets tokens of its own instead of gating Z_S (leads 13-14: LoPA's task-wide
+    # part, read as one prompt, is weaker than prompt tuning's)
+    "lopa-concat": dict(method="lopa", combine="concat"),
+    # the other way round from lead 19: slower heads made the instance part add less, so faster heads (3e-3),
+    # with Z_S kept at prompt tuning's best rate (1e-1), should let it add more
+    "lopa-heads3e-3": dict(method="lopa", lr=3e-3, shared_lr_scale=1e-1 / 3e-3),
     "prompt-tuning": dict(method="prompt-tuning"),
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
