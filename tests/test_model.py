@@ -302,3 +302,27 @@ def test_a_trained_encoder_trains_counts_and_travels_with_the_artifact(tiny_base
 def test_train_encoder_needs_an_encoder_of_its_own():
     with pytest.raises(lopa.methods.ConfigError, match="self"):
         lopa.make_config("lopa", encoder="self", train_encoder=True)
+
+
+def test_a_scaled_embedding_starts_the_prompt_at_the_size_of_the_tokens_around_it(fresh_base):
+    """Gemma's embedding module multiplies its rows by √d: a prompt taken from the raw table would start
+    √d times smaller than the token embeddings next to it (PEFT takes the module's output too)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    base, tok = fresh_base
+    plain = base.get_input_embeddings()
+    scaled = Gemma3TextScaledWordEmbedding(plain.num_embeddings, plain.embedding_dim, padding_idx=None,
+                                           embed_scale=8.0)
+    scaled.weight.data.copy_(plain.weight.data)
+    base.set_input_embeddings(scaled)
+    assert prefix.embedding_scale(scaled) == pytest.approx(8.0)
+    assert prefix.embedding_scale(plain) == 1.0
+    model = lopa.SoftPromptModel(base, tok, lopa.make_config("prompt-tuning", num_virtual_tokens=3, init="text",
+                                                             init_text="great movie"))
+    ids = tok("great movie", add_special_tokens=False)["input_ids"]
+    want = scaled(torch.tensor((ids * 3)[:3]))
+    assert torch.allclose(model.soft_prompts(["x"])[0], want, atol=1e-5)
+    vocab = lopa.SoftPromptModel(base, tok, lopa.make_config("lopa", num_virtual_tokens=4, rank=2, hidden_size=8,
+                                                             encoder="self"))
+    rows = vocab.generator.shared.detach() / 8.0  # each row of Z_S is a table row times the scale
+    assert all(torch.isclose(plain.weight, r, atol=1e-6).all(1).any() for r in rows)

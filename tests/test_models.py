@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 
@@ -10,7 +11,7 @@ import torch
 
 import lopa
 from lopa import models
-from lopa.models import ModelNotFoundError, cache_dir, hidden_size_of, resolve
+from lopa.models import ModelNotFoundError, cache_dir, hidden_size_of, join_parts, resolve
 
 
 def _same_weights(a, b):
@@ -118,3 +119,24 @@ def test_real_smollm2_and_minilm_lopa_count(capsys):
     # and it runs end to end
     scores = model.eval().classify(["Review: a gripping, funny film. It was"], [" terrible", " great"])
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()
+
+
+def test_join_parts_checks_the_digest_and_rejoins_a_bad_cached_file(tmp_path):
+    """The optional Gemma GGUF ships in parts; a wrong join (another file among the parts, an
+    interrupted copy) must not reach the GGUF reader, and must not stay cached."""
+    parts = []
+    for i, chunk in enumerate([b"GGUF", b"-body-", b"end"]):
+        parts.append(tmp_path / f"m.gguf.part0{i}")
+        parts[-1].write_bytes(chunk)
+    good = hashlib.sha256(b"GGUF-body-end").hexdigest()
+    out = tmp_path / "cache" / "m.gguf"
+    with pytest.raises(ModelNotFoundError, match="sha256"):
+        join_parts(parts[::-1], out, good)
+    assert not out.exists() and not list(out.parent.glob("*.part"))
+    out.write_bytes(b"<html>licence</html>")  # what the old join cached: the licence file first
+    assert join_parts(parts, out, good).read_bytes() == b"GGUF-body-end"
+    parts[1].unlink()
+    assert join_parts(parts, out, good).read_bytes() == b"GGUF-body-end"  # cached and checked: parts not needed
+    out.unlink()
+    with pytest.raises(ModelNotFoundError, match="missing part"):
+        join_parts(parts, out, good)

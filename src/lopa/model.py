@@ -157,8 +157,9 @@ class SoftPromptModel(PromptedModel):
         self.encoder = encoder if config.instance_dependent else None
         if self.encoder is not None:
             self.encoder.set_trainable(bool(getattr(config, "train_encoder", False)))
-        ctx = InitContext(base.get_input_embeddings().weight, tokenizer,
-                          encoder.dim if self.encoder is not None else None)
+        emb = base.get_input_embeddings()
+        ctx = InitContext(emb.weight, tokenizer, encoder.dim if self.encoder is not None else None,
+                          embedding_scale=prefix.embedding_scale(emb))
         self.generator = build_generator(config, ctx)
 
     def train(self, mode: bool = True) -> "SoftPromptModel":

