@@ -82,6 +82,11 @@ VARIANTS: dict[str, dict] = {
     "prompt-tuning-lr1e-2": dict(method="prompt-tuning", lr=1e-2),
     "prompt-tuning-lr1e-3": dict(method="prompt-tuning", lr=1e-3),
     "prompt-tuning-lr1e-1": dict(method="prompt-tuning", lr=1e-1),
+    # for a base whose token embeddings are larger (Gemma-3-270m's are ~8x SmolLM2's in root-mean-square), a
+    # prompt moves proportionally less per Adam step: both families' grids go further up there
+    "prompt-tuning-lr3e-1": dict(method="prompt-tuning", lr=3e-1),
+    "prompt-tuning-lr9e-1": dict(method="prompt-tuning", lr=0.9),  # SST-2's 1e-1 scaled to Gemma's larger embeddings
+    "lopa-zs-lr1000x": dict(method="lopa", shared_lr_scale=1000.0),
     "idpg": dict(method="idpg"),
     "idpg-lr3e-4": dict(method="idpg", lr=3e-4),
 }
@@ -239,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                    "dev_curve": [(h["step"], h["dev"]) for h in curves(out_root, n)],
                    **({"dev_by_length": by_length[n]} if n in by_length else {})}
                for n, r in results.items()}
-    (out_root / "study.json").write_text(json.dumps({"protocol": proto, "variants": summary}, indent=2) + "\n")
+    # merged with what earlier invocations on this task and seed recorded: a run with --only must not drop
+    # the other variants' summaries (their run directories stay, but their by-length scores took minutes)
+    study = out_root / "study.json"
+    earlier = json.loads(study.read_text()).get("variants", {}) if study.exists() else {}
+    study.write_text(json.dumps({"protocol": proto, "variants": {**earlier, **summary}}, indent=2) + "\n")
     if a.docs:
         write_docs(summary, proto, Path("docs"))
     for n, s in sorted(summary.items(), key=lambda kv: -(kv[1]["best_dev_accuracy"] or 0)):
