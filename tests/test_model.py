@@ -317,6 +317,9 @@ def test_a_scaled_embedding_starts_the_prompt_at_the_size_of_the_tokens_around_i
     base.set_input_embeddings(scaled)
     assert prefix.embedding_scale(scaled) == pytest.approx(8.0)
     assert prefix.embedding_scale(plain) == 1.0
+    half = Gemma3TextScaledWordEmbedding(plain.num_embeddings, plain.embedding_dim, padding_idx=None,
+                                         embed_scale=640 ** 0.5).to(torch.bfloat16)  # Gemma's √d, loaded in bf16
+    assert prefix.embedding_scale(half) == pytest.approx(640 ** 0.5, rel=1e-2)
     model = lopa.SoftPromptModel(base, tok, lopa.make_config("prompt-tuning", num_virtual_tokens=3, init="text",
                                                              init_text="great movie"))
     ids = tok("great movie", add_special_tokens=False)["input_ids"]

@@ -110,22 +110,23 @@ def assemble(base: Any, soft_prompts: torch.Tensor | Sequence[torch.Tensor], tok
 def embedding_scale(emb_layer: nn.Module) -> float:
     """The factor by which ``emb_layer`` multiplies its table's rows (Gemma's scaled embeddings: √d).
 
-    Measured on a few rows rather than read from a model-specific attribute; 1.0 when the module's
-    output is not a plain multiple of its rows.
+    Measured on a few rows spread over the vocabulary rather than read from a model-specific attribute;
+    1.0 when the module's output is not a plain multiple of its rows. The tolerance admits a bf16 table's
+    rounding (about 0.4%), far below what any other change to the rows would show.
 
     >>> emb = nn.Embedding(10, 4)
     >>> embedding_scale(emb)
     1.0
     """
     weight = emb_layer.weight
-    ids = torch.arange(min(8, weight.shape[0]), device=weight.device)
+    ids = torch.arange(0, weight.shape[0], max(1, weight.shape[0] // 8), device=weight.device)[:8]
     with torch.no_grad():
         out, rows = emb_layer(ids).float(), weight[ids].float()
     denom = rows.pow(2).sum()
     if denom == 0:
         return 1.0
     scale = float((out * rows).sum() / denom)
-    return scale if torch.allclose(out, rows * scale, rtol=1e-3, atol=1e-6) else 1.0
+    return scale if torch.allclose(out, rows * scale, rtol=1e-2, atol=1e-6) else 1.0
 
 
 def _last_positions(batch: PrefixBatch, k: int) -> torch.Tensor:
