@@ -55,9 +55,6 @@ VARIANTS: dict[str, dict] = {
     "lopa-r8": dict(method="lopa", rank=8),  # a richer instance part: twice the rank of u v^T
     # rank 8 learnt slower than 4 in 300 steps (lead 15): does a leaner instance part learn faster still?
     "lopa-r2": dict(method="lopa", rank=2),
-    # each training text is seen once at this budget (2,400 of SST-2's 66,000), so dropout on the encoder's
-    # features regularises nothing that could overfit and only adds noise to what the heads see
-    "lopa-dropout0": dict(method="lopa", dropout=0.0),
     # a stronger encoder: the reference's GLUE code encodes with a model as large as its backbone, ours with a
     # 22M MiniLM; the base model itself (mean of its last hidden states, e = 576) tests whether the encoder's
     # capacity is what limits the instance part. Its features are about 6x MiniLM's scale, hence the rms twin

