@@ -583,7 +583,10 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
            kept: list[str] | None = None) -> str:
     """The markdown section; ``adopted`` maps the keys of runs recorded rather than trained here to why;
     ``kept`` names the tasks whose figures ``accuracy.json`` keeps from an earlier run of the benchmark."""
-    out = [MARK_START, "## Accuracy: the LoPA paper's comparison on SST-2, MRPC and rotten-tomatoes-3", "",
+    names = {"sst2": "SST-2", "mrpc": "MRPC"}
+    tasks = [names.get(t, t) for t in cfg.task_list]
+    listed = tasks[0] if len(tasks) == 1 else ", ".join(tasks[:-1]) + " and " + tasks[-1]
+    out = [MARK_START, f"## Accuracy: the LoPA paper's comparison on {listed}, base `{cfg.model}`", "",
            f"- **Command**: `lopa bench accuracy {' '.join(cfg.argv)}` (resumable: run again to continue)",
            f"- **Machine**: {machine}; wall time of the recorded runs: {wall_min:.0f} min",
            f"- **Protocol**: base `{cfg.model}`; batch 8; AdamW; warm-up 10% then the method's schedule; "
