@@ -53,6 +53,13 @@ def test_train_then_eval_round_trip(tmp_path, capsys):
     assert main(["eval", str(out), "--split", "test"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["accuracy"] == results["test"]["accuracy"] and line["n"] == 6 and "macro_f1" in line
+    # --results keeps each item's answer, the same ones training's own test scoring recorded
+    per_item = tmp_path / "per-item.jsonl"
+    assert main(["eval", str(out), "--split", "test", "--results", str(per_item)]) == 0
+    assert "predictions" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    items = [json.loads(x) for x in per_item.read_text().splitlines()]
+    assert [i["prediction"] for i in items] == json.loads((out / "predictions.json").read_text())["test"]
+    assert sum(i["correct"] for i in items) / 6 == line["accuracy"]
 
     assert main(["eval", "--zero-shot", "--model", "tiny-random-llama", "--task", str(task), "--template",
                  "{text} It was", "--label-words", " terrible, great"]) == 0

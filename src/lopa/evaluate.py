@@ -297,6 +297,22 @@ def score(model: Any, task: Task, split: str, *, limit: int | None = None, batch
     return {"task": task.name, "split": split, **res, "eval_s": round(time.time() - started, 2)}
 
 
+def write_predictions(path: str | Path, predictions: list[int], examples: list[Example]) -> None:
+    """A classification's per-item results as JSONL: ``{"item", "prediction", "label", "correct"}``, in the
+    split's order, so two runs scored on the same split can be compared item by item.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "preds.jsonl"
+    >>> write_predictions(p, [1, 0], [Example("good. It was", label=1), Example("bad. It was", label=1)])
+    >>> [json.loads(line)["correct"] for line in p.read_text().splitlines()]
+    [True, False]
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i, (pred, e) in enumerate(zip(predictions, examples)):
+            f.write(json.dumps({"item": i, "prediction": pred, "label": e.label, "correct": pred == e.label}) + "\n")
+
+
 @dataclass
 class EvalArgs:
     """Evaluate a run directory or artifact on a task split, or the bare model zero-shot.
@@ -336,7 +352,9 @@ class EvalArgs:
     max_new_tokens: int = 128
     """generation: tokens to generate at most"""
     results: str | None = None
-    """generation: write per-problem results to this JSONL file (default: RUN_DIR/eval-SPLIT.jsonl)"""
+    """write per-item results to this JSONL file, for paired comparisons of two runs on the same items
+    (generation: default RUN_DIR/eval-SPLIT.jsonl; classification: only when given, one line per item with
+    its predicted and gold class index)"""
 
     def __post_init__(self) -> None:
         if self.zero_shot == (self.run_dir is not None):
@@ -385,7 +403,11 @@ def _eval(args: EvalArgs) -> int:
                    max_new_tokens=args.max_new_tokens, ks=sorted({1, args.n_samples}),
                    results_path=args.results or default)
     precision = precision_name(args.precision or run_precision(args.run_dir) or "auto")
-    res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=precision, **gen)
+    per_item = task.kind == "classification" and args.results is not None
+    res = score(model, task, args.split, limit=args.limit, batch_size=args.batch_size, precision=precision,
+                keep_predictions=per_item, **gen)
+    if per_item:
+        write_predictions(args.results, res.pop("predictions"), task.split(args.split))
     res["model"] = "zero-shot " + (args.model or DEFAULT_BASE) if args.zero_shot else str(args.run_dir)
     print(json.dumps(res))
     return 0
