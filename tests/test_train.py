@@ -60,6 +60,9 @@ def test_train_then_eval_round_trip(tmp_path, capsys):
     items = [json.loads(x) for x in per_item.read_text().splitlines()]
     assert [i["prediction"] for i in items] == json.loads((out / "predictions.json").read_text())["test"]
     assert sum(i["correct"] for i in items) / 6 == line["accuracy"]
+    with pytest.raises(SystemExit) as refused:  # a folder: refused, as argparse refuses, before any scoring
+        main(["eval", str(out), "--results", str(tmp_path)])
+    assert refused.value.code == 2 and "--results takes a file" in capsys.readouterr().err
 
     assert main(["eval", "--zero-shot", "--model", "tiny-random-llama", "--task", str(task), "--template",
                  "{text} It was", "--label-words", " terrible, great"]) == 0

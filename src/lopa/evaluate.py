@@ -361,6 +361,8 @@ class EvalArgs:
             raise ValueError("give a RUN_DIR, or --zero-shot with --model and --task (not both)")
         if self.zero_shot and not self.task:
             raise ValueError("--zero-shot needs --task")
+        if self.results and Path(self.results).is_dir():  # checked before scoring, so no scoring is thrown away
+            raise ValueError(f"--results takes a file; {self.results} is a folder")
         for name in ("batch_size", "n_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
