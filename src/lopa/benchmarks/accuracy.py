@@ -583,8 +583,8 @@ def render(cfg: argparse.Namespace, summary: dict[str, Any], lr_table: dict[str,
            kept: list[str] | None = None) -> str:
     """The markdown section; ``adopted`` maps the keys of runs recorded rather than trained here to why;
     ``kept`` names the tasks whose figures ``accuracy.json`` keeps from an earlier run of the benchmark."""
-    names = {"sst2": "SST-2", "mrpc": "MRPC"}
-    tasks = [names.get(t, t) for t in cfg.task_list]
+    from lopa.tasks.classification import GLUE  # GLUE's own folder names are its task names: SST-2, MRPC
+    tasks = [GLUE[t].folder if t in GLUE else t for t in cfg.task_list]
     listed = tasks[0] if len(tasks) == 1 else ", ".join(tasks[:-1]) + " and " + tasks[-1]
     out = [MARK_START, f"## Accuracy: the LoPA paper's comparison on {listed}, base `{cfg.model}`", "",
            f"- **Command**: `lopa bench accuracy {' '.join(cfg.argv)}` (resumable: run again to continue)",
