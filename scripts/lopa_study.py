@@ -134,7 +134,9 @@ def placed(run_dir: Path, info: dict | None = None):
     def batch_before_cue(self, texts, suffix_ids=None):
         if suffix_ids is not None or not all(t.endswith(cue) for t in texts):
             raise ValueError(f"placement 'before-cue' needs classification texts that end with {cue!r}")
-        tok = lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        def tok(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
         heads, tail = [tok(t[:-len(cue)]) for t in texts], tok(cue)
         z = self.soft_prompts(texts)
         b = prefix.assemble(self.base, z, [h + tail for h in heads])
@@ -168,9 +170,11 @@ def run_variant(name: str, settings: dict, proto: dict, out_root: str) -> dict:
     if placement is not None:
         from lopa.tasks import get_task
         template = get_task(proto["task"], data_dir=proto["data_dir"]).template
+        if placement != "before-cue":
+            raise ValueError(f"unknown placement {placement!r}; the study knows 'before-cue'")
         cue = template.rsplit("}", 1)[1]
-        if placement != "before-cue" or not cue.strip():
-            raise ValueError(f"placement {placement!r} needs a template that ends in fixed words, got {template!r}")
+        if not cue.strip():
+            raise ValueError(f"placement 'before-cue' needs a template that ends in fixed words, got {template!r}")
         info = {"placement": placement, "cue": cue}
     kw = {**proto, **settings, "out": str(out), "test": False, "zero_shot": False, "progress": False}
     kw["resume"] = (out / "run_config.json").exists()
