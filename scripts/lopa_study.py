@@ -98,6 +98,13 @@ VARIANTS: dict[str, dict] = {
     "lopa-zs-lr300x-before-cue": dict(method="lopa", shared_lr_scale=300.0, placement="before-cue"),
     "prompt-tuning-lr3e-1-before-cue": dict(method="prompt-tuning", lr=3e-1, placement="before-cue"),
     "idpg-lr3e-4": dict(method="idpg", lr=3e-4),
+    # the prompt's length: every lead so far kept the reference's m = 10; twice as many tokens give the gate twice
+    # the positions to write the instance part into, and prompt tuning twice the room, so both move together
+    "lopa-m20": dict(method="lopa", num_virtual_tokens=20),
+    "prompt-tuning-lr1e-1-m20": dict(method="prompt-tuning", lr=1e-1, num_virtual_tokens=20),
+    # longer budgets on Gemma at its own best soft-prompt rates (its 300-step curves had not flattened), with
+    # LoRA beside them at the benchmark's chosen rate
+    "lora-lr2e-3": dict(method="lora", lr=2e-3),
 }
 
 
