@@ -57,3 +57,24 @@ def test_a_run_without_a_placement_keeps_the_prefix(tiny_base, tmp_path):
     before = model._batch(texts).inputs_embeds
     with study.placed(tmp_path):
         assert torch.equal(model._batch(texts).inputs_embeds, before)
+
+
+@pytest.mark.parametrize("name", sorted(study.VARIANTS))
+def test_every_variant_is_a_valid_run(name):
+    """A typo in a variant's settings (an option its method does not have, a value out of range) fails here,
+    not after the variants before it have trained for an hour."""
+    from lopa.train import TrainArgs
+    settings = dict(study.VARIANTS[name])
+    placement = settings.pop("placement", None)
+    assert placement in (None, "before-cue")
+    args = TrainArgs.from_flat(**{"task": "sst2", "precision": "fp32", "out": "unused", **settings})
+    config = args.method_config()
+    for key, value in settings.items():
+        if key in args.options:
+            assert getattr(config, key) == value
+
+
+def test_an_unknown_option_is_refused():
+    from lopa.train import TrainArgs
+    with pytest.raises(ValueError, match="num_virtual_token"):
+        TrainArgs.from_flat(method="lopa", task="sst2", precision="fp32", out="unused", num_virtual_token=20)
