@@ -1,4 +1,4 @@
-"""The LoPA study script's placement probe: a soft prompt between the text and the template's cue."""
+"""The LoPA study script: its placement probe (a soft prompt between the text and the template's cue) and its variants."""
 
 from __future__ import annotations
 
