@@ -112,6 +112,7 @@ TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
 
 
 PLACEMENT_FILE = "study_placement.json"  # a probe run's placement, read back wherever the study scores it
+PLACEMENTS = ("before-cue",)  # where the probe can put a soft prompt other than in front
 
 
 @contextlib.contextmanager
@@ -177,8 +178,8 @@ def run_variant(name: str, settings: dict, proto: dict, out_root: str) -> dict:
     if placement is not None:
         from lopa.tasks import get_task
         template = get_task(proto["task"], data_dir=proto["data_dir"]).template
-        if placement != "before-cue":
-            raise ValueError(f"unknown placement {placement!r}; the study knows 'before-cue'")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; the study knows {list(PLACEMENTS)}")
         cue = template.rsplit("}", 1)[1]
         if not cue.strip():
             raise ValueError(f"placement 'before-cue' needs a template that ends in fixed words, got {template!r}")

@@ -233,3 +233,9 @@ def test_train_args_from_flat_splits_run_and_method_settings():
     assert TrainArgs(method="lora", precision="fp32").learning_rate == 5e-4  # the method's own default
     with pytest.raises(ValueError, match="unknown setting"):
         TrainArgs.from_flat(method="prompt-tuning", rank=2, precision="fp32")
+
+
+def test_from_flat_refuses_an_option_the_method_does_not_have():
+    from lopa.train import TrainArgs
+    with pytest.raises(ValueError, match="num_virtual_token"):
+        TrainArgs.from_flat(method="lopa", task="sst2", precision="fp32", out="unused", num_virtual_token=20)
