@@ -241,6 +241,40 @@ def test_a_stored_config_without_feature_norm_keeps_the_unnormalised_heads():
     assert SoftPromptConfig.from_dict(d).feature_norm == "none"
 
 
+def test_drop_instances_puts_the_batch_mean_in_place_of_a_share_of_the_rows():
+    from lopa.methods.base import drop_instances
+    torch.manual_seed(0)
+    x = torch.randn(4000, 6)
+    out = drop_instances(x, 0.3)
+    dropped = (out == x.mean(0)).all(1)
+    kept = (out == x).all(1)
+    assert (dropped | kept).all()  # a row is either its own features or the mean, never a mix
+    assert 0.26 < dropped.float().mean().item() < 0.34
+    x.requires_grad_(True)
+    drop_instances(x, 1.0).sum().backward()  # the mean is detached: no gradient runs to the features
+    assert x.grad is None or not x.grad.any()
+
+
+@pytest.mark.parametrize("method", ["idpg", "lopa"])
+def test_instance_dropout_gives_dropped_examples_the_average_prompt_while_training_only(make_model, method):
+    model = make_model(method, num_virtual_tokens=3, hidden_size=16, instance_dropout=1.0, dropout=0.0)
+    perturb_(model.generator, scale=0.5)  # so that different features give visibly different prompts
+    texts = ["Review: dull. It was", "Review: a gripping, funny film that I loved. It was"]
+    with torch.no_grad():
+        z = model.train().soft_prompts(texts)
+        assert torch.allclose(z[0], z[1])  # every example had the batch's mean features
+        z = model.eval().soft_prompts(texts)
+        assert not torch.allclose(z[0], z[1])  # scoring and serving always read each text's own features
+    with pytest.raises(ConfigError, match="instance_dropout"):
+        make_config(method, instance_dropout=1.5)
+
+
+def test_a_stored_config_without_instance_dropout_trained_without_it():
+    d = make_config("lopa", num_virtual_tokens=3, instance_dropout=0.5).to_dict()
+    del d["instance_dropout"]
+    assert SoftPromptConfig.from_dict(d).instance_dropout == 0.0
+
+
 # -- trainable counts -----------------------------------------------------------------------------
 def lopa_count(e, d, h, m, r):
     """DESIGN.md: (e·h + h) + (h·m·r + m·r) + (e·h + h) + (h·d·r + d·r) + m·d."""

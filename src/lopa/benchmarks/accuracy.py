@@ -76,10 +76,11 @@ ROWS = [
     Row("idpg", "S-IDPG", {"method": "idpg"}),
     Row("lopa", "LoPA (library defaults)", {"method": "lopa"}),
     # the formulation of the authors' reference code: Z_S from nn.Embedding's N(0, 1), heads as wide as
-    # the encoder, one rate for every parameter, constant after warm-up (a fraction of the steps)
+    # the encoder, one rate for every parameter, constant after warm-up (a fraction of the steps), every
+    # example with its own features
     Row("lopa-paper", "LoPA (the reference code's formulation)",
         {"method": "lopa", "init": "random", "init_std": 1.0, "hidden_size": ENCODER_WIDTH, "shared_lr_scale": 1.0,
-         "schedule": "constant", "warmup_fraction": 0.06}, family="lopa"),
+         "schedule": "constant", "warmup_fraction": 0.06, "instance_dropout": 0.0}, family="lopa"),
     Row("lopa-train-encoder", "LoPA, encoder trained too", {"method": "lopa", "train_encoder": True}, family="lopa"),
     Row("lora", "LoRA (r 8, q/v)", {"method": "lora"}),
     Row("full", "full fine-tuning", {"method": "full"}),

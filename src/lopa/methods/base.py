@@ -133,6 +133,8 @@ class InstanceConfig(SoftPromptConfig):
     """h, the width of each head's hidden layer"""
     dropout: float = 0.1
     """dropout on the encoder features while training"""
+    instance_dropout: float = field(default=0.0, metadata={"stored_default": 0.0})
+    """while training, the probability that an example's features are replaced by its batch's mean features, so the prompt made from average features must work on its own and the instance part learns only what differs between inputs (0 = off)"""
     feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS, "stored_default": "none"})
     """how the heads see the pooled features: none (as the encoder gives them), l2 (unit length) or rms (unit root-mean-square per coordinate); mean pooling shrinks features as texts grow, so without it heads trained on short texts meet longer ones at a scale they never saw"""
     train_encoder: bool = False
@@ -148,6 +150,7 @@ class InstanceConfig(SoftPromptConfig):
             raise ConfigError("train_encoder needs a separate encoder: 'self' shares the frozen base model's embeddings")
         _check_range("hidden_size", self.hidden_size, 1, 65536)
         _check_range("dropout", self.dropout, 0.0, 0.99)
+        _check_range("instance_dropout", self.instance_dropout, 0.0, 1.0)
         _check_range("encoder_lr_scale", self.encoder_lr_scale, 0.0, 1e6)
 
 
@@ -285,6 +288,27 @@ def build_generator(config: SoftPromptConfig, ctx: InitContext) -> SoftPromptGen
     if gen_cls is None:
         raise ConfigError(f"method {config.method!r} tunes the base model's weights: it has no soft-prompt generator")
     return gen_cls(config, ctx)
+
+
+def drop_instances(features: torch.Tensor, p: float) -> torch.Tensor:
+    """Replace each row of ``features`` by the rows' mean with probability ``p`` (rows kept apart otherwise).
+
+    With the mean in place of an example's own features, the generator makes the prompt it would make for
+    an average input; training on both teaches that prompt to stand alone. The mean is taken over the
+    batch, detached, so no gradient couples one example's features to another's.
+
+    >>> import torch
+    >>> x = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
+    >>> drop_instances(x, 1.0).tolist()
+    [[1.0, 3.0], [1.0, 3.0]]
+    >>> drop_instances(x, 0.0).tolist()
+    [[0.0, 2.0], [2.0, 4.0]]
+    """
+    if p <= 0.0:
+        return features
+    mean = features.detach().mean(0, keepdim=True).expand_as(features)
+    drop = torch.rand(features.shape[0], 1, device=features.device) < p
+    return torch.where(drop, mean.to(features.dtype), features)
 
 
 class MLPHead(nn.Module):
