@@ -295,7 +295,8 @@ def drop_instances(features: torch.Tensor, p: float) -> torch.Tensor:
 
     With the mean in place of an example's own features, the generator makes the prompt it would make for
     an average input; training on both teaches that prompt to stand alone. The mean is taken over the
-    batch, detached, so no gradient couples one example's features to another's.
+    batch, detached, so no gradient couples one example's features to another's. Under data parallelism
+    the batch is each process's share of it, as for batch normalisation's statistics.
 
     >>> import torch
     >>> x = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
