@@ -19,7 +19,6 @@ import torch
 
 from .encoders import Encoder, load_encoder, load_encoder_weights
 from .methods import SoftPromptConfig, SoftPromptGenerator
-from .methods.base import drop_instances
 
 
 def compute(generator: SoftPromptGenerator, encoder: Encoder | None, texts: Sequence[str]) -> torch.Tensor:
@@ -32,7 +31,7 @@ def compute(generator: SoftPromptGenerator, encoder: Encoder | None, texts: Sequ
     texts = list(texts)
     feats = encoder.encode(texts) if generator.needs_features else None
     if feats is not None and generator.training:
-        feats = drop_instances(feats, generator.config.instance_dropout)  # type: ignore[attr-defined]
+        feats = generator.training_features(feats)
     device = feats.device if feats is not None else next(generator.parameters(), torch.empty(0)).device
     with torch.autocast(device.type, enabled=False):
         return generator(feats.float() if feats is not None else None, len(texts)).float()

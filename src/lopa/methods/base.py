@@ -198,6 +198,14 @@ class SoftPromptGenerator(nn.Module):
     def forward(self, features: torch.Tensor | None, batch_size: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def training_features(self, features: torch.Tensor) -> torch.Tensor:
+        """What a training step feeds ``forward`` in place of the encoder's ``features``: for a method with
+        instance features, its ``instance_dropout`` share of them replaced by the batch mean
+        (:func:`drop_instances`); scoring and serving never call this."""
+        if isinstance(self.config, InstanceConfig):
+            return drop_instances(features, self.config.instance_dropout)
+        return features
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups; ``lr_scale`` multiplies the trainer's learning rate. One group by default."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
@@ -309,7 +317,7 @@ def drop_instances(features: torch.Tensor, p: float) -> torch.Tensor:
         return features
     mean = features.detach().mean(0, keepdim=True).expand_as(features)
     drop = torch.rand(features.shape[0], 1, device=features.device) < p
-    return torch.where(drop, mean.to(features.dtype), features)
+    return torch.where(drop, mean, features)
 
 
 class MLPHead(nn.Module):
