@@ -113,6 +113,10 @@ VARIANTS: dict[str, dict] = {
     # only what differs between inputs
     "lopa-idrop25": dict(method="lopa", instance_dropout=0.25),
     "lopa-idrop50": dict(method="lopa", instance_dropout=0.5),
+    # the same on S-IDPG, at the benchmark's rate for it: whether instance dropout is a LoPA default or a
+    # default for every method with an instance part
+    "idpg-lr3e-3": dict(method="idpg", lr=3e-3),
+    "idpg-lr3e-3-idrop25": dict(method="idpg", lr=3e-3, instance_dropout=0.25),
 }
 
 
