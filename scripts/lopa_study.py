@@ -117,6 +117,12 @@ VARIANTS: dict[str, dict] = {
     # default for every method with an instance part
     "idpg-lr3e-3": dict(method="idpg", lr=3e-3),
     "idpg-lr3e-3-idrop25": dict(method="idpg", lr=3e-3, instance_dropout=0.25),
+    # sentence pairs (MRPC): the encoder's pooled features of the whole prompt carry no sign of whether the two
+    # sentences say the same thing (a linear probe on them scores below the majority class on MRPC dev), while
+    # the cosine of the two sentences' own features alone scores about four points above it; reading each
+    # field apart gives the heads the pair features [a*b, |a-b|]
+    "lopa-fields": dict(method="lopa", encoder_input="fields"),
+    "idpg-lr3e-3-fields": dict(method="idpg", lr=3e-3, encoder_input="fields"),
 }
 
 

@@ -226,3 +226,15 @@ def test_a_setting_added_later_leaves_finished_runs_standing_until_its_default_c
     added = {f.name: f for f in dataclasses.fields(LoPAConfig)}["feature_norm"]
     monkeypatch.setattr(added, "metadata", {**added.metadata, "stored_default": "rms"})
     assert Runner(cfg).settings(job)["method_defaults"]["feature_norm"] == "none"
+
+
+def test_an_auto_default_is_recorded_as_what_it_decides_for_each_task(tmp_path):
+    """LoPA's encoder_input="auto" reads SST-2's one field as the whole prompt, as runs did before the
+    setting existed, so those stay valid; on MRPC it reads the pair apart, so MRPC's runs are redone."""
+    from lopa.benchmarks.accuracy import Job, Runner, parse_args
+    cfg = parse_args(["--quick", "--out", str(tmp_path / "a"), "--tasks", "sst2,mrpc", "--rows", "lopa,lopa-paper",
+                      "--report-only", "--data-dir", str(DATA)])
+    runner = Runner(cfg)
+    assert "encoder_input" not in runner.settings(Job("sst2", "lopa", 0, 1e-3, False))["method_defaults"]
+    assert runner.settings(Job("mrpc", "lopa", 0, 1e-3, False))["method_defaults"]["encoder_input"] == "fields"
+    assert runner.settings(Job("mrpc", "lopa-paper", 0, 1e-3, False))["row"]["encoder_input"] == "prompt"

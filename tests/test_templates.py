@@ -42,3 +42,32 @@ def test_the_task_parser_refuses_them_as_task_errors(tmp_path):
     path.write_text('{"text": "fine", "label": 0}\n')
     with pytest.raises(TaskError, match="conversion"):
         UserTask(path, template="{text!r} It was", label_words=" terrible, great")
+
+
+# -- reading a filled template back into its fields ------------------------------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+from lopa.templates import field_reader  # noqa: E402
+
+
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_a_filled_template_reads_back_into_its_fields(a, b):
+    template = "Q: {first}\nA: {second} Answer:"
+    got = field_reader(template)(template.format(first=a, second=b))
+    # where a field holds the words between the slots, the split may fall elsewhere, but it always
+    # refills the same text
+    assert template.format(first=got[0], second=got[1]) == template.format(first=a, second=b)
+    if "\nA: " not in a:
+        assert got == [a, b]
+
+
+def test_a_repeated_slot_must_hold_the_same_text():
+    read = field_reader("{text} / {text}")
+    assert read("x / x") == ["x"]
+    with pytest.raises(TemplateError, match="not made by the template"):
+        read("x / y")
+
+
+def test_a_text_the_template_did_not_make_is_refused():
+    with pytest.raises(TemplateError, match="not made by the template"):
+        field_reader("{sentence} It was")("It was a fine film")

@@ -109,7 +109,8 @@ class Client:
                               "needs the base model's weights: run it in-process (url=None)")
         try:
             return load_instance_encoder(self.config, self.artifact_dir, base=self.transport.base,
-                                         tokenizer=self.transport.tokenizer, encoder_dim=self.artifact.encoder_dim)
+                                         tokenizer=self.transport.tokenizer, encoder_dim=self.artifact.encoder_dim,
+                                         task=self.task)
         except ValueError as e:
             raise ClientError(str(e)) from None
 

@@ -90,6 +90,11 @@ class Encoder(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    @property
+    def weights_owner(self) -> "Encoder":
+        """The encoder whose ``state_dict`` is saved with a ``--train-encoder`` artifact (itself here)."""
+        return self
+
 
 class HFEncoder(Encoder):
     """A Hugging Face encoder (BERT-like) with mean or CLS pooling of its last hidden states."""
@@ -132,6 +137,70 @@ class SelfEncoder(Encoder):
         return torch.stack(out)
 
 
+class FieldEncoder(Encoder):
+    """Reads a template's fields apart (``encoder_input="fields"``): each field is encoded by ``inner`` on
+    its own, without the template's fixed words.
+
+    A text is read back into its fields with the template (:func:`lopa.templates.field_reader`). Each
+    field's features are scaled to unit root-mean-square per coordinate (unit length times √dim), so a
+    field's length does not set their size. One field gives its features (width dim). Two fields
+    (sentence pairs: MRPC, QQP, RTE, ...) give ``[a ⊙ b, |a − b|]`` (width 2·dim), the pair features
+    of sentence-embedding classifiers: the mean of ``a ⊙ b`` is the fields' cosine similarity, which
+    the pooled features of the two texts run together do not show. More fields are refused.
+
+    Example::
+
+        >>> enc = FieldEncoder(load_encoder("tiny-random-bert"), "{sentence1} ? {sentence2} Answer:")
+        >>> enc.encode(["A cat. ? A dog. Answer:"]).shape, enc.dim
+        (torch.Size([1, 64]), 64)
+    """
+
+    def __init__(self, inner: Encoder, template: str):
+        from .templates import field_reader, template_slots
+        super().__init__(batch_size=inner.batch_size, max_cache=inner.max_cache)
+        slots = template_slots(template)
+        if not 1 <= len(slots) <= 2:
+            raise ValueError(f"encoder_input 'fields' reads one or two template fields; {template[:200]!r} "
+                             f"has {len(slots)}: {slots}")
+        self.inner, self.template, self.fields = inner, template, slots
+        self._read = field_reader(template)
+        self.name, self.dim = inner.name, inner.dim * len(slots)
+        self.stats = inner.stats  # the fields are cached (and counted) by the encoder that reads them
+
+    @property
+    def trainable(self) -> bool:
+        return self.inner.trainable
+
+    def set_trainable(self, on: bool) -> "FieldEncoder":
+        self.inner.set_trainable(on)
+        return self
+
+    def clear_cache(self) -> None:
+        self.inner.clear_cache()
+
+    @property
+    def weights_owner(self) -> Encoder:
+        return self.inner
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        from .templates import TemplateError
+        try:
+            parts = [self._read(t) for t in texts]
+        except TemplateError as e:
+            raise ValueError(f"encoder_input 'fields' reads each text as its task's template filled in: {e}") from None
+        k = len(self.fields)
+        x = self.inner.encode([f for p in parts for f in p]).view(len(texts), k, self.inner.dim)
+        x = torch.nn.functional.normalize(x, dim=-1) * self.inner.dim ** 0.5
+        if k == 1:
+            return x[:, 0]
+        a, b = x[:, 0], x[:, 1]
+        return torch.cat([a * b, (a - b).abs()], dim=-1)
+
+    def warm(self, texts: list[str]) -> None:
+        if not self.trainable:
+            self.encode(texts)
+
+
 ENCODER_WEIGHTS = "encoder.safetensors"
 
 
@@ -139,7 +208,8 @@ def save_encoder_weights(encoder: Encoder, directory: str | Path) -> Path:
     """Write a fine-tuned encoder's weights next to an artifact (``encoder.safetensors``)."""
     from safetensors.torch import save_file
     path = Path(directory) / ENCODER_WEIGHTS
-    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}, str(path))
+    state = encoder.weights_owner.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
     return path
 
 
@@ -155,7 +225,7 @@ def load_encoder_weights(encoder: Encoder, directory: str | Path) -> None:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     try:
-        encoder.load_state_dict(state)
+        encoder.weights_owner.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit encoder {encoder.name!r}: {str(e).splitlines()[0]}") from None
     encoder.clear_cache()

@@ -150,10 +150,14 @@ class SoftPromptModel(PromptedModel):
         super().__init__()
         self.base = base.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.config = config
         self.task = dict(task or {})
+        # "auto" settings are decided for the task here, once, so a saved artifact records what ran
+        self.config = config = config.for_task(self.task)
         if config.instance_dependent and encoder is None:
-            encoder = soft_prompt.load_instance_encoder(config, base=base, tokenizer=tokenizer)
+            encoder = soft_prompt.load_instance_encoder(config, base=base, tokenizer=tokenizer,
+                                                        task=self.task)
+        elif encoder is not None and config.instance_dependent:
+            encoder = soft_prompt.reading_as_configured(encoder, config, self.task)
         self.encoder = encoder if config.instance_dependent else None
         if self.encoder is not None:
             self.encoder.set_trainable(bool(getattr(config, "train_encoder", False)))

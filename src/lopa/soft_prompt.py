@@ -13,11 +13,11 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from .encoders import Encoder, load_encoder, load_encoder_weights
+from .encoders import Encoder, FieldEncoder, load_encoder, load_encoder_weights
 from .methods import SoftPromptConfig, SoftPromptGenerator
 
 
@@ -38,16 +38,34 @@ def compute(generator: SoftPromptGenerator, encoder: Encoder | None, texts: Sequ
 
 
 def load_instance_encoder(config: SoftPromptConfig, artifact_dir: str | Path | None = None, *, base: Any = None,
-                          tokenizer: Any = None, encoder_dim: int | None = None) -> Encoder | None:
+                          tokenizer: Any = None, encoder_dim: int | None = None,
+                          task: Mapping[str, Any] | None = None) -> Encoder | None:
     """The encoder an instance-dependent config names (``None`` for the others), with the fine-tuned
-    weights an artifact trained with ``--train-encoder`` carries; checks the recorded feature width."""
+    weights an artifact trained with ``--train-encoder`` carries; checks the recorded feature width.
+    ``task`` is the task's settings (an artifact records them): ``encoder_input="fields"`` reads texts
+    by its template."""
     if not config.instance_dependent:
         return None
     name = config.encoder  # type: ignore[attr-defined]
-    enc = load_encoder(name, config.pooling, base=base, tokenizer=tokenizer)  # type: ignore[attr-defined]
+    enc = reading_as_configured(load_encoder(name, config.pooling, base=base, tokenizer=tokenizer),  # type: ignore[attr-defined]
+                                config, task)
     if encoder_dim is not None and enc.dim != encoder_dim:
         raise ValueError(f"the artifact was trained on encoder features of width {encoder_dim}, "
                          f"but encoder {name!r} gives {enc.dim}")
     if getattr(config, "train_encoder", False) and artifact_dir is not None:
         load_encoder_weights(enc, artifact_dir)
     return enc
+
+
+def reading_as_configured(encoder: Encoder, config: SoftPromptConfig, task: Mapping[str, Any] | None) -> Encoder:
+    """``encoder`` reading what ``config.encoder_input`` says for ``task`` (``auto`` decided by
+    :meth:`~lopa.methods.MethodConfig.for_task`): as it is for whole prompts, inside a
+    :class:`~lopa.encoders.FieldEncoder` for the template's fields (a ValueError without a template)."""
+    config = config.for_task(task)
+    if getattr(config, "encoder_input", "prompt") != "fields" or isinstance(encoder, FieldEncoder):
+        return encoder
+    template = (task or {}).get("template")
+    if not template:
+        raise ValueError("encoder_input 'fields' reads texts by their task's template, and none is recorded; "
+                         "train with a template (--template) or with encoder_input 'prompt'")
+    return FieldEncoder(encoder, template)

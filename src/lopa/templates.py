@@ -55,3 +55,36 @@ def template_slots(template: Any) -> list[str]:
         if name not in slots:
             slots.append(name)
     return slots
+
+
+def field_reader(template: str) -> Any:
+    """A function that reads a filled ``template`` back into its slots' texts, in slot order: the inverse
+    of ``template.format``. Where a slot's text contains the fixed words that follow it, the earliest
+    split is taken. A text the template did not produce is a TemplateError. A slot used twice must hold
+    the same text both times.
+
+    >>> read = field_reader("{sentence1} ? {sentence2} Answer:")
+    >>> read("The cat sat. ? A cat was sitting. Answer:")
+    ['The cat sat.', 'A cat was sitting.']
+    >>> read("no template here")
+    Traceback (most recent call last):
+    ...
+    lopa.templates.TemplateError: text 'no template here' was not made by the template '{sentence1} ? {sentence2} Answer:'
+    """
+    import re
+    slots = template_slots(template)
+    pattern, seen = [], set()
+    for literal, name, _, _ in string.Formatter().parse(template):
+        pattern.append(re.escape(literal))
+        if name is not None:
+            pattern.append(f"(?P={name})" if name in seen else f"(?P<{name}>.*?)")
+            seen.add(name)
+    regex = re.compile("".join(pattern), re.DOTALL)
+
+    def read(text: str) -> list[str]:
+        match = regex.fullmatch(text)
+        if match is None:
+            raise TemplateError(f"text {text[:200]!r} was not made by the template {template[:200]!r}")
+        return [match.group(s) for s in slots]
+
+    return read

@@ -77,10 +77,11 @@ ROWS = [
     Row("lopa", "LoPA (library defaults)", {"method": "lopa"}),
     # the formulation of the authors' reference code: Z_S from nn.Embedding's N(0, 1), heads as wide as
     # the encoder, one rate for every parameter, constant after warm-up (a fraction of the steps), every
-    # example with its own features
+    # example with its own features, the encoder reading the whole prompt
     Row("lopa-paper", "LoPA (the reference code's formulation)",
         {"method": "lopa", "init": "random", "init_std": 1.0, "hidden_size": ENCODER_WIDTH, "shared_lr_scale": 1.0,
-         "schedule": "constant", "warmup_fraction": 0.06, "instance_dropout": 0.0}, family="lopa"),
+         "schedule": "constant", "warmup_fraction": 0.06, "instance_dropout": 0.0, "encoder_input": "prompt"},
+        family="lopa"),
     Row("lopa-train-encoder", "LoPA, encoder trained too", {"method": "lopa", "train_encoder": True}, family="lopa"),
     Row("lora", "LoRA (r 8, q/v)", {"method": "lora"}),
     Row("full", "full fine-tuning", {"method": "full"}),
@@ -269,6 +270,7 @@ class Runner:
         self.cfg = cfg
         self.started = time.time()
         self.log = RunLog(cfg.run_log)
+        self._tasks: dict[str, dict[str, Any]] = {}
 
     def run_dir(self, job: Job) -> Path:
         return self.cfg.out / "runs" / job.key
@@ -281,11 +283,20 @@ class Runner:
         klass = get_method(row.method)[0]
         # a setting added later is left out while its default is what runs recorded without it ran with
         # ("stored_default"), so adding a setting does not make every finished run look stale
-        defaults = {f.name: getattr(klass(), f.name) for f in dataclasses.fields(klass)
-                    if not ("stored_default" in f.metadata and getattr(klass(), f.name) == f.metadata["stored_default"])}
+        # an "auto" default is recorded as what it decides for this task: where that is what runs ran with
+        # before the setting existed, the task's finished runs stay valid
+        default = klass().for_task(self._task_settings(job.task))
+        defaults = {f.name: getattr(default, f.name) for f in dataclasses.fields(klass)
+                    if not ("stored_default" in f.metadata and getattr(default, f.name) == f.metadata["stored_default"])}
         return {"model": cfg.model, "encoder": cfg.encoder, "steps": cfg.task_steps[job.task], "evals": cfg.evals,
                 "dev_limit": cfg.dev_limit, "test_limit": cfg.test_limit, "row": row.settings,
                 "method_defaults": defaults}
+
+    def _task_settings(self, name: str) -> dict[str, Any]:
+        if name not in self._tasks:
+            from lopa.tasks import get_task
+            self._tasks[name] = get_task(name, data_dir=self.cfg.data_dir).settings()
+        return self._tasks[name]
 
     def done(self, job: Job) -> dict[str, Any] | None:
         """The finished job's record (with ``test`` for a test job), or None."""

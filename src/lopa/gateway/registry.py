@@ -95,7 +95,8 @@ def load_task(name: str, path: str | Path, device: str = "cpu") -> Task:
                            f"which needs the base model's weights; the gateway holds none. Serve it with "
                            f"lopa.Client in-process, or train it with another --encoder")
     try:
-        encoder = load_instance_encoder(config, path, encoder_dim=artifact.encoder_dim)
+        encoder = load_instance_encoder(config, path, encoder_dim=artifact.encoder_dim,
+                                        task=artifact.task)
         fmt = PromptFormat.from_settings(artifact.task.get("prompt_format"))
     except (ValueError, TaskError, OSError) as e:
         raise GatewayError(f"task {name!r} ({path}): {e}") from None

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 INITS = ("vocab", "text", "random")
 POOLINGS = ("mean", "cls")
+ENCODER_INPUTS = ("prompt", "fields", "auto")
 FEATURE_NORMS = ("none", "l2", "rms")
 
 
@@ -88,6 +89,12 @@ class MethodConfig:
                 d[f.name] = f.metadata["stored_default"]
         return klass(**d)
 
+    def for_task(self, task: Mapping[str, Any] | None) -> "MethodConfig":
+        """This config with every ``auto`` setting decided for ``task`` (its recorded settings: kind,
+        template, ...). A model resolves its config once, when it is built, so an artifact records what
+        ran; with nothing set to ``auto`` the config is returned as it is."""
+        return self
+
 
 @dataclass
 class SoftPromptConfig(MethodConfig):
@@ -137,6 +144,8 @@ class InstanceConfig(SoftPromptConfig):
     """while training, the probability that an example's features are replaced by its batch's mean features, so the prompt made from average features must work on its own and the instance part learns only what differs between inputs (0 = off)"""
     feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS, "stored_default": "none"})
     """how the heads see the pooled features: none (as the encoder gives them), l2 (unit length) or rms (unit root-mean-square per coordinate); mean pooling shrinks features as texts grow, so without it heads trained on short texts meet longer ones at a scale they never saw"""
+    encoder_input: str = field(default="prompt", metadata={"choices": ENCODER_INPUTS, "stored_default": "prompt"})
+    """what the encoder reads: prompt (the whole prompt, template words and all, as the paper), fields (each of the template's fields apart; for a two-field template (sentence pairs) their pair features [a*b, |a-b|], which show how alike the two texts are) or auto (fields for a classification task whose template has two fields, prompt otherwise)"""
     train_encoder: bool = False
     """fine-tune the encoder too (as the LoPA reference's GLUE code does); its weights are then part of the artifact and of the trainable count, and features are no longer cached"""
     encoder_lr_scale: float = 0.01
@@ -152,6 +161,26 @@ class InstanceConfig(SoftPromptConfig):
         _check_range("dropout", self.dropout, 0.0, 0.99)
         _check_range("instance_dropout", self.instance_dropout, 0.0, 1.0)
         _check_range("encoder_lr_scale", self.encoder_lr_scale, 0.0, 1e6)
+
+    def for_task(self, task: Mapping[str, Any] | None) -> "InstanceConfig":
+        """``encoder_input="auto"`` decided: ``fields`` for a classification task with a two-field
+        template (sentence pairs), ``prompt`` otherwise.
+
+        >>> cfg = InstanceConfig(encoder_input="auto")
+        >>> cfg.for_task({"kind": "classification", "template": "{sentence1} ? {sentence2} Answer:"}).encoder_input
+        'fields'
+        >>> cfg.for_task({"kind": "classification", "template": "{sentence} It was"}).encoder_input
+        'prompt'
+        """
+        if self.encoder_input != "auto":
+            return self
+        from ..templates import TemplateError, template_slots
+        task = task or {}
+        try:
+            pair = task.get("kind") == "classification" and len(template_slots(task.get("template") or "")) == 2
+        except TemplateError:
+            pair = False
+        return dataclasses.replace(self, encoder_input="fields" if pair else "prompt")
 
 
 @dataclass(frozen=True)
