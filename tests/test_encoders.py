@@ -51,6 +51,10 @@ def test_bad_templates_and_texts_get_clear_errors(tiny_encoder):
         FieldEncoder(tiny_encoder, "no slots")
     with pytest.raises(ValueError, match="template filled in"):
         FieldEncoder(tiny_encoder, PAIR).encode(["a prompt written by hand"])
+    with pytest.raises(ValueError, match="template filled in"):  # checked before any batch is formed
+        FieldEncoder(tiny_encoder, PAIR).check([PAIRS[0], "a prompt written by hand"])
+    FieldEncoder(tiny_encoder, PAIR).check(PAIRS)
+    tiny_encoder.check(["any text at all"])
 
 
 def _pair_model(base, tok, **kw):

@@ -42,6 +42,10 @@ TOY = {"name": "toy", "kind": "classification", "template": "Review: {text}\nSen
 BRIEF = {"name": "brief", "kind": "generation", "prompt_format": {"chat_template": True, "system_prompt": SYSTEM}}
 TEXTS = ["Review: a fine film\nSentiment:", "Review: dull and long\nSentiment:"]
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
+# a sentence-pair task: LoPA's encoder reads the two fields apart (encoder_input "auto"), so a text its template
+# did not make cannot be read
+PAIRS = {"name": "pairs", "kind": "classification", "template": "{sentence1} ? {sentence2} Answer:",
+         "label_words": [" No", " Yes"]}
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
@@ -60,7 +64,9 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tasks")
     return {"toy": _artifact(root / "toy", lopa.make_config("prompt-tuning", num_virtual_tokens=5), TOY, 1),
             "brief": _artifact(root / "brief", lopa.make_config("lopa", num_virtual_tokens=4, rank=2, hidden_size=16,
-                                                                encoder="tiny-random-bert"), BRIEF, 2)}
+                                                                encoder="tiny-random-bert"), BRIEF, 2),
+            "pairs": _artifact(root / "pairs", lopa.make_config("lopa", num_virtual_tokens=3, rank=2, hidden_size=8,
+                                                                encoder="tiny-random-bert"), PAIRS, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +118,7 @@ def chat_prompt(messages: list[dict], system: str | None) -> str:
 # -- the OpenAI endpoints --------------------------------------------------------------------------
 
 def test_models_lists_the_task_names(oa):
-    assert [m.id for m in oa.models.list().data] == ["toy", "brief"]
+    assert [m.id for m in oa.models.list().data] == ["toy", "brief", "pairs"]
 
 
 @pytest.mark.parametrize("task", ["toy", "brief"])
@@ -194,12 +200,30 @@ def test_concurrent_requests_share_soft_prompt_batches(oa, servers):
     assert 1 <= batches < len(texts)  # at least two requests shared one generator call
 
 
+def test_a_sentence_pair_task_reads_its_fields_and_refuses_other_texts_alone(servers, clients):
+    """A text the pair task's template did not make is a 400 for its own request; a request batched beside
+    it is answered as the client answers it."""
+    good = "The cat sat. ? A cat was sitting. Answer:"
+    with httpx.Client(base_url=servers[1], headers={"Authorization": f"Bearer {GW_KEY}"}, timeout=60) as http:
+        def post(text: str) -> httpx.Response:
+            return http.post("/v1/classify", json={"model": "pairs", "text": text})
+
+        with ThreadPoolExecutor(2) as pool:
+            ok, bad = pool.map(post, [good, "a text written by hand"])
+    assert bad.status_code == 400, bad.text
+    assert "not made by the template" in bad.json()["error"]["message"]
+    assert ok.status_code == 200, ok.text
+    want = clients["pairs"].classify([good])[0]
+    assert ok.json()["label_word"] == want["label_word"]
+    assert max(abs(p - q) for p, q in zip(ok.json()["logprobs"], want["logprobs"])) < 1e-5
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 def test_unknown_task_is_a_404_naming_the_tasks(oa):
-    with pytest.raises(openai.NotFoundError, match="'sentiment' is not a task of this gateway; its tasks are: toy, brief"):
+    with pytest.raises(openai.NotFoundError, match="'sentiment' is not a task of this gateway; its tasks are: toy, brief, pairs"):
         oa.completions.create(model="sentiment", prompt="x")
-    with pytest.raises(openai.NotFoundError, match="its tasks are: toy, brief"):
+    with pytest.raises(openai.NotFoundError, match="its tasks are: toy, brief, pairs"):
         oa.chat.completions.create(model="gpt-4", messages=MESSAGES)
 
 

@@ -66,6 +66,10 @@ class Encoder(nn.Module):
         with torch.no_grad():
             return self._encode_cached(list(texts))
 
+    def check(self, texts: list[str]) -> None:
+        """A ValueError naming the first text this encoder cannot read (every text can be read here), so a
+        server can refuse one bad request before it is batched with others."""
+
     def warm(self, texts: list[str]) -> None:
         """Fill the cache with ``texts`` in a fixed order (nothing to do for a trainable encoder)."""
         if not self.trainable:
@@ -182,12 +186,18 @@ class FieldEncoder(Encoder):
     def weights_owner(self) -> Encoder:
         return self.inner
 
-    def encode(self, texts: list[str]) -> torch.Tensor:
+    def _fields(self, texts: list[str]) -> list[list[str]]:
         from .templates import TemplateError
         try:
-            parts = [self._read(t) for t in texts]
+            return [self._read(t) for t in texts]
         except TemplateError as e:
             raise ValueError(f"encoder_input 'fields' reads each text as its task's template filled in: {e}") from None
+
+    def check(self, texts: list[str]) -> None:
+        self._fields(texts)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        parts = self._fields(texts)
         k = len(self.fields)
         x = self.inner.encode([f for p in parts for f in p]).view(len(texts), k, self.inner.dim)
         x = torch.nn.functional.normalize(x, dim=-1) * self.inner.dim ** 0.5

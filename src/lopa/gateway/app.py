@@ -151,6 +151,10 @@ class Gateway:
             raise APIError(502, task.problem, "upstream_error", "model")
 
     async def soft_prompt(self, task: Task, text: str) -> dict[str, Any]:
+        try:  # refused here, a text the task cannot read fails its own request and no batch-mate's
+            task.check(text)
+        except ValueError as e:
+            raise APIError(400, f"task {task.name!r}: {e}") from None
         z = await self.batchers[task.name].submit(text)
         return encode_soft_prompt(z, self.cfg.wire_dtype)
 

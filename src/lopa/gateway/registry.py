@@ -69,6 +69,12 @@ class Task:
     def label_words(self) -> list[str]:
         return list(self.artifact.task.get("label_words") or [])
 
+    def check(self, text: str) -> None:
+        """A ValueError when this task's encoder cannot read ``text`` (a field-reading encoder and a text
+        its template did not make)."""
+        if self.encoder is not None:
+            self.encoder.check([text])
+
     @torch.no_grad()
     def compute(self, texts: Sequence[str]) -> torch.Tensor:
         return compute(self.artifact.generator, self.encoder, list(texts)).cpu()
