@@ -115,10 +115,10 @@ def test_fields_without_a_template_is_a_clear_error(tiny_base):
     ("classification", "{sentence} It was", "prompt"),
     ("generation", "{question}\n{context}\n", "prompt"),  # chosen on sentence-pair classification only
 ])
-def test_lopa_reads_a_sentence_pair_apart_by_default(tiny_base, kind, template, reads):
+def test_instance_methods_read_a_sentence_pair_apart_by_default(tiny_base, kind, template, reads):
     base, tok = tiny_base
     config = lopa.make_config("lopa", num_virtual_tokens=3, rank=2, hidden_size=8, encoder="tiny-random-bert")
-    assert config.encoder_input == "auto" and lopa.make_config("idpg").encoder_input == "prompt"
+    assert config.encoder_input == "auto" == lopa.make_config("idpg").encoder_input
     model = lopa.SoftPromptModel(base, tok, config, task={"kind": kind, "template": template})
     assert model.config.encoder_input == reads  # decided once, so an artifact records what ran
     assert isinstance(model.encoder, FieldEncoder) == (reads == "fields")

@@ -144,8 +144,8 @@ class InstanceConfig(SoftPromptConfig):
     """while training, the probability that an example's features are replaced by its batch's mean features, so the prompt made from average features must work on its own and the instance part learns only what differs between inputs (0 = off)"""
     feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS, "stored_default": "none"})
     """how the heads see the pooled features: none (as the encoder gives them), l2 (unit length) or rms (unit root-mean-square per coordinate); mean pooling shrinks features as texts grow, so without it heads trained on short texts meet longer ones at a scale they never saw"""
-    encoder_input: str = field(default="prompt", metadata={"choices": ENCODER_INPUTS, "stored_default": "prompt"})
-    """what the encoder reads: prompt (the whole prompt, template words and all, as the paper), fields (each of the template's fields apart; for a two-field template (sentence pairs) their pair features [a*b, |a-b|], which show how alike the two texts are) or auto (fields for a classification task whose template has two fields, prompt otherwise)"""
+    encoder_input: str = field(default="auto", metadata={"choices": ENCODER_INPUTS, "stored_default": "prompt"})
+    """what the encoder reads: prompt (the whole prompt, template words and all, as the paper), fields (each of the template's fields apart; for a two-field template (sentence pairs) their pair features [a*b, |a-b|], which show how alike the two texts are) or auto (default: fields for a classification task whose template has two fields, prompt otherwise; chosen on MRPC dev for LoPA and S-IDPG, where the pooled features of the whole prompt show nothing of whether two sentences say the same thing)"""
     train_encoder: bool = False
     """fine-tune the encoder too (as the LoPA reference's GLUE code does); its weights are then part of the artifact and of the trainable count, and features are no longer cached"""
     encoder_lr_scale: float = 0.01

@@ -19,7 +19,7 @@ what differs between inputs; scoring and serving always read each text's own fea
 (``auto``) a classification task whose template has two fields (sentence pairs such as MRPC) has each
 field read apart, and the heads see their pair features ``[a ⊙ b, |a − b|]``
 (:class:`~lopa.encoders.FieldEncoder`): pooled over the whole prompt, the features show nothing of
-whether the two sentences say the same thing (chosen on MRPC dev, docs/lopa_study.md).
+whether the two sentences say the same thing (chosen on MRPC dev, docs/lopa_study.md; S-IDPG shares it).
 
 Example::
 
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import (ENCODER_INPUTS, InitContext, InstanceConfig, MLPHead, SoftPromptGenerator, _check_range, choice,
+from .base import (InitContext, InstanceConfig, MLPHead, SoftPromptGenerator, _check_range, choice,
                    initial_prompt, register)
 
 COMBINES = ("gate", "add", "max", "concat")
@@ -61,9 +61,6 @@ class LoPAConfig(InstanceConfig):
     """learning-rate multiplier of the task-wide part Z_S relative to the heads (default 100: Z_S at prompt tuning's best rate; the gate can only rescale Z_S, which under Adam moves about one rate per step)"""
     instance_dropout: float = field(default=0.25, metadata={"stored_default": 0.0})
     """while training, the probability that an example's features are replaced by its batch's mean features, so the prompt made from average features must work on its own and the heads learn only what differs between inputs (default 0.25, chosen on SST-2 dev: without it LoPA's task-wide part is weaker than prompt tuning's prompt, and the instance part falls furthest on long texts; 0 = off, the paper's)"""
-
-    encoder_input: str = field(default="auto", metadata={"choices": ENCODER_INPUTS, "stored_default": "prompt"})
-    """what the encoder reads: prompt (the whole prompt, as the paper), fields (each template field apart; two fields give the pair features [a*b, |a-b|]) or auto (default: fields for a classification task with a two-field template, prompt otherwise; chosen on MRPC dev, where the pooled features of the whole prompt show nothing of whether two sentences say the same thing)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
