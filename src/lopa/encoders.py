@@ -206,10 +206,6 @@ class FieldEncoder(Encoder):
         a, b = x[:, 0], x[:, 1]
         return torch.cat([a * b, (a - b).abs()], dim=-1)
 
-    def warm(self, texts: list[str]) -> None:
-        if not self.trainable:
-            self.encode(texts)
-
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 

@@ -51,7 +51,8 @@ def load_instance_encoder(config: SoftPromptConfig, artifact_dir: str | Path | N
                                 config, task)
     if encoder_dim is not None and enc.dim != encoder_dim:
         raise ValueError(f"the artifact was trained on encoder features of width {encoder_dim}, "
-                         f"but encoder {name!r} gives {enc.dim}")
+                         f"but encoder {name!r} gives {enc.dim}"
+                         + (" (reading the template's fields apart)" if isinstance(enc, FieldEncoder) else ""))
     if getattr(config, "train_encoder", False) and artifact_dir is not None:
         load_encoder_weights(enc, artifact_dir)
     return enc

@@ -14,8 +14,9 @@ lopa.templates.TemplateError: template slot {text:>8000000000} in '{text:>800000
 
 from __future__ import annotations
 
+import re
 import string
-from typing import Any
+from typing import Any, Callable
 
 # far above any prompt template; a bound keeps a hostile one from costing anything to inspect
 MAX_TEMPLATE_CHARS = 100_000
@@ -57,7 +58,7 @@ def template_slots(template: Any) -> list[str]:
     return slots
 
 
-def field_reader(template: str) -> Any:
+def field_reader(template: str) -> Callable[[str], list[str]]:
     """A function that reads a filled ``template`` back into its slots' texts, in slot order: the inverse
     of ``template.format``. Where a slot's text contains the fixed words that follow it, the earliest
     split is taken. A text the template did not produce is a TemplateError. A slot used twice must hold
@@ -71,7 +72,6 @@ def field_reader(template: str) -> Any:
     ...
     lopa.templates.TemplateError: text 'no template here' was not made by the template '{sentence1} ? {sentence2} Answer:'
     """
-    import re
     slots = template_slots(template)
     pattern, seen = [], set()
     for literal, name, _, _ in string.Formatter().parse(template):
