@@ -55,6 +55,8 @@ def test_bad_templates_and_texts_get_clear_errors(tiny_encoder):
         FieldEncoder(tiny_encoder, PAIR).check([PAIRS[0], "a prompt written by hand"])
     FieldEncoder(tiny_encoder, PAIR).check(PAIRS)
     tiny_encoder.check(["any text at all"])
+    with pytest.raises(ValueError, match="only whitespace between"):
+        FieldEncoder(tiny_encoder, "{question1} {question2} Answer:")
 
 
 def _pair_model(base, tok, **kw):
@@ -114,6 +116,7 @@ def test_fields_without_a_template_is_a_clear_error(tiny_base):
     ("classification", PAIR, "fields"),
     ("classification", "{sentence} It was", "prompt"),
     ("generation", "{question}\n{context}\n", "prompt"),  # chosen on sentence-pair classification only
+    ("classification", "{question1} {question2} Answer:", "prompt"),  # cannot be read back apart
 ])
 def test_instance_methods_read_a_sentence_pair_apart_by_default(tiny_base, kind, template, reads):
     base, tok = tiny_base

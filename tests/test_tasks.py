@@ -279,7 +279,7 @@ def _glue_fixture(root: Path, name: str, n_train: int = 20) -> list[int]:
 GLUE_EXPECT = {
     "sst2": ("{sentence} It was", [" terrible", " great"], "bad It was"),
     "mrpc": ("{sentence1} ? {sentence2} Answer:", [" No", " Yes"], "same ? same Answer:"),
-    "qqp": ("{question1} {question2} Answer:", [" No", " Yes"], "a? a? Answer:"),
+    "qqp": ("{question1} ? {question2} Answer:", [" No", " Yes"], "a? ? a? Answer:"),
     "rte": ("{sentence1} ? {sentence2} Answer:", [" Yes", " No"], "x ? y Answer:"),
     "qnli": ("{question} ? {sentence} Answer:", [" Yes", " No"], "x ? y Answer:"),
     "mnli": ("{premise} ? {hypothesis} Answer:", [" Yes", " Maybe", " No"], "a ? b Answer:"),

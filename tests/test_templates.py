@@ -71,3 +71,19 @@ def test_a_repeated_slot_must_hold_the_same_text():
 def test_a_text_the_template_did_not_make_is_refused():
     with pytest.raises(TemplateError, match="not made by the template"):
         field_reader("{sentence} It was")("It was a fine film")
+
+
+@pytest.mark.parametrize("template", ["{question1} {question2} Answer:", "{a}{b}", "{a}\n{b}", "x {a} \t {b}"])
+def test_slots_with_only_whitespace_between_them_cannot_be_read_back(template):
+    # "{a} {b}" filled with "New York" and "is big" reads "New York is big": no reader can tell where a
+    # ends, so the template is refused when the reader is made, before any text is misread
+    with pytest.raises(TemplateError, match="only whitespace between"):
+        field_reader(template)
+
+
+def test_every_built_in_pair_task_can_be_read_back_into_its_fields():
+    from lopa.tasks.classification import GLUE
+    for spec in GLUE.values():
+        read = field_reader(spec.template)
+        fields = ["What is it?", "What is that?"][:len(spec.columns)]
+        assert read(spec.template.format(**dict(zip(spec.columns, fields)))) == fields

@@ -62,7 +62,9 @@ def field_reader(template: str) -> Callable[[str], list[str]]:
     """A function that reads a filled ``template`` back into its slots' texts, in slot order: the inverse
     of ``template.format``. Where a slot's text contains the fixed words that follow it, the earliest
     split is taken. A text the template did not produce is a TemplateError. A slot used twice must hold
-    the same text both times.
+    the same text both times. Two slots with nothing but whitespace between them are a TemplateError
+    here, not when a text is read: whether ``"{a} {b}"`` holds ``"New York"`` in ``a`` or in ``b`` cannot
+    be told from the text, and a reader that guessed would split every text at its first space.
 
     >>> read = field_reader("{sentence1} ? {sentence2} Answer:")
     >>> read("The cat sat. ? A cat was sitting. Answer:")
@@ -71,10 +73,20 @@ def field_reader(template: str) -> Callable[[str], list[str]]:
     Traceback (most recent call last):
     ...
     lopa.templates.TemplateError: text 'no template here' was not made by the template '{sentence1} ? {sentence2} Answer:'
+    >>> field_reader("{question1} {question2} Answer:")
+    Traceback (most recent call last):
+    ...
+    lopa.templates.TemplateError: the template '{question1} {question2} Answer:' has only whitespace between {question1} and {question2}, so a filled-in text cannot be read back into its fields; put words or punctuation between them, e.g. '{question1} ? {question2}'
     """
     slots = template_slots(template)
+    parsed = list(string.Formatter().parse(template))
+    for (_, before, _, _), (literal, after, _, _) in zip(parsed, parsed[1:]):
+        if before is not None and after is not None and not literal.strip():
+            raise TemplateError(f"the template {template[:200]!r} has only whitespace between {{{before}}} and "
+                                f"{{{after}}}, so a filled-in text cannot be read back into its fields; put words "
+                                f"or punctuation between them, e.g. '{{{before}}} ? {{{after}}}'")
     pattern, seen = [], set()
-    for literal, name, _, _ in string.Formatter().parse(template):
+    for literal, name, _, _ in parsed:
         pattern.append(re.escape(literal))
         if name is not None:
             pattern.append(f"(?P={name})" if name in seen else f"(?P<{name}>.*?)")

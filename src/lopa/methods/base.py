@@ -164,20 +164,25 @@ class InstanceConfig(SoftPromptConfig):
 
     def for_task(self, task: Mapping[str, Any] | None) -> "InstanceConfig":
         """``encoder_input="auto"`` decided: ``fields`` for a classification task with a two-field
-        template (sentence pairs), ``prompt`` otherwise.
+        template (sentence pairs) whose texts can be read back into their fields, ``prompt`` otherwise
+        (one field, generation, or two slots with only whitespace between them).
 
         >>> cfg = InstanceConfig(encoder_input="auto")
         >>> cfg.for_task({"kind": "classification", "template": "{sentence1} ? {sentence2} Answer:"}).encoder_input
         'fields'
         >>> cfg.for_task({"kind": "classification", "template": "{sentence} It was"}).encoder_input
         'prompt'
+        >>> cfg.for_task({"kind": "classification", "template": "{a} {b} Answer:"}).encoder_input
+        'prompt'
         """
         if self.encoder_input != "auto":
             return self
-        from ..templates import TemplateError, template_slots
+        from ..templates import TemplateError, field_reader, template_slots
         task = task or {}
+        template = task.get("template") or ""
         try:
-            pair = task.get("kind") == "classification" and len(template_slots(task.get("template") or "")) == 2
+            pair = task.get("kind") == "classification" and len(template_slots(template)) == 2
+            pair = pair and field_reader(template) is not None
         except TemplateError:
             pair = False
         return dataclasses.replace(self, encoder_input="fields" if pair else "prompt")

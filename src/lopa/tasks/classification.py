@@ -14,14 +14,17 @@ task                  template                                       label words
 ``rotten-tomatoes-3`` ``"Text: {text}\\nType:"``                       ``" negative", " positive", " plot"``
 ``sst2``              ``"{sentence} It was"``                        ``" terrible", " great"``
 ``mrpc``              ``"{sentence1} ? {sentence2} Answer:"``        ``" No", " Yes"``
-``qqp``               ``"{question1} {question2} Answer:"``          ``" No", " Yes"``
+``qqp``               ``"{question1} ? {question2} Answer:"``        ``" No", " Yes"``
 ``rte``               ``"{sentence1} ? {sentence2} Answer:"``        ``" Yes", " No"``
 ``qnli``              ``"{question} ? {sentence} Answer:"``          ``" Yes", " No"``
 ``mnli``              ``"{premise} ? {hypothesis} Answer:"``         ``" Yes", " Maybe", " No"``
 ===================== ============================================== ==============================
 
 Class indices are GLUE's label ids (RTE/QNLI: 0 = entailment → ``" Yes"``; MNLI: 0 entailment,
-1 neutral, 2 contradiction), so predictions can be scored against GLUE labels directly.
+1 neutral, 2 contradiction), so predictions can be scored against GLUE labels directly. QQP shares
+MRPC's template, as the two paraphrase tasks share one in LM-BFF; its ``" ? "`` between the questions
+is also what lets an instance encoder read them apart (``encoder_input``: two slots with only a space
+between them cannot be read back from the filled-in text).
 
 Splits:
 
@@ -330,7 +333,7 @@ GLUE: dict[str, GlueSpec] = {
     "mrpc": GlueSpec("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
                      ("not_equivalent", "equivalent"), "{sentence1} ? {sentence2} Answer:", (" No", " Yes")),
     "qqp": GlueSpec("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-                    ("not_duplicate", "duplicate"), "{question1} {question2} Answer:", (" No", " Yes")),
+                    ("not_duplicate", "duplicate"), "{question1} ? {question2} Answer:", (" No", " Yes")),
     "rte": GlueSpec("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
                     ("entailment", "not_entailment"), "{sentence1} ? {sentence2} Answer:", (" Yes", " No")),
     "qnli": GlueSpec("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label",
