@@ -167,6 +167,23 @@ def test_bad_task_input_is_refused_before_training(tmp_path, capsys, rows, extra
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_setting_the_task_cannot_take_is_refused_before_the_bare_model_is_scored(tmp_path, capsys):
+    # the encoder cannot read "{a} {b}" back into its two fields; zero-shot scoring would come first, so the
+    # refusal must come before it: nothing is written, no minutes of scoring are spent on a run that cannot start
+    rows = [{"a": f"first {i}", "b": f"second {i}", "label": i % 2} for i in range(30)]
+    task = _user_task(tmp_path, rows)
+    out = tmp_path / "run"
+    args = ["train", "--method", "lopa", "--encoder", "tiny-random-bert", "--task", str(task), "--template",
+            "{a} {b} Answer:", "--label-words", " No, Yes", "--out", str(out), "--model", "tiny-random-llama",
+            "--no-progress"]
+    assert main([*args, "--encoder-input", "fields"]) == 2
+    assert "only whitespace between {a} and {b}" in capsys.readouterr().err
+    assert not out.exists()
+    # under the default (auto) the same task trains, its encoder reading the whole prompt
+    assert main([*args, "--no-zero-shot", "--max-steps", "2", "--eval-every", "2"]) == 0
+    assert json.loads((out / "best" / "soft_prompt_config.json").read_text())["config"]["encoder_input"] == "prompt"
+
+
 @pytest.mark.parametrize("flag,value,message", [("--rank", "0", "rank"), ("--num-virtual-tokens", "0",
                                                                           "num_virtual_tokens"),
                                                  ("--max-steps", "0", "max-steps"), ("--threads", "0", "threads")])

@@ -65,8 +65,5 @@ def reading_as_configured(encoder: Encoder, config: SoftPromptConfig, task: Mapp
     config = config.for_task(task)
     if getattr(config, "encoder_input", "prompt") != "fields" or isinstance(encoder, FieldEncoder):
         return encoder
-    template = (task or {}).get("template")
-    if not template:
-        raise ValueError("encoder_input 'fields' reads texts by their task's template, and none is recorded; "
-                         "train with a template (--template) or with encoder_input 'prompt'")
-    return FieldEncoder(encoder, template)
+    config.check_task(task)
+    return FieldEncoder(encoder, (task or {})["template"])

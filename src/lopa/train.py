@@ -326,6 +326,7 @@ def _setup(args: TrainArgs) -> "_Run | dict[str, Any]":
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     base, tokenizer = load_base(args.model)
     splits = _check_task(task, tokenizer, args)  # every data error is raised before training starts
+    args.method_config().check_task(task.settings())  # and a setting the task cannot take, before zero-shot
     metric_name = resolve_dev_metric(task, args.dev_metric)
     main = accelerator.is_main_process
     if not args.dry_run and main:

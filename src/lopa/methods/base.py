@@ -95,6 +95,11 @@ class MethodConfig:
         ran; with nothing set to ``auto`` the config is returned as it is."""
         return self
 
+    def check_task(self, task: Mapping[str, Any] | None) -> None:
+        """A ValueError (ConfigError or TemplateError) saying why this config cannot run on ``task``, raised
+        before any work is done on it (``lopa train`` calls it before scoring the bare model); with ``auto``
+        settings decided as :meth:`for_task` decides them. Nothing here depends on a model's weights."""
+
 
 @dataclass
 class SoftPromptConfig(MethodConfig):
@@ -145,7 +150,7 @@ class InstanceConfig(SoftPromptConfig):
     feature_norm: str = field(default="none", metadata={"choices": FEATURE_NORMS, "stored_default": "none"})
     """how the heads see the pooled features: none (as the encoder gives them), l2 (unit length) or rms (unit root-mean-square per coordinate); mean pooling shrinks features as texts grow, so without it heads trained on short texts meet longer ones at a scale they never saw"""
     encoder_input: str = field(default="auto", metadata={"choices": ENCODER_INPUTS, "stored_default": "prompt"})
-    """what the encoder reads: prompt (the whole prompt, template words and all, as the paper), fields (each of the template's fields apart; for a two-field template (sentence pairs) their pair features [a*b, |a-b|], which show how alike the two texts are) or auto (default: fields for a classification task whose template has two fields, prompt otherwise; chosen on MRPC dev for LoPA and S-IDPG, where the pooled features of the whole prompt show nothing of whether two sentences say the same thing)"""
+    """what the encoder reads: prompt (the whole prompt, template words and all, as the paper), fields (each of the template's fields apart; for a two-field template (sentence pairs) their pair features [a*b, |a-b|], which show how alike the two texts are) or auto (default: fields for a classification task whose template has two fields with words or punctuation between them, prompt otherwise; chosen on MRPC dev for LoPA and S-IDPG, where the pooled features of the whole prompt show nothing of whether two sentences say the same thing)"""
     train_encoder: bool = False
     """fine-tune the encoder too (as the LoPA reference's GLUE code does); its weights are then part of the artifact and of the trainable count, and features are no longer cached"""
     encoder_lr_scale: float = 0.01
@@ -182,10 +187,33 @@ class InstanceConfig(SoftPromptConfig):
         template = task.get("template") or ""
         try:
             pair = task.get("kind") == "classification" and len(template_slots(template)) == 2
-            pair = pair and field_reader(template) is not None
+            if pair:
+                field_reader(template)  # refuses slots that a filled-in text cannot be read back apart into
         except TemplateError:
             pair = False
         return dataclasses.replace(self, encoder_input="fields" if pair else "prompt")
+
+    def check_task(self, task: Mapping[str, Any] | None) -> None:
+        """Reading the template's fields needs a template whose one or two fields a filled-in text can be
+        read back into.
+
+        >>> InstanceConfig(encoder_input="fields").check_task({"kind": "classification", "template": "{a} {b}"})
+        Traceback (most recent call last):
+        ...
+        lopa.templates.TemplateError: the template '{a} {b}' has only whitespace between {a} and {b}, so a filled-in text cannot be read back into its fields; put words or punctuation between them, e.g. '{a} ? {b}'
+        """
+        if self.for_task(task).encoder_input != "fields":
+            return
+        from ..templates import field_reader, template_slots
+        template = (task or {}).get("template")
+        if not template:
+            raise ConfigError("encoder_input 'fields' reads texts by their task's template, and none is recorded; "
+                              "train with a template (--template) or with encoder_input 'prompt'")
+        slots = template_slots(template)
+        if not 1 <= len(slots) <= 2:
+            raise ConfigError(f"encoder_input 'fields' reads one or two template fields; {template[:200]!r} has "
+                              f"{len(slots)}: {slots}")
+        field_reader(template)
 
 
 @dataclass(frozen=True)
