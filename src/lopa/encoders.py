@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -141,6 +141,22 @@ class SelfEncoder(Encoder):
         return torch.stack(out)
 
 
+def field_layout(template: str) -> tuple[list[str], Callable[[str], list[str]]]:
+    """The slots a :class:`FieldEncoder` reads for ``template`` and the function that reads a filled-in text
+    back into them; a ValueError where it cannot (no slot, more than two, or slots a text cannot be read
+    back apart into: :func:`lopa.templates.field_reader`).
+
+    >>> field_layout("{sentence1} ? {sentence2} Answer:")[0]
+    ['sentence1', 'sentence2']
+    """
+    from .templates import field_reader, template_slots
+    slots = template_slots(template)
+    if not 1 <= len(slots) <= 2:
+        raise ValueError(f"encoder_input 'fields' reads one or two template fields; {template[:200]!r} "
+                         f"has {len(slots)}: {slots}")
+    return slots, field_reader(template)
+
+
 class FieldEncoder(Encoder):
     """Reads a template's fields apart (``encoder_input="fields"``): each field is encoded by ``inner`` on
     its own, without the template's fixed words.
@@ -160,15 +176,10 @@ class FieldEncoder(Encoder):
     """
 
     def __init__(self, inner: Encoder, template: str):
-        from .templates import field_reader, template_slots
         super().__init__(batch_size=inner.batch_size, max_cache=inner.max_cache)
-        slots = template_slots(template)
-        if not 1 <= len(slots) <= 2:
-            raise ValueError(f"encoder_input 'fields' reads one or two template fields; {template[:200]!r} "
-                             f"has {len(slots)}: {slots}")
-        self.inner, self.template, self.fields = inner, template, slots
-        self._read = field_reader(template)
-        self.name, self.dim = inner.name, inner.dim * len(slots)
+        self.inner, self.template = inner, template
+        self.fields, self._read = field_layout(template)
+        self.name, self.dim = inner.name, inner.dim * len(self.fields)
         self.stats = inner.stats  # the fields are cached (and counted) by the encoder that reads them
 
     @property

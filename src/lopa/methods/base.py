@@ -182,14 +182,11 @@ class InstanceConfig(SoftPromptConfig):
         """
         if self.encoder_input != "auto":
             return self
-        from ..templates import TemplateError, field_reader, template_slots
+        from ..encoders import field_layout
         task = task or {}
-        template = task.get("template") or ""
         try:
-            pair = task.get("kind") == "classification" and len(template_slots(template)) == 2
-            if pair:
-                field_reader(template)  # refuses slots that a filled-in text cannot be read back apart into
-        except TemplateError:
+            pair = task.get("kind") == "classification" and len(field_layout(task.get("template") or "")[0]) == 2
+        except ValueError:  # no slots, too many, or slots a filled-in text cannot be read back apart into
             pair = False
         return dataclasses.replace(self, encoder_input="fields" if pair else "prompt")
 
@@ -204,16 +201,12 @@ class InstanceConfig(SoftPromptConfig):
         """
         if self.for_task(task).encoder_input != "fields":
             return
-        from ..templates import field_reader, template_slots
+        from ..encoders import field_layout
         template = (task or {}).get("template")
         if not template:
             raise ConfigError("encoder_input 'fields' reads texts by their task's template, and none is recorded; "
                               "train with a template (--template) or with encoder_input 'prompt'")
-        slots = template_slots(template)
-        if not 1 <= len(slots) <= 2:
-            raise ConfigError(f"encoder_input 'fields' reads one or two template fields; {template[:200]!r} has "
-                              f"{len(slots)}: {slots}")
-        field_reader(template)
+        field_layout(template)
 
 
 @dataclass(frozen=True)
